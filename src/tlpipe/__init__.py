@@ -1,0 +1,3 @@
+"""tlpipe: a reproducible transfer-learning pipeline for image classification (DVC + Keras)."""
+
+__version__ = "0.1.0"
