@@ -1,0 +1,272 @@
+"""One validated view of params.yaml.
+
+Every stage reads its section through `load_params()`. Unknown keys, wrong types and out-of-range
+values stop the stage with a message that names the key (`head.lr8`) and what was expected, so a
+typo in `dvc exp run -S ...` never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from pathlib import Path
+from typing import Annotated, Literal
+
+import re
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+PARAMS_FILE = "params.yaml"
+SPLITS = ("train", "validation", "test")
+BACKBONES = ("vgg16", "vgg19", "resnet50", "inception_v3", "xception", "mobilenet")
+
+PosInt = Annotated[int, Field(strict=True, gt=0)]
+NonNegInt = Annotated[int, Field(strict=True, ge=0)]
+LearningRate = Annotated[float, Field(gt=0, le=1)]
+Fraction = Annotated[float, Field(ge=0, le=1)]
+
+
+class Section(BaseModel):
+    # strict: "30" is not 30; forbid: "lr8" is not silently ignored.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, populate_by_name=True)
+
+
+class DataParams(Section):
+    source: str = "https://storage.googleapis.com/mledu-datasets/cats_and_dogs_filtered.zip"
+    sha256: str | None = None
+    split: dict[str, int | float] = Field(
+        default_factory=lambda: {"train": 0.5, "validation": 0.25, "test": 0.25}
+    )
+    seed: NonNegInt = 42
+    min_per_split: PosInt = 1
+
+    @field_validator("source")
+    @classmethod
+    def _source_not_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must be a local folder or an http(s) URL of a .zip/.tar archive")
+        return v
+
+    @field_validator("sha256")
+    @classmethod
+    def _sha256_hex(cls, v: str | None) -> str | None:
+        if v is not None:
+            v = v.lower()
+            if len(v) != 64 or any(c not in "0123456789abcdef" for c in v):
+                raise ValueError("must be 64 hexadecimal digits (or null)")
+        return v
+
+    @field_validator("split")
+    @classmethod
+    def _split_shape(cls, v: dict) -> dict:
+        if set(v) != set(SPLITS):
+            raise ValueError(f"needs exactly the keys {', '.join(SPLITS)} (got {', '.join(sorted(v)) or 'none'})")
+        values = list(v.values())
+        if all(isinstance(x, int) and not isinstance(x, bool) for x in values):
+            if any(x <= 0 for x in values):
+                raise ValueError(f"counts per class must be positive integers (got {v})")
+            return v
+        if any(isinstance(x, bool) for x in values):
+            raise ValueError("values must be numbers")
+        fractions = [float(x) for x in values]
+        if any(x <= 0 or x >= 1 for x in fractions):
+            raise ValueError(f"fractions must each lie strictly between 0 and 1 (got {v})")
+        if not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
+            raise ValueError(f"fractions must add up to 1 (they add up to {sum(fractions):g})")
+        return {k: float(x) for k, x in v.items()}
+
+    @property
+    def split_is_counts(self) -> bool:
+        return all(isinstance(x, int) for x in self.split.values())
+
+
+class BackboneParams(Section):
+    name: Literal[BACKBONES] = "vgg16"  # type: ignore[valid-type]
+    weights: str = "imagenet"
+    layer: str | None = None
+    pooling: Literal["flatten", "avg", "max"] = "flatten"
+    image_size: Annotated[int, Field(strict=True, ge=32, le=1024)] = 150
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_not_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must be imagenet, hed-bsds500, none, or a path to a weights file")
+        return v
+
+
+class ComputeParams(Section):
+    precision: Literal["float32", "bfloat16"] = "float32"
+    batch_size: PosInt = 32
+
+
+class HeadParams(Section):
+    units: PosInt = 256
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.5
+    lr: LearningRate = 2e-5
+    epochs: PosInt = 30
+    batch_size: PosInt = 20
+    seed: NonNegInt = 42
+
+
+class AugmentParams(Section):
+    rotation_range: Annotated[float, Field(ge=0, le=180)] = 40.0
+    width_shift_range: Fraction = 0.2
+    height_shift_range: Fraction = 0.2
+    shear_range: Annotated[float, Field(ge=0, le=1)] = 0.2
+    zoom_range: Annotated[float, Field(ge=0, lt=1)] = 0.2
+    horizontal_flip: bool = True
+    fill_mode: Literal["nearest", "reflect", "wrap", "constant"] = "nearest"
+    mode: Literal["cached", "online"] = "cached"
+    views: PosInt = 10
+    seed: NonNegInt = 42
+
+
+class TrainRunParams(Section):
+    lr: LearningRate = 2e-5
+    epochs: PosInt = 30
+    batch_size: PosInt = 20
+    seed: NonNegInt = 42
+
+
+class FinetuneParams(TrainRunParams):
+    from_: Literal["head_aug", "head"] = Field("head_aug", alias="from")
+    unfreeze_from: str = "block5_conv1"
+    lr: LearningRate = 1e-5
+    epochs: PosInt = 20
+
+
+class TrainParams(Section):
+    resume: bool = False
+
+
+MODEL_NAMES = ("head", "head_aug", "finetuned")
+
+
+class EvaluateParams(Section):
+    models: list[Literal[MODEL_NAMES]] = Field(default_factory=lambda: list(MODEL_NAMES))  # type: ignore[valid-type]
+
+    @field_validator("models")
+    @classmethod
+    def _models_unique(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("list at least one model")
+        if len(set(v)) != len(v):
+            raise ValueError(f"lists a model twice: {v}")
+        return v
+
+
+class VisualizeParams(Section):
+    model: Literal[MODEL_NAMES] = "finetuned"  # type: ignore[valid-type]
+    images: PosInt | list[str] = 4
+    layers: PosInt = 8
+    filter_layers: list[str] = Field(
+        default_factory=lambda: ["block1_conv1", "block2_conv1", "block3_conv1", "block4_conv1"]
+    )
+    filters: PosInt = 16
+    filter_steps: PosInt = 30
+    gradcam_layer: str | None = None
+    gradcam_per_class: PosInt = 2
+
+
+class Params(Section):
+    data: DataParams = Field(default_factory=DataParams)
+    backbone: BackboneParams = Field(default_factory=BackboneParams)
+    compute: ComputeParams = Field(default_factory=ComputeParams)
+    head: HeadParams = Field(default_factory=HeadParams)
+    augment: AugmentParams = Field(default_factory=AugmentParams)
+    head_aug: TrainRunParams = Field(default_factory=TrainRunParams)
+    finetune: FinetuneParams = Field(default_factory=FinetuneParams)
+    train: TrainParams = Field(default_factory=TrainParams)
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+    visualize: VisualizeParams = Field(default_factory=VisualizeParams)
+
+    @model_validator(mode="after")
+    def _hed_needs_vgg16(self) -> "Params":
+        if self.backbone.weights == "hed-bsds500" and self.backbone.name != "vgg16":
+            raise ValueError(
+                f"backbone.weights: hed-bsds500 holds VGG16 layers only, but backbone.name is "
+                f"{self.backbone.name!r}; use backbone.name: vgg16 or other weights"
+            )
+        return self
+
+
+def _known_keys(model: type[BaseModel]) -> list[str]:
+    return [f.alias or name for name, f in model.model_fields.items()]
+
+
+def _section_model(path: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] = Params
+    for part in path:
+        fields = {f.alias or n: f for n, f in model.model_fields.items()}
+        field = fields.get(part)
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    return model
+
+
+def _describe(err: dict) -> str:
+    # Pydantic puts union branches ("int", "float", ...) in the location; users only know keys.
+    keys = [p for p in err["loc"] if not (isinstance(p, str) and p in _UNION_TAGS)]
+    name = ".".join(str(k) for k in keys)
+    if err["type"] == "extra_forbidden":
+        parent = _section_model(tuple(keys[:-1]))
+        known = _known_keys(parent) if parent is not None else []
+        close = difflib.get_close_matches(str(keys[-1]), known, n=1)
+        hint = f" Did you mean {'.'.join(map(str, keys[:-1] + [close[0]]))}?" if close else ""
+        where = ".".join(map(str, keys[:-1])) or "the top level"
+        return f"{name}: unknown key.{hint} Keys allowed in {where}: {', '.join(known)}"
+    got = err.get("input")
+    got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{name or 'params'}: {msg}{got_text}"
+
+
+_UNION_TAGS = {"int", "float", "str", "bool", "none", "list[str]", "constrained-int", "constrained-float"}
+
+
+def validate_params(raw: dict | None, source: str = PARAMS_FILE) -> Params:
+    """Validate a params mapping; raise ConfigError naming every bad key."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections (data:, backbone:, ...), got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            line = _describe(err)
+            if line not in lines:
+                lines.append(line)
+        raise ConfigError(f"{source}: invalid parameters:\n  " + "\n  ".join(lines)) from None
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 floats: PyYAML reads `1e-4` (what `dvc exp run -S head.lr=1e-4` writes) as a string."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    """Read and validate params.yaml; ConfigError for a missing file, bad YAML or bad values."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: not found; run from the project root (where dvc.yaml is)") from None
+    try:
+        raw = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return validate_params(raw, str(path))
