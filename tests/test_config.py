@@ -1,0 +1,139 @@
+"""params.yaml validation: typos, wrong types and bad ranges stop with a message naming the key."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tlpipe.config import Params, load_params, validate_params
+from tlpipe.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture()
+def raw():
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def with_value(raw, section, key, value):
+    raw = copy.deepcopy(raw)
+    raw.setdefault(section, {})[key] = value
+    return raw
+
+
+def error_text(raw):
+    with pytest.raises(ConfigError) as info:
+        validate_params(raw)
+    return str(info.value)
+
+
+def test_repo_params_file_is_valid_and_matches_defaults():
+    params = load_params(REPO / "params.yaml")
+    # The shipped file spells out every default: a key added to the schema but not the file shows here.
+    assert params == Params()
+    assert params.head.lr == pytest.approx(2e-5)
+    assert params.finetune.from_ == "head_aug"
+
+
+def test_mistyped_key_is_named_with_a_suggestion(raw):
+    text = error_text(with_value(raw, "head", "lr8", 1))
+    assert "head.lr8: unknown key" in text
+    assert "Did you mean head.lr?" in text
+
+
+def test_unknown_section_lists_the_sections(raw):
+    raw["hed"] = {"lr": 1}
+    text = error_text(raw)
+    assert "hed: unknown key" in text and "Did you mean head?" in text
+
+
+@pytest.mark.parametrize(
+    "section, key, value, expected",
+    [
+        ("head", "lr", -1.0, "head.lr: Input should be greater than 0"),
+        ("head", "epochs", "30", "head.epochs: Input should be a valid integer"),
+        ("head", "dropout", 1.0, "head.dropout: Input should be less than 1"),
+        ("backbone", "pooling", "mean", "backbone.pooling: Input should be 'flatten', 'avg' or 'max'"),
+        ("backbone", "name", "vgg17", "backbone.name: Input should be 'vgg16'"),
+        ("backbone", "image_size", 8, "backbone.image_size: Input should be greater than or equal to 32"),
+        ("augment", "fill_mode", "mirror", "augment.fill_mode"),
+        ("data", "sha256", "abc", "data.sha256: must be 64 hexadecimal digits"),
+        ("evaluate", "models", ["head", "head"], "evaluate.models: lists a model twice"),
+        ("finetune", "from", "finetuned", "finetune.from: Input should be 'head_aug' or 'head'"),
+    ],
+)
+def test_bad_values_are_named(raw, section, key, value, expected):
+    assert expected in error_text(with_value(raw, section, key, value))
+
+
+def test_split_fractions_must_add_up(raw):
+    text = error_text(with_value(raw, "data", "split", {"train": 0.5, "validation": 0.3, "test": 0.3}))
+    assert "data.split: fractions must add up to 1 (they add up to 1.1)" in text
+
+
+def test_split_needs_all_three_keys(raw):
+    text = error_text(with_value(raw, "data", "split", {"train": 0.5, "test": 0.5}))
+    assert "needs exactly the keys train, validation, test" in text
+
+
+def test_split_counts_per_class_are_accepted(raw):
+    params = validate_params(with_value(raw, "data", "split", {"train": 1000, "validation": 500, "test": 500}))
+    assert params.data.split_is_counts and params.data.split["train"] == 1000
+
+
+def test_hed_weights_need_vgg16(raw):
+    raw = with_value(raw, "backbone", "weights", "hed-bsds500")
+    raw["backbone"]["name"] = "resnet50"
+    assert "hed-bsds500 holds VGG16 layers only" in error_text(raw)
+
+
+def test_every_error_is_reported_at_once(raw):
+    raw = with_value(raw, "head", "lr", 0.0)
+    raw["compute"]["precision"] = "float16"
+    text = error_text(raw)
+    assert "head.lr" in text and "compute.precision" in text
+
+
+def test_scientific_notation_as_dvc_writes_it(tmp_path, raw):
+    # `dvc exp run -S head.lr=1e-4` writes `lr: 1e-4`, which plain PyYAML would read as a string.
+    text = (REPO / "params.yaml").read_text().replace("lr: 2.0e-5", "lr: 1e-4", 1)
+    (tmp_path / "params.yaml").write_text(text)
+    assert load_params(tmp_path / "params.yaml").head.lr == pytest.approx(1e-4)
+
+
+def test_missing_and_broken_files(tmp_path):
+    with pytest.raises(ConfigError, match="params.yaml: not found"):
+        load_params(tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text("head: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text("- a list\n")
+    with pytest.raises(ConfigError, match="expected a mapping of sections"):
+        load_params(tmp_path / "params.yaml")
+
+
+def test_empty_file_gives_defaults(tmp_path):
+    (tmp_path / "params.yaml").write_text("")
+    assert load_params(tmp_path / "params.yaml") == Params()
+
+
+leaf = st.one_of(st.none(), st.booleans(), st.integers(-10, 10**6), st.floats(allow_nan=True),
+                 st.text(max_size=8))
+tree = st.recursive(leaf, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                  st.dictionaries(st.text(max_size=8), inner, max_size=4)),
+                    max_leaves=12)
+section_names = st.sampled_from(sorted(Params.model_fields) + ["bogus"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(section_names, st.one_of(tree, st.dictionaries(st.text(max_size=10), tree, max_size=5)),
+                       max_size=4))
+def test_random_dicts_either_validate_or_raise_config_error(candidate):
+    try:
+        validate_params(candidate)
+    except ConfigError as exc:
+        assert str(exc).startswith("params.yaml: invalid parameters")
