@@ -1,0 +1,278 @@
+"""Deterministic, resumable training loop with per-epoch dvclive metrics.
+
+Determinism: `fit` seeds Python/NumPy/TF (`keras.utils.set_random_seed`), turns on TF op
+determinism, re-seeds every RNG layer of the model (dropout, augmentation) from `seed`, and feeds
+array data in a per-epoch order drawn from (seed, epoch) alone. So the same inputs give the same
+history, and an epoch's batches do not depend on whether earlier epochs ran in this process.
+
+Resume: after each epoch the model's variables (weights and RNG layer states, which Keras' own
+`.keras` files do not keep), the optimizer's variables and the history so far go to `work_dir`.
+`resume=True` restores the last finished epoch and continues; with array data (or a per-epoch
+dataset callable) the result is bit-for-bit that of an uninterrupted run on the same machine.
+Not exact: a plain tf.data.Dataset whose shuffling depends on how often it was iterated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .errors import ConfigError
+
+METRICS = ("loss", "accuracy")
+CKPT_FORMAT = 1
+
+
+def set_determinism(seed: int) -> None:
+    """Seed every RNG Keras/TF/NumPy use and make TF kernels deterministic."""
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(int(seed))
+    tf.config.experimental.enable_op_determinism()
+
+
+def _seed_states(model) -> list:
+    # Keras keeps a layer's RNG position in a non-trainable "seed_generator_state" variable.
+    return [v for v in model.variables if v.name.endswith("seed_generator_state")]
+
+
+def reseed_layers(model, seed: int) -> None:
+    """Give each RNG layer a state derived from (seed, its index), whatever built the model."""
+    for i, var in enumerate(_seed_states(model)):
+        derived = int(np.random.SeedSequence([int(seed), i]).generate_state(1)[0]) & 0x7FFFFFFF
+        var.assign(np.array([derived, 0], dtype=var.dtype))
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The sample order of one epoch: a function of (seed, epoch) only, so resuming repeats it."""
+    return np.random.default_rng([int(seed), int(epoch)]).permutation(n)
+
+
+def summarize(history: list[dict]) -> dict:
+    """Final metrics: epochs run, the best epoch (lowest val loss, earliest on ties) and the last one."""
+    if not history:
+        return {"epochs": 0}
+    best_i = min(range(len(history)), key=lambda i: (history[i]["val_loss"], i))
+    return {
+        "epochs": len(history),
+        "best_epoch": best_i + 1,
+        "best": dict(history[best_i]),
+        "last": dict(history[-1]),
+    }
+
+
+def _atomic_write_bytes(path: Path, write: Callable) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _fingerprint(model, seed: int, batch_size: int, extra: dict | None) -> dict:
+    # What must be unchanged for a checkpoint to continue this run (epochs may grow).
+    shapes = [list(map(int, v.shape)) for v in model.variables]
+    return {"format": CKPT_FORMAT, "seed": int(seed), "batch_size": int(batch_size),
+            "variables": shapes, "extra": extra or {}}
+
+
+def save_checkpoint(work_dir: Path, model, epoch: int, history: list[dict], fingerprint: dict) -> None:
+    """Write epoch `epoch` (1-based count of finished epochs): arrays first, then state.json points at them."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    name = f"epoch-{epoch:04d}.npz"
+    arrays = {f"m{i}": np.asarray(v.numpy()) for i, v in enumerate(model.variables)}
+    arrays.update({f"o{i}": np.asarray(v.numpy()) for i, v in enumerate(model.optimizer.variables)})
+    _atomic_write_bytes(work_dir / name, lambda fh: np.savez(fh, **arrays))
+    state = {"epoch": epoch, "file": name, "history": history, "fingerprint": fingerprint}
+    _atomic_write_bytes(work_dir / "state.json", lambda fh: fh.write(json.dumps(state, sort_keys=True).encode()))
+    for old in work_dir.glob("epoch-*.npz"):
+        if old.name != name:
+            old.unlink(missing_ok=True)
+
+
+def load_checkpoint(work_dir: Path, model, fingerprint: dict, max_epoch: int) -> tuple[int, list[dict]] | None:
+    """Restore the last finished epoch into `model`; None (with a warning) if absent or not for this run."""
+    state_file = work_dir / "state.json"
+    if not state_file.is_file():
+        return None
+    try:
+        state = json.loads(state_file.read_text())
+        with np.load(work_dir / state["file"]) as data:
+            arrays = {k: data[k] for k in data.files}
+    except (OSError, ValueError, KeyError) as exc:
+        warnings.warn(f"{work_dir}: unreadable checkpoint ({exc}); starting from epoch 1", stacklevel=2)
+        return None
+    if state.get("fingerprint") != fingerprint:
+        warnings.warn(f"{work_dir}: checkpoint was made with other settings; starting from epoch 1", stacklevel=2)
+        return None
+    if int(state["epoch"]) > int(max_epoch):
+        warnings.warn(f"{work_dir}: checkpoint is past epoch {max_epoch}; starting from epoch 1", stacklevel=2)
+        return None
+    if not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)
+    opt_vars = model.optimizer.variables
+    if sum(k.startswith("o") for k in arrays) != len(opt_vars):
+        warnings.warn(f"{work_dir}: checkpoint optimizer state does not fit; starting from epoch 1", stacklevel=2)
+        return None
+    for i, v in enumerate(model.variables):
+        v.assign(arrays[f"m{i}"])
+    for i, v in enumerate(opt_vars):
+        v.assign(arrays[f"o{i}"])
+    return int(state["epoch"]), list(state["history"])
+
+
+def _open_live(live_dir):
+    from dvclive import Live
+
+    # No dvc.yaml, no report, no experiment commit, no git: the pipeline's dvc.yaml owns all that.
+    return Live(dir=str(live_dir), resume=False, report=None, save_dvc_exp=False, dvcyaml=None,
+                monitor_system=False)
+
+
+def _log_epoch(live, row: dict) -> None:
+    for key in ("loss", "accuracy"):
+        live.log_metric(f"train/{key}", row[f"train_{key}"])
+        live.log_metric(f"val/{key}", row[f"val_{key}"])
+    live.next_step()
+
+
+def _batch_bar(total: int | None, desc: str):
+    import keras
+    from tqdm.auto import tqdm
+
+    class BatchBar(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.bar = tqdm(total=total, desc=desc, unit="batch", leave=False, file=sys.stderr)
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.bar.update(1)
+
+        def on_train_end(self, logs=None):
+            self.bar.close()
+
+    return BatchBar()
+
+
+def _resolve(data, epoch: int):
+    return data(epoch) if callable(data) else data
+
+
+def fit(model, train_data, val_data, epochs: int, batch_size: int, seed: int, live_dir,
+        work_dir=None, resume: bool = False, fingerprint: dict | None = None,
+        keep_work: bool = False, on_epoch_end: Callable[[int, dict], None] | None = None) -> dict:
+    """Train a compiled model for `epochs`; log per-epoch metrics to dvclive at `live_dir`.
+
+    train_data: (x, y) arrays (shuffled per epoch by `epoch_order`), a batched tf.data.Dataset, or a
+    callable epoch -> batched Dataset. val_data: (x, y) arrays or a batched Dataset.
+    work_dir: checkpoint folder (None: no checkpoints). resume=False removes stale checkpoints.
+    fingerprint: caller's settings a checkpoint must match (e.g. lr, data identity).
+    Returns `summarize(history)` plus "history" (a list of per-epoch dicts).
+    """
+    from tqdm.auto import tqdm
+
+    if int(epochs) < 1:
+        raise ConfigError(f"epochs must be a positive integer, got {epochs}")
+    if int(batch_size) < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size}")
+    if getattr(model, "optimizer", None) is None or not getattr(model, "compiled", True):
+        raise ConfigError("fit() needs a compiled model (heads.compile_head)")
+    set_determinism(seed)
+    reseed_layers(model, seed)
+
+    work = Path(work_dir) if work_dir is not None else None
+    finger = _fingerprint(model, seed, batch_size, fingerprint)
+    history: list[dict] = []
+    if work is not None and not resume and work.exists():
+        shutil.rmtree(work)
+    if work is not None and resume:
+        restored = load_checkpoint(work, model, finger, int(epochs))
+        if restored is not None:
+            history = restored[1][: restored[0]]
+            print(f"resuming after epoch {restored[0]} from {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    start = len(history)
+
+    xv = val_data
+    live = _open_live(live_dir)
+    for row in history:  # rebuild dvclive's files so they equal an uninterrupted run's
+        _log_epoch(live, row)
+    bar = tqdm(total=int(epochs), initial=start, desc="epochs", unit="epoch", file=sys.stderr)
+    try:
+        for epoch in range(start, int(epochs)):
+            data = _resolve(train_data, epoch)
+            kwargs = {}
+            if isinstance(data, tuple):
+                x, y = data
+                order = epoch_order(len(y), seed, epoch)
+                data_args = (x[order], y[order])
+                kwargs.update(batch_size=int(batch_size), shuffle=False)
+                steps = -(-len(y) // int(batch_size))
+            else:
+                data_args = (data,)
+                steps = None
+            val_kwargs = {"validation_data": xv}
+            if isinstance(xv, tuple):
+                val_kwargs["validation_batch_size"] = int(batch_size)
+            hist = model.fit(*data_args, epochs=1, verbose=0, callbacks=[_batch_bar(steps, f"epoch {epoch + 1}")],
+                             **kwargs, **val_kwargs)
+            h = hist.history
+            row = {"epoch": epoch + 1}
+            for key in METRICS:
+                row[f"train_{key}"] = float(h[key][-1])
+                row[f"val_{key}"] = float(h[f"val_{key}"][-1])
+            history.append(row)
+            if work is not None:
+                save_checkpoint(work, model, epoch + 1, history, finger)
+            _log_epoch(live, row)
+            bar.update(1)
+            bar.write(f"epoch {epoch + 1}/{epochs}: loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}"
+                      f" - val_loss {row['val_loss']:.4f} val_acc {row['val_accuracy']:.4f}", file=sys.stderr)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch + 1, row)
+    finally:
+        bar.close()
+        live.end()
+    if work is not None and not keep_work:
+        shutil.rmtree(work, ignore_errors=True)
+    result = summarize(history)
+    result["history"] = history
+    return result
+
+
+def work_dir_for(model_path) -> Path:
+    """Checkpoint folder next to the model: models/head.keras -> models/.head.work/."""
+    p = Path(model_path)
+    return p.parent / f".{p.stem}.work"
+
+
+def rounded(obj, digits: int = 6):
+    """Floats rounded for JSON files that should not churn in the last bits."""
+    if isinstance(obj, float):
+        return round(obj, digits)
+    if isinstance(obj, dict):
+        return {k: rounded(v, digits) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [rounded(v, digits) for v in obj]
+    return obj
+
+
+def write_json(path, obj) -> Path:
+    """Sorted keys, rounded floats, atomic."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(rounded(obj), sort_keys=True, indent=2) + "\n"
+    _atomic_write_bytes(path, lambda fh: fh.write(text.encode()))
+    return path

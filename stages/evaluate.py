@@ -1,0 +1,29 @@
+"""evaluate stage: every model in params.evaluate.models on the test split (metrics, plots, predictions)."""
+
+import argparse
+
+from tlpipe.cli import run_stage
+from tlpipe.config import load_params
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Evaluate the saved models on the test split: metrics JSON, "
+                                             "confusion/ROC plot data and per-image predictions.")
+    ap.add_argument("--features", default="features", help="folder of test.h5 (shortcut for frozen-base models)")
+    ap.add_argument("--models", default="models", help="folder of <model>.keras")
+    ap.add_argument("--split-dir", default="data/split", help="folder of test.csv and classes.json")
+    ap.add_argument("--images", default="data/images", help="the image store the manifests point into")
+    ap.add_argument("--metrics", default="metrics/evaluate.json", help="metrics per model (JSON)")
+    ap.add_argument("--plots", default="plots", help="writes plots/confusion/<model>.csv and plots/roc/<model>.csv")
+    ap.add_argument("--predictions", default="reports/predictions", help="folder of <model>.csv predictions")
+    args = ap.parse_args(argv)
+    params = load_params()
+
+    from tlpipe.evaluation import run_evaluate
+
+    run_evaluate(args.features, args.models, args.split_dir, args.images, args.metrics, args.plots,
+                 args.predictions, params.evaluate.models)
+
+
+if __name__ == "__main__":
+    run_stage(main)

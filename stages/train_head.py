@@ -1,0 +1,26 @@
+"""train_head stage: the book's densely connected classifier on the stored features (no augmentation)."""
+
+import argparse
+
+from tlpipe.cli import run_stage
+from tlpipe.config import load_params
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Train the dense head on features/{train,validation}.h5 and save "
+                                             "the full classifier (base + head) as one .keras file.")
+    ap.add_argument("--features", default="features", help="folder of train.h5 and validation.h5")
+    ap.add_argument("--model", default="models/head.keras", help="the full model written (atomically)")
+    ap.add_argument("--metrics", default="metrics/train_head.json", help="final train/val metrics (JSON)")
+    ap.add_argument("--live", default="dvclive/train_head", help="dvclive folder for per-epoch metrics")
+    args = ap.parse_args(argv)
+    params = load_params()
+
+    from tlpipe.heads import run_train_head
+
+    run_train_head(args.features, args.model, args.metrics, args.live, params.head, resume=params.train.resume,
+                   backbone=params.backbone)
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,208 @@
+"""evaluation: metric functions on hand-made arrays, and the evaluate stage on a tiny project."""
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tlpipe import evaluation as ev
+from tlpipe import heads, modelio
+from tlpipe.errors import DataError, ModelFileError
+
+# ---------------------------------------------------------------- pure functions
+
+
+def test_to_probabilities_expands_a_sigmoid_column():
+    np.testing.assert_allclose(ev.to_probabilities([[0.2], [0.9]]), [[0.8, 0.2], [0.1, 0.9]])
+    soft = np.array([[0.1, 0.7, 0.2]])
+    np.testing.assert_array_equal(ev.to_probabilities(soft), soft)
+
+
+def test_binary_metrics_by_hand():
+    y = [0, 0, 1, 1]
+    p = [[0.1], [0.6], [0.8], [0.4]]  # predictions 0, 1, 1, 0
+    m = ev.classification_metrics(y, p)
+    assert m["accuracy"] == pytest.approx(0.5)
+    assert m["precision"] == pytest.approx(0.5)  # 1 true positive of 2 predicted positives
+    assert m["recall"] == pytest.approx(0.5)  # 1 of 2 positives found
+    assert m["f1"] == pytest.approx(0.5)
+    assert m["roc_auc"] == pytest.approx(0.75)  # 3 of 4 (positive, negative) pairs ranked right
+    assert m["loss"] == pytest.approx(-(math.log(0.9) + math.log(0.4) + math.log(0.8) + math.log(0.4)) / 4)
+    assert m["n"] == 4
+
+
+def test_positive_class_is_index_one():
+    # All predicted positive: precision = share of positives, recall = 1.
+    m = ev.classification_metrics([0, 1, 1], [[0.9], [0.9], [0.9]])
+    assert m["precision"] == pytest.approx(2 / 3) and m["recall"] == 1.0
+
+
+def test_multiclass_macro_metrics_by_hand():
+    y = [0, 1, 2, 2]
+    p = np.array([[0.7, 0.2, 0.1],   # 0 right
+                  [0.6, 0.3, 0.1],   # 1 predicted 0
+                  [0.1, 0.1, 0.8],   # 2 right
+                  [0.2, 0.5, 0.3]])  # 2 predicted 1
+    m = ev.classification_metrics(y, p)
+    assert m["accuracy"] == pytest.approx(0.5)
+    # per class precision: 0: 1/2, 1: 0/1, 2: 1/1; recall: 0: 1, 1: 0, 2: 1/2
+    assert m["precision"] == pytest.approx((0.5 + 0 + 1) / 3)
+    assert m["recall"] == pytest.approx((1 + 0 + 0.5) / 3)
+    assert m["f1"] == pytest.approx((2 / 3 + 0 + 2 / 3) / 3)
+    assert m["loss"] == pytest.approx(-np.mean(np.log([0.7, 0.3, 0.8, 0.3])))
+    from sklearn.metrics import roc_auc_score
+
+    assert m["roc_auc"] == pytest.approx(roc_auc_score(y, p, multi_class="ovr", average="macro"))
+
+
+def test_log_loss_clips_zero_probability():
+    assert ev.log_loss([1], [[1.0, 0.0]]) == pytest.approx(-math.log(ev.EPS))
+
+
+def test_auc_undefined_with_one_class_present():
+    assert ev.classification_metrics([1, 1], [[0.3], [0.8]])["roc_auc"] is None
+    fpr, tpr = ev.roc_points([1, 1], [[0.3], [0.8]])
+    assert len(fpr) == len(tpr) == 0
+
+
+def test_bad_inputs():
+    with pytest.raises(DataError, match="empty"):
+        ev.classification_metrics([], np.zeros((0, 1)))
+    with pytest.raises(DataError, match="labels outside"):
+        ev.classification_metrics([0, 3], [[0.1], [0.2]])
+
+
+def test_roc_points_binary_and_micro():
+    fpr, tpr = ev.roc_points([0, 0, 1, 1], [[0.1], [0.6], [0.8], [0.4]])
+    assert fpr[0] == 0 and tpr[0] == 0 and fpr[-1] == 1 and tpr[-1] == 1
+    assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(tpr) >= 0)
+    # Area under the returned curve equals the AUC.
+    assert np.trapezoid(tpr, fpr) == pytest.approx(0.75)
+    p = np.array([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.1, 0.8]])
+    fpr, tpr = ev.roc_points([0, 1, 2], p)  # perfect ranking over all (image, class) pairs
+    assert np.trapezoid(tpr, fpr) == pytest.approx(1.0)
+
+
+def test_confusion_and_prediction_rows():
+    names = ["cat", "dog"]
+    assert ev.confusion_rows([0, 1, 1], [0, 0, 1], names) == [["cat", "cat"], ["dog", "cat"], ["dog", "dog"]]
+    header, rows = ev.prediction_rows(["a.jpg", "b.jpg"], [0, 1], [[0.25], [0.75]], names)
+    assert header == ["path", "true", "predicted", "p_cat", "p_dog"]
+    assert rows == [["a.jpg", "cat", "cat", "0.750000", "0.250000"], ["b.jpg", "dog", "dog", "0.250000", "0.750000"]]
+
+
+def test_can_use_features():
+    attrs = {k: "x" for k in ev.MATCH_KEYS}
+    attrs.update(class_names=["a", "b"], weights_sha256="", image_size=32)
+    info = {**attrs, "weights_sha256": None, "trainable_from": None}
+    assert ev.can_use_features(info, attrs)
+    assert not ev.can_use_features({**info, "trainable_from": "block5_conv1"}, attrs)
+    assert not ev.can_use_features({**info, "layer": "other"}, attrs)
+    assert not ev.can_use_features({**info, "image_size": 64}, attrs)
+    assert not ev.can_use_features(info, None)
+
+
+# ---------------------------------------------------------------- the evaluate stage
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """Test split + features, and models/head.keras (frozen) and models/finetuned.keras (unfrozen copy)."""
+    from test_heads import HeadParams, make_project
+
+    root = make_project(tmp_path_factory.mktemp("evalproj"), counts={"train": 6, "validation": 3, "test": 5})
+    heads.run_train_head(root / "features", root / "models" / "head.keras", root / "metrics" / "th.json",
+                         root / "dvclive", HeadParams)
+    model = modelio.load_model(root / "models" / "head.keras")
+    modelio.set_trainable_from(model, "block3_conv1")
+    modelio.save_model(model, root / "models" / "finetuned.keras")
+    return root
+
+
+def _run(root, out, names):
+    return ev.run_evaluate(root / "features", root / "models", root / "data" / "split", root / "data" / "images",
+                           out / "metrics" / "evaluate.json", out / "plots", out / "reports" / "predictions", names)
+
+
+def test_evaluate_writes_metrics_plots_and_predictions(project, tmp_path, capsys):
+    results = _run(project, tmp_path, ["head", "head_aug", "finetuned"])
+    err = capsys.readouterr().err
+    assert "head_aug.keras not found, skipped" in err
+    assert "head: accuracy" in err and "(via features)" in err and "(via images)" in err
+
+    metrics = json.loads((tmp_path / "metrics" / "evaluate.json").read_text())
+    assert set(metrics) == {"head", "finetuned"}
+    assert set(metrics["head"]) == {"accuracy", "loss", "precision", "recall", "f1", "roc_auc", "n"}
+    assert metrics["head"]["n"] == 10
+
+    pred = pd.read_csv(tmp_path / "reports" / "predictions" / "head.csv")
+    test = pd.read_csv(project / "data" / "split" / "test.csv")
+    assert list(pred.columns) == ["path", "true", "predicted", "p_cat", "p_dog"]
+    assert list(pred["path"]) == list(test["path"]) and list(pred["true"]) == list(test["class_name"])
+    np.testing.assert_allclose(pred["p_cat"] + pred["p_dog"], 1, atol=2e-6)
+    assert metrics["head"]["accuracy"] == pytest.approx(np.mean(pred["true"] == pred["predicted"]), abs=1e-6)
+
+    conf = pd.read_csv(tmp_path / "plots" / "confusion" / "head.csv")
+    assert list(conf.columns) == ["actual", "predicted"]
+    assert list(conf["actual"]) == list(pred["true"]) and list(conf["predicted"]) == list(pred["predicted"])
+    roc = pd.read_csv(tmp_path / "plots" / "roc" / "head.csv")
+    assert list(roc.columns) == ["fpr", "tpr"] and roc.iloc[0].tolist() == [0, 0] and roc.iloc[-1].tolist() == [1, 1]
+
+    # The same weights through the images (finetuned: unfrozen) and through the features (head) agree.
+    fin = pd.read_csv(tmp_path / "reports" / "predictions" / "finetuned.csv")
+    np.testing.assert_allclose(fin["p_dog"], pred["p_dog"], atol=1e-4)
+    assert not any(p.name.startswith(".") for p in (tmp_path / "plots").rglob("*"))
+
+
+def test_rerun_is_identical_and_drops_stale_files(project, tmp_path):
+    _run(project, tmp_path, ["head", "finetuned"])
+    first = {p: p.read_bytes() for p in tmp_path.rglob("*.*") if p.is_file()}
+    _run(project, tmp_path, ["head"])  # finetuned no longer listed: its files must go
+    assert not (tmp_path / "plots" / "confusion" / "finetuned.csv").exists()
+    assert not (tmp_path / "reports" / "predictions" / "finetuned.csv").exists()
+    assert list(json.loads((tmp_path / "metrics" / "evaluate.json").read_text())) == ["head"]
+    for p in (tmp_path / "plots" / "confusion" / "head.csv", tmp_path / "reports" / "predictions" / "head.csv"):
+        assert p.read_bytes() == first[p]
+
+
+def test_missing_head_is_an_error(project, tmp_path):
+    import shutil
+
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(project / "models" / "finetuned.keras", models)
+    with pytest.raises(ModelFileError, match="head.keras: not found"):
+        ev.run_evaluate(project / "features", models, project / "data" / "split", project / "data" / "images",
+                        tmp_path / "m.json", tmp_path / "plots", tmp_path / "pred", ["finetuned", "head"])
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_model_for_other_classes_is_refused(project, tmp_path):
+    import shutil
+
+    split = tmp_path / "split"
+    shutil.copytree(project / "data" / "split", split)
+    (split / "classes.json").write_text(json.dumps({"classes": ["ant", "bee"]}))
+    with pytest.raises(ModelFileError, match="trained for classes"):
+        ev.run_evaluate(project / "features", project / "models", split, project / "data" / "images",
+                        tmp_path / "m.json", tmp_path / "plots", tmp_path / "pred", ["head"])
+
+
+def test_stage_script(project, tmp_path, monkeypatch, capsys):
+    import yaml
+    from test_heads import REPO, load_stage
+
+    from tlpipe.cli import run_stage
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["evaluate"]["models"] = ["head"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    run_stage(load_stage("evaluate").main,
+              ["--features", str(project / "features"), "--models", str(project / "models"),
+               "--split-dir", str(project / "data" / "split"), "--images", str(project / "data" / "images")])
+    assert json.loads((tmp_path / "metrics" / "evaluate.json").read_text())["head"]["n"] == 10
+    assert (tmp_path / "plots" / "roc" / "head.csv").is_file()
+    assert (tmp_path / "reports" / "predictions" / "head.csv").is_file()

@@ -1,0 +1,246 @@
+"""heads: the dense head, and the train_head stage on hand-made feature files."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from tlpipe import heads, modelio
+from tlpipe.errors import ConfigError, FeatureFileError
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE = 32  # VGG16's smallest input; weights "none" keeps everything offline
+LAYER = "block3_pool"
+
+
+# ---------------------------------------------------------------- helpers (also used by test_evaluation)
+
+def write_features(path, features, labels, paths, attrs):
+    """A feature file in the format of docs/design.md."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as f:
+        f.create_dataset("features", data=np.asarray(features, np.float32))
+        f.create_dataset("labels", data=np.asarray(labels, np.int64))
+        f.create_dataset("paths", data=[p.encode() for p in paths], dtype=h5py.string_dtype("utf-8"))
+        for k, v in attrs.items():
+            f.attrs[k] = v
+
+
+def make_project(root, classes=("cat", "dog"), counts=None, seed=0):
+    """data/images, data/split/*.csv + classes.json and features/*.h5 (VGG16, random weights, 32 px)."""
+    from imagegen import draw_class_image
+
+    from tlpipe import backbones
+    from tlpipe.inputs import image_dataset
+
+    counts = counts or {"train": 8, "validation": 4, "test": 6}
+    root = Path(root)
+    images, split = root / "data" / "images", root / "data" / "split"
+    images.mkdir(parents=True)
+    split.mkdir(parents=True)
+    (split / "classes.json").write_text(json.dumps({"classes": list(classes)}))
+    rng = np.random.default_rng(seed)
+    base = backbones.build_base("vgg16", "none", SIZE)
+    # Truncated early and averaged: a small model (fast saves) that still exercises the format.
+    fmodel = backbones.feature_model(base, LAYER, "avg")
+    attrs = {"backbone": "vgg16", "weights": "none", "weights_sha256": "", "layer": LAYER,
+             "pooling": "avg", "image_size": SIZE, "preprocessing": "caffe",
+             "class_names": json.dumps(list(classes)), "tlpipe_format": 1}
+    for part, n in counts.items():
+        rows = []
+        for label, name in enumerate(classes):
+            for i in range(n):
+                im = draw_class_image(label, size=SIZE, rng=rng)
+                tmp = images / "tmp.png"
+                im.save(tmp)
+                sha = hashlib.sha256(tmp.read_bytes()).hexdigest()
+                os.replace(tmp, images / f"{sha}.png")
+                rows.append((f"{name}/{part}_{i:03d}.png", name, label, sha, f"{sha}.png"))
+        rows.sort()
+        lines = ["path,class_name,label,sha256,file"] + [",".join(map(str, r)) for r in rows]
+        (split / f"{part}.csv").write_text("\n".join(lines) + "\n")
+        files = [str(images / r[4]) for r in rows]
+        feats = np.concatenate([fmodel(b).numpy() for b in image_dataset(files, SIZE, 16, "caffe")])
+        write_features(root / "features" / f"{part}.h5", feats, [r[2] for r in rows], [r[0] for r in rows], attrs)
+    return root
+
+
+class HeadParams:
+    units, dropout, lr, epochs, batch_size, seed = 16, 0.5, 1e-3, 3, 4, 1
+
+
+# ---------------------------------------------------------------- build_head / compile_head
+
+def test_binary_head_is_the_books():
+    m = heads.compile_head(heads.build_head(20, 2, units=8, dropout=0.3), 2, 1e-4)
+    assert [lyr.name for lyr in m.layers[1:]] == list(heads.HEAD_LAYERS)
+    assert m.get_layer("head_dense").units == 8 and m.get_layer("head_dense").activation.__name__ == "relu"
+    assert m.get_layer("head_dropout").rate == pytest.approx(0.3)
+    out = m.get_layer("head_out")
+    assert out.units == 1 and out.activation.__name__ == "sigmoid" and heads.is_binary(m)
+    assert m.loss == "binary_crossentropy"
+    assert m.optimizer.__class__.__name__ == "RMSprop"
+    assert float(m.optimizer.learning_rate.numpy()) == pytest.approx(1e-4)
+    p = m.predict(np.ones((3, 20), np.float32), verbose=0)
+    assert p.shape == (3, 1) and ((p > 0) & (p < 1)).all()
+
+
+def test_multiclass_head_uses_softmax_and_sparse_labels():
+    m = heads.compile_head(heads.build_head(10, 4, units=8), 4, 1e-3)
+    assert m.get_layer("head_out").units == 4 and m.get_layer("head_out").activation.__name__ == "softmax"
+    assert m.loss == "sparse_categorical_crossentropy"
+    x = np.random.default_rng(0).normal(size=(16, 10)).astype("float32")
+    y = np.arange(16) % 4
+    hist = m.fit(x, y, epochs=1, verbose=0)
+    assert set(hist.history) == {"loss", "accuracy"}
+    np.testing.assert_allclose(m.predict(x, verbose=0).sum(axis=1), 1, rtol=1e-5)
+
+
+def test_binary_accuracy_on_int_labels_is_thresholded():
+    m = heads.compile_head(heads.build_head(4, 2, units=4), 2, 1e-3)
+    x = np.random.default_rng(1).normal(size=(10, 4)).astype("float32")
+    p = m.predict(x, verbose=0)[:, 0]
+    y = (np.arange(10) % 2).astype("int64")
+    acc = m.evaluate(x, y, verbose=0, return_dict=True)["accuracy"]
+    assert acc == pytest.approx(np.mean((p > 0.5) == y))
+
+
+def test_same_seed_same_initial_weights():
+    a, b = heads.build_head(6, 2, seed=5), heads.build_head(6, 2, seed=5)
+    c = heads.build_head(6, 2, seed=6)
+    for wa, wb in zip(a.get_weights(), b.get_weights()):
+        np.testing.assert_array_equal(wa, wb)
+    assert not np.array_equal(a.get_weights()[0], c.get_weights()[0])
+
+
+@pytest.mark.parametrize("kw, match", [({"n_classes": 1}, "2 classes"), ({"units": 0}, "units"),
+                                       ({"dropout": 1.0}, "dropout"), ({"input_dim": 0}, "dimension")])
+def test_bad_head_arguments(kw, match):
+    args = {"input_dim": 5, "n_classes": 2, **kw}
+    with pytest.raises(ConfigError, match=match):
+        heads.build_head(**args)
+
+
+def test_check_attrs_agree_names_the_key():
+    a = {k: 1 for k in heads.AGREE_KEYS}
+    assert heads.check_attrs_agree({"t.h5": a, "v.h5": dict(a)}) == a
+    with pytest.raises(FeatureFileError, match="v.h5 has pooling=2 but t.h5 has 1"):
+        heads.check_attrs_agree({"t.h5": a, "v.h5": {**a, "pooling": 2}})
+
+
+# ---------------------------------------------------------------- the train_head stage
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    return make_project(tmp_path_factory.mktemp("proj"))
+
+
+def test_run_train_head_writes_a_complete_model(project, tmp_path):
+    out = tmp_path / "models" / "head.keras"
+    metrics = heads.run_train_head(project / "features", out, tmp_path / "metrics" / "train_head.json",
+                                   tmp_path / "dvclive", HeadParams)
+    assert metrics["epochs"] == 3 and set(metrics) == {"epochs", "best_epoch", "best", "last"}
+    on_disk = json.loads((tmp_path / "metrics" / "train_head.json").read_text())
+    assert on_disk["last"]["val_loss"] == pytest.approx(metrics["last"]["val_loss"], abs=1e-6)
+    assert (tmp_path / "dvclive" / "plots" / "metrics" / "val" / "loss.tsv").is_file()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["head.keras"]  # checkpoints removed
+
+    model = modelio.load_model(out)
+    info = modelio.model_info(model)
+    assert info["class_names"] == ["cat", "dog"] and info["layer"] == LAYER and info["weights"] == "none"
+    assert info["trainable_from"] is None and info["preprocessing"] == "caffe"
+    # The saved model on raw images == its head on the stored features: the rebuilt base is the same.
+    from tlpipe.features import read_features
+    from tlpipe.inputs import image_dataset
+    import pandas as pd
+
+    x, _, paths, _ = read_features(project / "features" / "validation.h5")
+    rows = pd.read_csv(project / "data" / "split" / "validation.csv")
+    assert list(rows["path"]) == paths
+    files = [str(project / "data" / "images" / f) for f in rows["file"]]
+    full = np.concatenate([model.predict(b, verbose=0) for b in image_dataset(files, SIZE, 8, None)])
+    np.testing.assert_allclose(full, modelio.head_submodel(model).predict(x, verbose=0), rtol=1e-4, atol=1e-5)
+
+
+def test_mismatched_feature_files_are_refused(project, tmp_path):
+    import shutil
+
+    feats = tmp_path / "features"
+    shutil.copytree(project / "features", feats)
+    with h5py.File(feats / "validation.h5", "a") as f:
+        f.attrs["pooling"] = "max"
+    with pytest.raises(FeatureFileError, match="pooling"):
+        heads.run_train_head(feats, tmp_path / "h.keras", tmp_path / "m.json", tmp_path / "l", HeadParams)
+    assert not (tmp_path / "h.keras").exists()
+
+
+def test_features_of_other_backbone_params_are_refused(project, tmp_path):
+    class Backbone:
+        name, weights, layer, pooling, image_size = "vgg16", "none", LAYER, "avg", 64
+
+    with pytest.raises(FeatureFileError, match=r"train.h5: made with image_size=32 but params.yaml has "
+                                               r"backbone.image_size=64; rerun the extract stage"):
+        heads.run_train_head(project / "features", tmp_path / "h.keras", tmp_path / "m.json", tmp_path / "l",
+                             HeadParams, backbone=Backbone)
+    Backbone.image_size, Backbone.layer = SIZE, None  # null: the backbone's default layer, block5_pool
+    with pytest.raises(FeatureFileError, match="layer='block3_pool' but params.yaml has backbone.layer='block5_pool'"):
+        heads.run_train_head(project / "features", tmp_path / "h.keras", tmp_path / "m.json", tmp_path / "l",
+                             HeadParams, backbone=Backbone)
+
+
+def _stage(cwd, *args):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO / "src")}
+    return subprocess.run([sys.executable, str(REPO / "stages" / "train_head.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def load_stage(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"stage_{name}", REPO / "stages" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_stage_script_clear_error_without_features(tmp_path, monkeypatch, capsys):
+    from tlpipe.cli import run_stage
+
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        run_stage(load_stage("train_head").main, ["--features", "nowhere"])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("error: nowhere/train.h5: feature file not found")
+    assert "Traceback" not in err
+
+
+def test_stage_script_trains_and_reruns_give_identical_files(project, tmp_path):
+    """Two runs in separate processes (as DVC reruns a stage): byte-identical model, metrics and logs."""
+    import yaml
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["head"].update(units=8, epochs=2, batch_size=8, lr=1e-3)
+    params["backbone"].update(weights="none", layer=LAYER, pooling="avg", image_size=SIZE)
+    outputs = ["models/head.keras", "metrics/train_head.json", "dvclive/train_head/metrics.json",
+               "dvclive/train_head/plots/metrics/val/loss.tsv"]
+    got = []
+    for run in ("a", "b"):
+        cwd = tmp_path / run
+        cwd.mkdir()
+        (cwd / "params.yaml").write_text(yaml.safe_dump(params))
+        proc = _stage(cwd, "--features", str(project / "features"))
+        assert proc.returncode == 0, proc.stderr
+        got.append([(cwd / p).read_bytes() for p in outputs])
+    assert got[0] == got[1]
+    cwd = tmp_path / "a"
+    assert modelio.read_info(cwd / "models" / "head.keras")["backbone"] == "vgg16"
+    assert json.loads((cwd / "metrics" / "train_head.json").read_text())["epochs"] == 2
+    assert not (cwd / "dvc.yaml").exists() and not (cwd / "dvclive" / "train_head" / "dvc.yaml").exists()

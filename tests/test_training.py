@@ -1,0 +1,146 @@
+"""training.fit: determinism, dvclive output, checkpoints and resume."""
+
+import json
+
+import numpy as np
+import pytest
+
+from tlpipe import heads, training
+from tlpipe.errors import ConfigError
+
+
+def _data(n, dim=12, seed=0):
+    # Two separable-ish blobs: the head learns something, so metrics change between epochs.
+    rng = np.random.default_rng(seed)
+    y = (np.arange(n) % 2).astype("int64")
+    x = rng.normal(size=(n, dim)).astype("float32") + y[:, None].astype("float32") * 0.8
+    return x, y
+
+
+def _model(dim=12, n_classes=2, seed=3):
+    return heads.compile_head(heads.build_head(dim, n_classes, units=16, dropout=0.5, seed=seed), n_classes, 1e-2)
+
+
+def _run(tmp_path, name, epochs=4, **kw):
+    train, val = _data(60), _data(20, seed=1)
+    model = _model()
+    res = training.fit(model, train, val, epochs=epochs, batch_size=8, seed=7,
+                       live_dir=tmp_path / name / "live", **kw)
+    return model, res
+
+
+def _tsv(live_dir, key):
+    return (live_dir / "plots" / "metrics" / f"{key}.tsv").read_text()
+
+
+def test_same_params_give_identical_history_and_weights(tmp_path):
+    m1, r1 = _run(tmp_path, "a")
+    m2, r2 = _run(tmp_path, "b")
+    assert r1["history"] == r2["history"]
+    assert len(r1["history"]) == 4
+    # Training did something: losses differ between epochs.
+    assert len({row["train_loss"] for row in r1["history"]}) > 1
+    for a, b in zip(m1.get_weights(), m2.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    for key in ("train/loss", "train/accuracy", "val/loss", "val/accuracy"):
+        assert _tsv(tmp_path / "a" / "live", key) == _tsv(tmp_path / "b" / "live", key)
+
+
+def test_other_seed_changes_history(tmp_path):
+    train, val = _data(60), _data(20, seed=1)
+    r = [training.fit(_model(), train, val, epochs=2, batch_size=8, seed=s, live_dir=tmp_path / str(s))["history"]
+         for s in (1, 2)]
+    assert r[0] != r[1]
+
+
+def test_dvclive_files_and_summary(tmp_path):
+    _, res = _run(tmp_path, "a", epochs=3)
+    live = tmp_path / "a" / "live"
+    lines = _tsv(live, "val/accuracy").splitlines()
+    assert lines[0].split("\t") == ["step", "accuracy"]
+    assert [ln.split("\t")[0] for ln in lines[1:]] == ["0", "1", "2"]
+    assert float(lines[-1].split("\t")[1]) == pytest.approx(res["last"]["val_accuracy"], abs=1e-6)
+    # dvclive must not write a dvc.yaml or a report of its own.
+    assert not (live / "dvc.yaml").exists() and not (tmp_path / "dvc.yaml").exists()
+    assert not list(live.glob("report.*"))
+    hist = res["history"]
+    best = min(range(3), key=lambda i: hist[i]["val_loss"])
+    assert res["epochs"] == 3 and res["best_epoch"] == best + 1
+    assert res["best"] == hist[best] and res["last"] == hist[-1]
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(tmp_path):
+    train, val = _data(60), _data(20, seed=1)
+    work = tmp_path / "work"
+    full_model = _model()
+    full = training.fit(full_model, train, val, epochs=5, batch_size=8, seed=7, live_dir=tmp_path / "full")
+
+    def stop(epoch, row):
+        if epoch == 2:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        training.fit(_model(), train, val, epochs=5, batch_size=8, seed=7, live_dir=tmp_path / "part",
+                     work_dir=work, on_epoch_end=stop)
+    state = json.loads((work / "state.json").read_text())
+    assert state["epoch"] == 2 and [p.name for p in work.glob("*.npz")] == ["epoch-0002.npz"]
+
+    # A fresh process would build a fresh model: use another init seed to prove the checkpoint wins.
+    resumed_model = _model(seed=99)
+    resumed = training.fit(resumed_model, train, val, epochs=5, batch_size=8, seed=7, live_dir=tmp_path / "part",
+                           work_dir=work, resume=True)
+    assert resumed["history"] == full["history"]
+    for a, b in zip(full_model.get_weights(), resumed_model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    for key in ("train/loss", "val/accuracy"):
+        assert _tsv(tmp_path / "part", key) == _tsv(tmp_path / "full", key)
+    assert not work.exists()  # a finished run removes its checkpoints
+
+
+def test_resume_false_discards_stale_checkpoint(tmp_path):
+    train, val = _data(40), _data(10, seed=1)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "state.json").write_text("{}")
+    (work / "epoch-0009.npz").write_bytes(b"junk")
+    res = training.fit(_model(), train, val, epochs=2, batch_size=8, seed=7, live_dir=tmp_path / "l",
+                       work_dir=work, resume=False, keep_work=True)
+    assert res["epochs"] == 2
+    assert sorted(p.name for p in work.iterdir()) == ["epoch-0002.npz", "state.json"]
+
+
+def test_resume_with_checkpoint_of_other_settings_starts_again(tmp_path):
+    train, val = _data(40), _data(10, seed=1)
+    work = tmp_path / "work"
+    training.fit(_model(), train, val, epochs=2, batch_size=8, seed=7, live_dir=tmp_path / "l",
+                 work_dir=work, keep_work=True)
+    with pytest.warns(UserWarning, match="other settings"):
+        res = training.fit(_model(), train, val, epochs=2, batch_size=4, seed=7, live_dir=tmp_path / "l",
+                           work_dir=work, resume=True)
+    assert [r["epoch"] for r in res["history"]] == [1, 2]
+
+
+def test_bad_arguments(tmp_path):
+    train = _data(10)
+    with pytest.raises(ConfigError, match="epochs"):
+        training.fit(_model(), train, train, epochs=0, batch_size=4, seed=1, live_dir=tmp_path)
+    with pytest.raises(ConfigError, match="compiled"):
+        training.fit(heads.build_head(12, 2), train, train, epochs=1, batch_size=4, seed=1, live_dir=tmp_path)
+
+
+def test_write_json_sorted_rounded_atomic(tmp_path):
+    path = training.write_json(tmp_path / "m" / "x.json", {"b": 1 / 3, "a": {"z": 2.0, "y": [0.1234567891]}})
+    assert path.read_text() == '{\n  "a": {\n    "y": [\n      0.123457\n    ],\n    "z": 2.0\n  },\n  "b": 0.333333\n}\n'
+    assert [p.name for p in path.parent.iterdir()] == ["x.json"]
+
+
+def test_epoch_order_depends_on_seed_and_epoch_only():
+    a = training.epoch_order(50, 1, 3)
+    np.testing.assert_array_equal(a, training.epoch_order(50, 1, 3))
+    assert sorted(a) == list(range(50))
+    assert not np.array_equal(a, training.epoch_order(50, 1, 4))
+    assert not np.array_equal(a, training.epoch_order(50, 2, 3))
