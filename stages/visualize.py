@@ -1,0 +1,32 @@
+"""visualize stage: activations, filter patterns, Grad-CAM, curves and confusion matrices in reports/index.html."""
+
+import argparse
+
+from tlpipe.cli import run_stage
+from tlpipe.config import load_params
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Show what the network learned: one HTML page (reports/index.html) "
+                                             "with its images in reports/viz/.")
+    ap.add_argument("--models", default="models", help="folder of <model>.keras")
+    ap.add_argument("--split-dir", default="data/split", help="folder of test.csv and classes.json")
+    ap.add_argument("--images", default="data/images", help="the image store the manifests point into")
+    ap.add_argument("--metrics", default="metrics/evaluate.json", help="test metrics per model (JSON)")
+    ap.add_argument("--predictions", default="reports/predictions", help="folder of <model>.csv predictions")
+    ap.add_argument("--live", default="dvclive", help="dvclive folder: one sub-folder per training stage")
+    ap.add_argument("--plots", default="plots", help="folder holding confusion/<model>.csv")
+    ap.add_argument("--out", default="reports", help="writes <out>/index.html and <out>/viz/")
+    ap.add_argument("--params", default="params.yaml", help="shown in the report")
+    args = ap.parse_args(argv)
+    params = load_params(args.params)
+
+    from tlpipe.viz.build import build_report, load_params_text
+
+    page = build_report(args.models, args.split_dir, args.images, args.metrics, args.predictions, args.live,
+                        args.plots, args.out, params.visualize, load_params_text(args.params))
+    print(f"wrote {page}")
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,77 @@
+"""Filter patterns by gradient ascent: the chosen filter's activation really goes up."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+keras = pytest.importorskip("keras")
+
+from tlpipe.errors import ConfigError  # noqa: E402
+from tlpipe.viz.filters import filter_grid, filter_patterns, save_filter_grids  # noqa: E402
+
+
+def conv_model(nested: bool, size: int = 32) -> keras.Model:
+    keras.utils.set_random_seed(0)
+
+    def stack(x):
+        x = keras.layers.Conv2D(6, 3, padding="same", activation="relu", name="block1_conv1")(x)
+        x = keras.layers.MaxPooling2D(name="block1_pool")(x)
+        return keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="block2_conv1")(x)
+
+    image = keras.Input((size, size, 3), name="image")
+    x = keras.layers.Rescaling(1 / 127.5, offset=-1, name="preprocess")(image)
+    if nested:
+        inner = keras.Input((size, size, 3))
+        base = keras.Model(inner, stack(inner), name="base")
+        base.trainable = False
+        x = base(x)
+    else:
+        x = stack(x)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    return keras.Model(image, keras.layers.Dense(1, activation="sigmoid", name="head_out")(x))
+
+
+@pytest.mark.parametrize("nested", [True, False])
+def test_ascent_raises_each_filters_activation(nested):
+    model = conv_model(nested)
+    # 48 px: smaller/larger than the model's 32 px input is fine for the conv layers
+    patterns, start, end = filter_patterns(model, "block2_conv1", 4, steps=15, size=48, seed=1)
+    assert patterns.shape == (4, 48, 48, 3)
+    assert patterns.min() >= 0 and patterns.max() <= 255
+    assert np.all(start > 0)  # grey + noise already excites each filter a little
+    assert np.all(end > 5 * start)
+    # the pattern is specific: filter 0's image excites filter 0 more than filter 1's image does
+    from tlpipe.viz import graph
+    (act,), _ = graph.tap(model, ["block2_conv1"], with_output=False)(patterns.astype(np.float32))
+    means = np.asarray(act).mean(axis=(1, 2))
+    assert all(means[i, i] == means[:, i].max() for i in range(4))
+
+
+def test_seeded_and_deterministic():
+    model = conv_model(True)
+    a = filter_patterns(model, "block1_conv1", 3, steps=3, size=16, seed=7)[0]
+    b = filter_patterns(model, "block1_conv1", 3, steps=3, size=16, seed=7)[0]
+    c = filter_patterns(model, "block1_conv1", 3, steps=3, size=16, seed=8)[0]
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_more_filters_than_channels_are_clamped_and_unknown_layer_is_a_config_error():
+    model = conv_model(False)
+    patterns, _, _ = filter_patterns(model, "block1_conv1", 50, steps=1, size=16)
+    assert len(patterns) == 6
+    with pytest.raises(ConfigError, match="filter_layers.*block9_conv1.*block1_conv1"):
+        filter_patterns(model, "block9_conv1", 2, steps=1)
+
+
+def test_grid_pngs(tmp_path):
+    model = conv_model(True)
+    recs = save_filter_grids(model, ["block1_conv1", "block2_conv1"], 5, 2, tmp_path, size=20, seed=0)
+    assert [r["layer"] for r in recs] == ["block1_conv1", "block2_conv1"]
+    for r in recs:
+        img = Image.open(tmp_path / r["file"])
+        # 5 tiles of 20 px enlarged x7 to >= 128 px, 5 columns (fewer tiles than 8 columns), 2 px gaps
+        assert img.size == (5 * 140 + 4 * 2, 140)
+        assert r["end"] > r["start"]
+    grid = filter_grid(np.zeros((10, 8, 8, 3), np.float32), cols=8, min_tile=8)
+    assert grid.shape == (2 * 8 + 2, 8 * 8 + 7 * 2, 3)
