@@ -25,14 +25,15 @@ def run_stage(main: Callable[..., object], argv: list[str] | None = None) -> Non
 
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    # name: (module, help)
-    "augment-preview": ("tlpipe.commands.augment_preview", "write a PNG grid of an image and augmented versions"),
-    "predict": ("tlpipe.commands.predict", "classify image files and folders with a saved model"),
+    # name: ("module:function", help); imported only when chosen, so `tlpipe --help` stays quick.
+    "augment-preview": ("tlpipe.augment:preview_main", "write a PNG grid of an image and augmented versions"),
+    "predict": ("tlpipe.commands.predict:main", "classify image files and folders with a saved model"),
 }
 
 
 def main(argv: list[str] | None = None) -> None:
     import importlib
+    import inspect
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -45,5 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     if name not in COMMANDS:
         print(f"error: unknown command {name!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
         sys.exit(2)
-    module = importlib.import_module(COMMANDS[name][0])
-    run_stage(module.main, rest)
+    module_name, func = COMMANDS[name][0].split(":")
+    entry = getattr(importlib.import_module(module_name), func)
+    takes_prog = "prog" in inspect.signature(entry).parameters
+    run_stage(lambda args: entry(args, prog=f"tlpipe {name}") if takes_prog else entry(args), rest)
