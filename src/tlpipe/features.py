@@ -1,0 +1,399 @@
+"""Feature files: images of one split -> the base's activations, as an HDF5 file (docs/design.md).
+
+Extraction streams batches through the feature model and keeps its progress in a work folder next
+to the output (`features/.train.h5.work/`): a fingerprint of everything the features depend on,
+and one `.npy` per finished chunk of rows, each written to a temp name and renamed. A killed run
+resumes from its last finished chunk when rerun with the same fingerprint; a changed input or
+parameter discards the folder. Once all chunks exist, the .h5 is assembled chunk by chunk under a
+temp name, renamed, and the work folder removed. Chunks hold whole batches, so a resumed run feeds
+the model exactly the batches a clean run would, and (with TF op determinism) gives the same bytes.
+
+HDF5 bytes are deterministic: no timestamps (`track_times=False`), fixed dtypes and chunk shapes,
+no compression, attributes written in a fixed order.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .errors import DataError, FeatureFileError
+
+FORMAT = 1
+SPLITS = ("train", "validation", "test")
+CHUNK_TARGET_ROWS = 256  # rows per resumable chunk: ~17 s of VGG16 work at 150 px on 2 CPU cores
+H5_CHUNK_BYTES = 1 << 20  # HDF5 storage chunk of `features`: about 1 MiB of whole rows
+EXPECT_KEYS = ("backbone", "weights", "layer", "pooling", "image_size", "class_names")
+RERUN = "rerun the extract stage (`dvc repro extract`)"
+
+
+@dataclass(frozen=True)
+class BaseSpec:
+    """What the features are made of: the `backbone` section of params.yaml."""
+
+    name: str = "vgg16"
+    weights: str = "imagenet"
+    layer: str | None = None
+    pooling: str = "flatten"
+    image_size: int = 150
+
+    @classmethod
+    def from_params(cls, backbone) -> "BaseSpec":
+        return cls(backbone.name, backbone.weights, backbone.layer, backbone.pooling, backbone.image_size)
+
+
+class Extractor:
+    """A built feature model and the metadata stored with its features; build once, use per split."""
+
+    def __init__(self, spec: BaseSpec, precision: str = "float32"):
+        from . import backbones
+
+        self.spec = spec
+        self.precision = precision
+        base = backbones.build_base(spec.name, spec.weights, spec.image_size, precision)
+        self.layer = backbones.resolve_layer(base, spec.layer)
+        self.model = backbones.feature_model(base, self.layer, spec.pooling)
+        self.dim = int(self.model.output_shape[-1])
+        self.preprocessing = backbones.preprocessing_name(spec.name, spec.weights)
+        self.weights_sha256 = backbones.weights_sha256(spec.name, spec.weights, spec.image_size)
+        self._infer = None
+
+    def attrs(self, class_names: Sequence[str]) -> dict:
+        """The attributes of a feature file, in the order they are written."""
+        return {
+            "backbone": self.spec.name,
+            "weights": self.spec.weights,
+            "weights_sha256": self.weights_sha256 or "",
+            "layer": self.layer,
+            "pooling": self.spec.pooling,
+            "image_size": int(self.spec.image_size),
+            "preprocessing": self.preprocessing,
+            "class_names": json.dumps(list(class_names)),
+            "tlpipe_format": FORMAT,
+        }
+
+    def __call__(self, batch) -> np.ndarray:
+        import tensorflow as tf
+
+        if self._infer is None:
+            model = self.model
+            self._infer = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+        return self._infer(batch).numpy()
+
+
+# ---------------------------------------------------------------- manifest
+
+
+def read_class_names(classes_json) -> list[str]:
+    from .split import read_classes
+
+    return list(read_classes(classes_json))
+
+
+def manifest_rows(manifest_csv, images_dir, classes: Sequence[str]) -> tuple[list[str], list[int], list[str]]:
+    """(image files, labels, source paths) of a split manifest, checked against the class list."""
+    from .split import read_manifest
+
+    csv = Path(manifest_csv)
+    df = read_manifest(csv)
+    classes = list(classes)
+    labels = [int(x) for x in df["label"]]
+    for i, (label, name) in enumerate(zip(labels, df["class_name"])):
+        if not 0 <= label < len(classes) or classes[label] != name:
+            raise DataError(f"{csv}: row {i + 2} has label {label} for class {name!r}, but the classes are "
+                            f"{classes}; rerun the data stage (`dvc repro data`)")
+    images_dir = Path(images_dir)
+    files = [str(images_dir / f) for f in df["file"]]
+    absent = [f for f in files if not os.path.isfile(f)]
+    if absent:
+        raise DataError(f"{absent[0]} (and {len(absent) - 1} more images of {csv.name}) not found; "
+                        "rerun the data stage (`dvc repro data`)")
+    return files, labels, [str(p) for p in df["path"]]
+
+
+# ---------------------------------------------------------------- atomic writes
+
+
+def _is_disk_full(exc: OSError) -> bool:
+    return exc.errno == errno.ENOSPC or "No space left" in str(exc) or "errno = 28" in str(exc)
+
+
+def _write_bytes_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _save_chunk(path: Path, array: np.ndarray) -> None:
+    """One finished chunk, atomically: a chunk file that exists is complete."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array, allow_pickle=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _chunk_path(work: Path, i: int) -> Path:
+    return work / f"chunk_{i:06d}.npy"
+
+
+def _valid_chunk(path: Path, rows: int, dim: int) -> bool:
+    try:
+        a = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError):
+        return False
+    return a.shape == (rows, dim) and a.dtype == np.float32
+
+
+def work_dir(out_h5) -> Path:
+    out = Path(out_h5)
+    return out.with_name(f".{out.name}.work")
+
+
+# ---------------------------------------------------------------- extraction
+
+
+def fingerprint(extractor: Extractor, files, labels, paths, class_names, batch_size: int, chunk_rows: int) -> str:
+    """Hash of everything the feature bytes depend on; a different one discards saved progress."""
+    import keras
+    import tensorflow as tf
+
+    def file_id(f):
+        # Store files are content-addressed, so name and size identify them (mtime changes on checkout).
+        return [os.path.basename(f), os.path.getsize(f)]
+
+    data = {
+        "format": FORMAT,
+        "spec": asdict(extractor.spec),
+        "layer": extractor.layer,
+        "preprocessing": extractor.preprocessing,
+        "weights_sha256": extractor.weights_sha256,
+        "precision": extractor.precision,
+        "batch_size": batch_size,
+        "chunk_rows": chunk_rows,
+        "class_names": list(class_names),
+        "rows": [file_id(f) + [int(l), p] for f, l, p in zip(files, labels, paths)],
+        "versions": [tf.__version__, keras.__version__],
+    }
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def _prepare_work(work: Path, fp: str) -> None:
+    marker = work / "fingerprint"
+    if work.exists() and (not marker.is_file() or marker.read_text() != fp):
+        shutil.rmtree(work)  # stale progress of other inputs or parameters
+    work.mkdir(parents=True, exist_ok=True)
+    if not marker.is_file():
+        _write_bytes_atomic(marker, fp.encode())
+
+
+def _done_chunks(work: Path, n_rows: int, chunk_rows: int, dim: int) -> int:
+    """How many chunks, from the first, are complete; later chunk files are removed."""
+    n_chunks = math.ceil(n_rows / chunk_rows)
+    done = 0
+    while done < n_chunks and _valid_chunk(_chunk_path(work, done), min(chunk_rows, n_rows - done * chunk_rows), dim):
+        done += 1
+    for stray in work.glob("chunk_*.npy*"):
+        if stray.name.endswith(".tmp") or int(stray.name[6:12]) >= done:
+            stray.unlink()
+    return done
+
+
+def default_chunk_rows(batch_size: int) -> int:
+    return batch_size * max(1, round(CHUNK_TARGET_ROWS / batch_size))
+
+
+def extract_split(
+    manifest_csv,
+    images_dir,
+    out_h5,
+    spec: BaseSpec,
+    classes: Sequence[str],
+    batch_size: int = 32,
+    precision: str = "float32",
+    *,
+    extractor: Extractor | None = None,
+    chunk_rows: int | None = None,
+) -> Path:
+    """Extract the features of one split into `out_h5` (resumable; see the module docstring).
+
+    `extractor`: a prebuilt `Extractor(spec, precision)`, to build the model once for all splits.
+    `chunk_rows`: rows per resumable chunk, a multiple of `batch_size` (default ~256).
+    """
+    import tensorflow as tf
+    from tqdm import tqdm
+
+    from .inputs import image_dataset
+
+    out = Path(out_h5)
+    files, labels, paths = manifest_rows(manifest_csv, images_dir, classes)
+    if extractor is None:
+        extractor = Extractor(spec, precision)
+    elif extractor.spec != spec or extractor.precision != precision:
+        raise ValueError("extractor was built for another spec or precision")
+    chunk_rows = chunk_rows or default_chunk_rows(batch_size)
+    if chunk_rows % batch_size:
+        raise ValueError(f"chunk_rows ({chunk_rows}) must be a multiple of batch_size ({batch_size})")
+
+    # Same inputs -> same features, on every run and after a resume.
+    tf.config.experimental.enable_op_determinism()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = work_dir(out)
+    n, dim = len(files), extractor.dim
+    try:
+        _prepare_work(work, fingerprint(extractor, files, labels, paths, classes, batch_size, chunk_rows))
+        done = _done_chunks(work, n, chunk_rows, dim)
+        start = done * chunk_rows
+        if start < n:
+            ds = image_dataset(files[start:], spec.image_size, batch_size, extractor.preprocessing)
+            chunk, buffered = done, []
+            with tqdm(total=n, initial=start, unit="img", desc=f"extract {out.name}", file=sys.stderr,
+                      dynamic_ncols=True) as bar:
+                it = iter(ds)
+                row = start
+                while row < n:
+                    try:
+                        batch = next(it)
+                    except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as exc:
+                        raise DataError(
+                            f"cannot read an image among {files[row]} and the {batch_size - 1} after it "
+                            f"({exc.message.splitlines()[0]}); rerun the data stage (`dvc repro data`)"
+                        ) from None
+                    buffered.append(extractor(batch))
+                    row += len(buffered[-1])
+                    bar.update(len(buffered[-1]))
+                    if row - chunk * chunk_rows >= chunk_rows or row >= n:
+                        _save_chunk(_chunk_path(work, chunk), np.concatenate(buffered).astype(np.float32))
+                        chunk, buffered = chunk + 1, []
+        _assemble(out, work, n, dim, chunk_rows, labels, paths, extractor.attrs(classes))
+    except OSError as exc:
+        if _is_disk_full(exc):
+            raise FeatureFileError(
+                f"{out}: disk full while writing features ({exc.strerror or exc}); free some space and "
+                f"{RERUN}: finished chunks in {work} are kept and reused"
+            ) from None
+        raise FeatureFileError(f"{out}: cannot write features ({exc}); fix the folder and {RERUN}") from None
+    shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def extract_splits(split_dir, images_dir, out_dir, spec: BaseSpec, batch_size: int = 32,
+                   precision: str = "float32", splits: Sequence[str] = SPLITS) -> list[Path]:
+    """`<out_dir>/<split>.h5` for each split manifest `<split_dir>/<split>.csv`, one model for all."""
+    split_dir, out_dir = Path(split_dir), Path(out_dir)
+    classes = read_class_names(split_dir / "classes.json")
+    extractor = Extractor(spec, precision)
+    return [
+        extract_split(split_dir / f"{name}.csv", images_dir, out_dir / f"{name}.h5", spec, classes,
+                      batch_size, precision, extractor=extractor)
+        for name in splits
+    ]
+
+
+def _h5_chunk_rows(n: int, dim: int) -> int:
+    return max(1, min(n, H5_CHUNK_BYTES // (4 * max(dim, 1))))
+
+
+def _assemble(out: Path, work: Path, n: int, dim: int, chunk_rows: int, labels, paths, attrs: dict) -> None:
+    """Write the final .h5 from the chunk files, one chunk in memory at a time, under a temp name."""
+    import h5py
+
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        with h5py.File(tmp, "w", track_order=False) as f:
+            chunks = (_h5_chunk_rows(n, dim), dim) if n else None
+            feats = f.create_dataset("features", shape=(n, dim), dtype="float32", chunks=chunks,
+                                     track_times=False)
+            for i in range(math.ceil(n / chunk_rows)):
+                feats[i * chunk_rows:(i + 1) * chunk_rows] = np.load(_chunk_path(work, i), allow_pickle=False)
+            f.create_dataset("labels", data=np.asarray(labels, dtype=np.int64).reshape(n), track_times=False)
+            f.create_dataset("paths", data=np.asarray(paths, dtype=object).reshape(n),
+                             dtype=h5py.string_dtype("utf-8"), track_times=False)
+            for key, value in attrs.items():
+                f.attrs[key] = value
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _expected_value(key: str, value, attrs: dict):
+    if key == "layer" and value is None:
+        from .backbones import default_layer
+
+        return default_layer(attrs.get("backbone", ""))
+    if key == "class_names":
+        return list(value)
+    if key == "image_size":
+        return int(value)
+    return value
+
+
+def read_features(path, expect: dict | None = None):
+    """(features float32 N x D, labels int64 N, paths list[str], attrs dict) of a feature file.
+
+    `expect`: values the file must have been made with (keys among backbone, weights, layer, pooling,
+    image_size, class_names; layer None means the backbone's default). A missing, damaged or
+    mismatched file raises FeatureFileError saying to rerun the extract stage.
+    """
+    import h5py
+
+    path = Path(path)
+    if not path.is_file():
+        raise FeatureFileError(f"{path}: feature file not found; {RERUN}")
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [k for k in ("features", "labels", "paths") if k not in f]
+            if missing:
+                raise FeatureFileError(f"{path}: datasets {', '.join(missing)} missing; {RERUN}")
+            attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+            attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in attrs.items()}
+            features = f["features"][()]
+            labels = f["labels"][()]
+            paths = [p.decode() if isinstance(p, bytes) else str(p) for p in f["paths"][()]]
+    except FeatureFileError:
+        raise
+    except (OSError, KeyError, ValueError, RuntimeError) as exc:
+        raise FeatureFileError(f"{path}: damaged or not a feature file ({exc}); {RERUN}") from None
+
+    absent = [k for k in ("tlpipe_format", *EXPECT_KEYS) if k not in attrs]
+    if absent:
+        raise FeatureFileError(f"{path}: attributes {', '.join(absent)} missing; {RERUN}")
+    if attrs["tlpipe_format"] != FORMAT:
+        raise FeatureFileError(f"{path}: format {attrs['tlpipe_format']}, this tlpipe reads format {FORMAT}; {RERUN}")
+    try:
+        attrs["class_names"] = json.loads(attrs["class_names"])
+    except (TypeError, ValueError):
+        raise FeatureFileError(f"{path}: attribute class_names is not a JSON list; {RERUN}") from None
+    attrs["weights_sha256"] = attrs.get("weights_sha256") or None
+    if features.ndim != 2 or features.dtype != np.float32 or labels.shape != (len(features),) \
+            or len(paths) != len(features):
+        raise FeatureFileError(f"{path}: inconsistent datasets (features {features.shape} {features.dtype}, "
+                               f"labels {labels.shape}, {len(paths)} paths); {RERUN}")
+
+    for key, value in (expect or {}).items():
+        if key not in EXPECT_KEYS:
+            raise ValueError(f"unknown expect key {key!r}; use {', '.join(EXPECT_KEYS)}")
+        want = _expected_value(key, value, attrs)
+        if attrs[key] != want:
+            raise FeatureFileError(
+                f"{path}: made with {key}={attrs[key]!r} but the parameters ask for {key}={want!r}; {RERUN}"
+            )
+    return features, labels.astype(np.int64), paths, attrs

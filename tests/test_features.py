@@ -1,0 +1,274 @@
+"""Feature files: contents, byte-identical reruns, resume after a crash or SIGKILL, disk full, damage."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from tlpipe import backbones, features
+from tlpipe.errors import DataError, FeatureFileError
+from tlpipe.features import BaseSpec, Extractor, extract_split, read_features
+
+CLASSES = ["cat", "dog"]
+SPEC = BaseSpec(name="vgg16", weights="none", layer="block4_pool", pooling="flatten", image_size=32)
+BATCH, CHUNK = 4, 8  # 22 images: chunks of 8, 8 and 6 rows
+
+
+def write_split(root, n=22, seed=0):
+    """n random images in an image store plus their manifest, as the data stage writes them."""
+    rng = np.random.default_rng(seed)
+    images = root / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        label = i % 2
+        name = f"{i:03d}{seed}.png" if i % 3 else f"{i:03d}{seed}.jpg"
+        size = (int(rng.integers(30, 70)), int(rng.integers(30, 70)))
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(images / name)
+        rows.append({"path": f"{CLASSES[label]}/{i:03d}é.jpg", "class_name": CLASSES[label], "label": label,
+                     "sha256": name.split(".")[0], "file": name})
+    manifest = root / "train.csv"
+    pd.DataFrame(rows).to_csv(manifest, index=False)
+    return manifest, images
+
+
+@pytest.fixture(scope="module")
+def extractor():
+    return Extractor(SPEC)
+
+
+@pytest.fixture
+def split(tmp_path):
+    return write_split(tmp_path / "data")
+
+
+@pytest.fixture
+def clean(extractor, split, tmp_path):
+    """The bytes of an uninterrupted run."""
+    out = extract_split(*split, tmp_path / "clean" / "train.h5", SPEC, CLASSES, BATCH,
+                        extractor=extractor, chunk_rows=CHUNK)
+    return out.read_bytes()
+
+
+def run(extractor, split, out):
+    return extract_split(*split, out, SPEC, CLASSES, BATCH, extractor=extractor, chunk_rows=CHUNK)
+
+
+def test_contents_match_the_model_and_manifest(extractor, split, tmp_path):
+    manifest, images = split
+    out = run(extractor, split, tmp_path / "f" / "train.h5")
+    feats, labels, paths, attrs = read_features(out, expect={
+        "backbone": "vgg16", "weights": "none", "layer": "block4_pool", "pooling": "flatten",
+        "image_size": 32, "class_names": CLASSES})
+    df = pd.read_csv(manifest)
+    assert feats.shape == (22, 2 * 2 * 512) and feats.dtype == np.float32
+    assert labels.tolist() == df["label"].tolist() and labels.dtype == np.int64
+    assert paths == df["path"].tolist()  # non-ASCII paths survive as UTF-8
+    assert attrs["preprocessing"] == "caffe" and attrs["weights_sha256"] is None
+    assert attrs["tlpipe_format"] == features.FORMAT
+    # Each row is the model's output for that row's image, computed here without tf.data.
+    from tlpipe.inputs import load_image
+
+    for i in (0, 9, 21):
+        x = backbones.preprocess(load_image(str(images / df["file"][i]), 32)[None], "caffe")
+        np.testing.assert_allclose(feats[i], extractor.model(x).numpy()[0], rtol=1e-4, atol=1e-4)
+    assert not features.work_dir(out).exists()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["train.h5"]
+
+
+def test_rerun_is_byte_identical(extractor, split, clean, tmp_path):
+    time.sleep(1.1)  # a stored timestamp would now differ
+    out = run(extractor, split, tmp_path / "again" / "train.h5")
+    assert out.read_bytes() == clean
+    with h5py.File(out) as f:
+        assert f["features"].chunks is not None and f["features"].compression is None
+
+
+def test_resume_after_failure_matches_clean_run(extractor, split, clean, tmp_path, monkeypatch):
+    out = tmp_path / "r" / "train.h5"
+    real_save, saved = features._save_chunk, []
+
+    def fail_after_one(path, array):
+        if saved:
+            raise RuntimeError("injected crash")
+        saved.append(path)
+        real_save(path, array)
+
+    monkeypatch.setattr(features, "_save_chunk", fail_after_one)
+    with pytest.raises(RuntimeError, match="injected"):
+        run(extractor, split, out)
+    assert not out.exists()
+    work = features.work_dir(out)
+    assert sorted(p.name for p in work.glob("chunk_*")) == ["chunk_000000.npy"]
+
+    monkeypatch.setattr(features, "_save_chunk", real_save)
+    batches = []
+    real_call = Extractor.__call__
+    monkeypatch.setattr(Extractor, "__call__", lambda self, b: batches.append(len(b)) or real_call(self, b))
+    run(extractor, split, out)
+    assert sum(batches) == 22 - CHUNK  # only the rows after the finished chunk were computed
+    assert out.read_bytes() == clean
+    assert not work.exists()
+
+
+def test_changed_inputs_discard_saved_progress(extractor, split, tmp_path, monkeypatch):
+    manifest, images = split
+    out = tmp_path / "c" / "train.h5"
+    monkeypatch.setattr(features, "_save_chunk", lambda p, a: (_ for _ in ()).throw(RuntimeError("stop")))
+    with pytest.raises(RuntimeError):
+        run(extractor, split, out)
+    monkeypatch.undo()
+    # Plant a chunk that would be wrong for the new inputs: a new fingerprint must not reuse it.
+    work = features.work_dir(out)
+    np.save(work / "chunk_000000.npy", np.zeros((CHUNK, 2048), np.float32))
+    df = pd.read_csv(manifest)
+    df.iloc[::-1].to_csv(manifest, index=False)  # same images, other order
+    run(extractor, split, out)
+    feats, *_ = read_features(out)
+    assert np.abs(feats[:CHUNK]).sum() > 0
+    ref = run(extractor, split, tmp_path / "c2" / "train.h5")
+    assert out.read_bytes() == ref.read_bytes()
+
+
+def test_sigkill_then_resume_matches_clean_run(split, clean, tmp_path):
+    manifest, images = split
+    out = tmp_path / "k" / "train.h5"
+    script = textwrap.dedent(f"""
+        import os, signal
+        from tlpipe import features
+        real, n = features._save_chunk, []
+        def save_then_die(path, array):
+            real(path, array); n.append(1)
+            if len(n) == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+        features._save_chunk = save_then_die
+        features.extract_split({str(manifest)!r}, {str(images)!r}, {str(out)!r}, features.{SPEC!r},
+                               {CLASSES!r}, {BATCH}, chunk_rows={CHUNK})
+    """)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert not out.exists()
+    assert len(list(features.work_dir(out).glob("chunk_*.npy"))) == 2
+    extract_split(manifest, images, out, SPEC, CLASSES, BATCH, chunk_rows=CHUNK)  # a fresh model, too
+    assert out.read_bytes() == clean
+
+
+def test_disk_full_while_saving_chunks(extractor, split, tmp_path, monkeypatch):
+    out = tmp_path / "d" / "train.h5"
+
+    def full(path, array):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(features, "_save_chunk", full)
+    with pytest.raises(FeatureFileError) as err:
+        run(extractor, split, out)
+    assert str(out) in str(err.value) and "disk full" in str(err.value)
+    assert not out.exists()
+
+
+def test_disk_full_while_assembling_leaves_no_file(extractor, split, clean, tmp_path, monkeypatch):
+    out = tmp_path / "a" / "train.h5"
+    real_setitem = h5py.Dataset.__setitem__
+    calls = []
+
+    def full_on_second_write(self, key, value):
+        calls.append(key)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_setitem(self, key, value)
+
+    monkeypatch.setattr(h5py.Dataset, "__setitem__", full_on_second_write)
+    with pytest.raises(FeatureFileError, match="disk full"):
+        run(extractor, split, out)
+    assert sorted(p.name for p in out.parent.iterdir()) == [".train.h5.work"]  # no final or temp file
+    monkeypatch.undo()
+    assert run(extractor, split, out).read_bytes() == clean  # space freed: the rerun finishes
+
+
+def test_read_features_rejects_damaged_and_mismatched_files(extractor, split, clean, tmp_path):
+    good = tmp_path / "good.h5"
+    good.write_bytes(clean)
+
+    with pytest.raises(FeatureFileError, match=r"not found.*dvc repro extract"):
+        read_features(tmp_path / "missing.h5")
+
+    truncated = tmp_path / "truncated.h5"
+    truncated.write_bytes(clean[: len(clean) // 2])
+    with pytest.raises(FeatureFileError) as err:
+        read_features(truncated)
+    assert "truncated.h5" in str(err.value) and "dvc repro extract" in str(err.value)
+
+    partial = tmp_path / "partial.h5"
+    with h5py.File(partial, "w") as f:
+        f["features"] = np.zeros((2, 3), np.float32)
+    with pytest.raises(FeatureFileError, match="labels, paths missing"):
+        read_features(partial)
+
+    for key, value, shown in [("layer", "block5_pool", "layer='block4_pool'"),
+                              ("layer", None, "layer='block4_pool'"),  # None: the default, block5_pool
+                              ("image_size", 150, "image_size=32"),
+                              ("class_names", ["cat", "dog", "fox"], "class_names=['cat', 'dog']"),
+                              ("weights", "hed-bsds500", "weights='none'")]:
+        with pytest.raises(FeatureFileError) as err:
+            read_features(good, expect={key: value})
+        msg = str(err.value)
+        assert "good.h5" in msg and shown in msg and "dvc repro extract" in msg
+    assert read_features(good, expect={"pooling": "flatten", "backbone": "vgg16"})[0].shape == (22, 2048)
+
+
+def test_manifest_problems_are_data_errors(extractor, split, tmp_path):
+    manifest, images = split
+    df = pd.read_csv(manifest)
+    bad = df.copy()
+    bad.loc[3, "label"] = 0  # row 3 is a dog
+    bad.to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(DataError, match="row 5 has label 0 for class 'dog'"):
+        extract_split(tmp_path / "bad.csv", images, tmp_path / "o.h5", SPEC, CLASSES, BATCH, extractor=extractor)
+    (images / df["file"][5]).unlink()
+    with pytest.raises(DataError, match=f"{df['file'][5]}.*not found"):
+        run(extractor, split, tmp_path / "o.h5")
+    (images / df["file"][6]).write_bytes(b"not an image")
+    df.drop(index=5).to_csv(manifest, index=False)
+    with pytest.raises(DataError, match="cannot read an image"):
+        run(extractor, split, tmp_path / "o.h5")
+    assert not (tmp_path / "o.h5").exists()
+
+
+def test_extract_stage_writes_three_files(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    split_dir = data / "split"
+    split_dir.mkdir(parents=True)
+    for i, name in enumerate(("train", "validation", "test")):
+        manifest, images = write_split(data, n=3 + i, seed=i)
+        manifest.rename(split_dir / f"{name}.csv")
+    (split_dir / "classes.json").write_text(json.dumps({"classes": CLASSES}))
+    (tmp_path / "params.yaml").write_text(
+        "backbone: {name: vgg16, weights: none, layer: block3_pool, pooling: avg, image_size: 32}\n"
+        "compute: {precision: float32, batch_size: 2}\n")
+    monkeypatch.chdir(tmp_path)
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "stages" / "extract.py"
+    spec = importlib.util.spec_from_file_location("extract_stage_under_test", path)
+    stage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stage)
+    stage.main(["--split-dir", str(split_dir), "--images", str(images), "--out", "features"])
+    for i, name in enumerate(("train", "validation", "test")):
+        feats, labels, _, attrs = read_features(tmp_path / "features" / f"{name}.h5",
+                                                expect={"layer": "block3_pool", "pooling": "avg"})
+        assert feats.shape == (3 + i, 256)
+    assert sorted(p.name for p in (tmp_path / "features").iterdir()) == ["test.h5", "train.h5", "validation.h5"]
