@@ -137,3 +137,11 @@ def test_random_dicts_either_validate_or_raise_config_error(candidate):
         validate_params(candidate)
     except ConfigError as exc:
         assert str(exc).startswith("params.yaml: invalid parameters")
+
+
+def test_backbone_names_match_the_registry():
+    # config keeps its own list so validating params never imports TensorFlow; keep the two in step.
+    from tlpipe.backbones import ARCHS
+    from tlpipe.config import BACKBONES
+
+    assert set(BACKBONES) == set(ARCHS)

@@ -21,7 +21,7 @@ from .errors import ConfigError
 
 PARAMS_FILE = "params.yaml"
 SPLITS = ("train", "validation", "test")
-BACKBONES = ("vgg16", "vgg19", "resnet50", "inception_v3", "xception", "mobilenet")
+BACKBONES = ("vgg16", "vgg19", "resnet50", "inception_v3", "xception", "mobilenet", "mobilenet_v2", "efficientnet_b0")
 
 PosInt = Annotated[int, Field(strict=True, gt=0)]
 NonNegInt = Annotated[int, Field(strict=True, ge=0)]
