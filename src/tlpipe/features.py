@@ -228,11 +228,13 @@ def extract_split(
     *,
     extractor: Extractor | None = None,
     chunk_rows: int | None = None,
+    keep_work: bool = False,
 ) -> Path:
     """Extract the features of one split into `out_h5` (resumable; see the module docstring).
 
     `extractor`: a prebuilt `Extractor(spec, precision)`, to build the model once for all splits.
     `chunk_rows`: rows per resumable chunk, a multiple of `batch_size` (default ~256).
+    `keep_work`: leave the finished chunks for the caller to remove (see `extract_splits`).
     """
     import tensorflow as tf
     from tqdm import tqdm
@@ -279,6 +281,7 @@ def extract_split(
                     if row - chunk * chunk_rows >= chunk_rows or row >= n:
                         _save_chunk(_chunk_path(work, chunk), np.concatenate(buffered).astype(np.float32))
                         chunk, buffered = chunk + 1, []
+        _check_room(out, _assembled_size(n, dim, paths))
         _assemble(out, work, n, dim, chunk_rows, labels, paths, extractor.attrs(classes))
     except OSError as exc:
         if _is_disk_full(exc):
@@ -287,7 +290,8 @@ def extract_split(
                 f"{RERUN}: finished chunks in {work} are kept and reused"
             ) from None
         raise FeatureFileError(f"{out}: cannot write features ({exc}); fix the folder and {RERUN}") from None
-    shutil.rmtree(work, ignore_errors=True)
+    if not keep_work:
+        shutil.rmtree(work, ignore_errors=True)
     return out
 
 
@@ -297,15 +301,38 @@ def extract_splits(split_dir, images_dir, out_dir, spec: BaseSpec, batch_size: i
     split_dir, out_dir = Path(split_dir), Path(out_dir)
     classes = read_class_names(split_dir / "classes.json")
     extractor = Extractor(spec, precision)
-    return [
+    # Work folders stay until every split is done: DVC deletes a stage's outputs before rerunning
+    # it, so a kill during `validation` would otherwise re-extract all of `train`.
+    outs = [
         extract_split(split_dir / f"{name}.csv", images_dir, out_dir / f"{name}.h5", spec, classes,
-                      batch_size, precision, extractor=extractor)
+                      batch_size, precision, extractor=extractor, keep_work=True)
         for name in splits
     ]
+    for out in outs:
+        shutil.rmtree(work_dir(out), ignore_errors=True)
+    return outs
 
 
 def _h5_chunk_rows(n: int, dim: int) -> int:
     return max(1, min(n, H5_CHUNK_BYTES // (4 * max(dim, 1))))
+
+
+def _assembled_size(n: int, dim: int, paths) -> int:
+    """Upper estimate of the final file's bytes: data, string heap, and room for HDF5's metadata."""
+    return n * dim * 4 + n * 8 + sum(len(p.encode("utf-8")) + 32 for p in paths) + (1 << 20)
+
+
+def _check_room(out: Path, size: int) -> None:
+    """Refuse before writing: HDF5 reports a failed write only when the file closes, as a
+    RuntimeError, and h5py may then crash while freeing it; so a full disk must not get that far."""
+    import resource
+
+    free = shutil.disk_usage(out.parent).free
+    if free < size:
+        raise OSError(errno.ENOSPC, f"No space left on device: {size >> 20} MiB needed, {free >> 20} MiB free")
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY and limit < size:
+        raise OSError(errno.EFBIG, f"File too large: {size} bytes needed, the file-size limit (ulimit -f) is {limit}")
 
 
 def _assemble(out: Path, work: Path, n: int, dim: int, chunk_rows: int, labels, paths, attrs: dict) -> None:
@@ -326,6 +353,10 @@ def _assemble(out: Path, work: Path, n: int, dim: int, chunk_rows: int, labels, 
             for key, value in attrs.items():
                 f.attrs[key] = value
         os.replace(tmp, out)
+    except RuntimeError as exc:
+        # h5py reports a failed write (disk filled up meanwhile) as RuntimeError on close.
+        tmp.unlink(missing_ok=True)
+        raise OSError(errno.EIO, f"HDF5 could not write the file: {exc}") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
