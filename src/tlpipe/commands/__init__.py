@@ -1,0 +1,1 @@
+"""`tlpipe <command>` implementations: each module has `main(argv)`, dispatched by tlpipe.cli.main."""

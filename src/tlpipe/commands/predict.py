@@ -1,0 +1,77 @@
+"""`tlpipe predict`: classify image files and folders with a saved model, write a CSV.
+
+    tlpipe predict [--model models/finetuned.keras] [--out preds.csv] [--batch-size 32]
+                   [--evaluate] PATH...
+
+Everything the model needs (class names, image size, preprocessing) comes from the model file,
+not from params.yaml. The CSV goes to stdout unless --out is given; messages and the progress bar
+go to stderr. With --evaluate the report goes to stdout when the CSV goes to a file, else to
+stderr, so `tlpipe predict ... > preds.csv` still yields a clean CSV.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..errors import DataError
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="tlpipe predict",
+        description="Classify image files and folders (recursively, hidden files skipped) with a saved "
+                    "tlpipe model; write path, predicted class, p_<class> probabilities and error as CSV.",
+    )
+    ap.add_argument("paths", nargs="+", metavar="PATH", help="image files and/or folders of images")
+    ap.add_argument("--model", type=Path, default=None,
+                    help="model file (default: models/finetuned.keras, else head_aug.keras, else head.keras)")
+    ap.add_argument("--out", type=Path, default=None, help="CSV file to write (default: stdout)")
+    ap.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    ap.add_argument("--evaluate", action="store_true",
+                    help="PATH is one folder of class subfolders: also print accuracy and a confusion matrix")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    from .. import predict as pr
+
+    args = _parser().parse_args(argv)
+    if args.batch_size < 1:
+        raise DataError(f"--batch-size must be a positive integer (got {args.batch_size})")
+    if args.evaluate and (len(args.paths) != 1 or not Path(args.paths[0]).is_dir()):
+        raise DataError("--evaluate takes exactly one folder whose subfolders are named after the classes "
+                        f"(got {' '.join(args.paths)})")
+    files = pr.collect_images(args.paths)  # before loading the model: a typo fails in a second
+    if not files:
+        raise DataError(f"no files found in {' '.join(args.paths)}")
+    model_path = args.model
+    if model_path is None:
+        model_path = pr.default_model()
+        print(f"using model {model_path}", file=sys.stderr)
+    model, info = pr.load_classifier(model_path)
+    names = list(info["class_names"])
+    truth = pr.true_classes(files, args.paths[0], names) if args.evaluate else None
+
+    preds = pr.predict_files(model, files, int(info["image_size"]), len(names), args.batch_size)
+    for p in preds:
+        if p.error:
+            print(f"warning: {p.path}: {p.error}", file=sys.stderr)
+    text = pr.to_csv(preds, names)
+    if args.out is None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    else:
+        pr.write_text_atomic(args.out, text)
+        failed = sum(1 for p in preds if p.error)
+        print(f"wrote {args.out}: {len(preds) - failed} predicted, {failed} unreadable", file=sys.stderr)
+    if truth is not None:
+        report = pr.format_evaluation(pr.evaluate(preds, truth, names))
+        (sys.stdout if args.out is not None else sys.stderr).write(report)
+
+
+if __name__ == "__main__":
+    from ..cli import run_stage
+
+    run_stage(main)
