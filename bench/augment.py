@@ -1,0 +1,217 @@
+"""Benchmark: training with augmentation on the view cache vs the book's online way.
+
+On real photos (cats_and_dogs_filtered), one run measures:
+  - the cache build (viewcache stage): seconds, and seconds per (image x view);
+  - seconds per epoch of train_head_aug and of finetune, in cached and in online mode (the
+    second epoch's wall time, so graph tracing is not counted; validation included in both),
+    and the ratios online/cached (targets: >= 10x head_aug, >= 4x finetune);
+  - the break-even: epochs after which building the cache has paid for itself.
+With --accuracy (long): test accuracy of head (no augmentation), head_aug and finetuned, both modes,
+on the same split.
+
+    python bench/augment.py                       # quick: 100+100 train, 50+50 val, 2 views, ~5 min
+    python bench/augment.py --accuracy --train-per-class 500 --epochs 10 --views 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+DEFAULT_SOURCE = "/work/shared/datasets/cats_and_dogs_filtered"
+
+
+def make_split(source: Path, out: Path, train_n: int, val_n: int, test_n: int) -> Path:
+    """Manifests in data/split format: train from train/, validation and test from validation/ (disjoint)."""
+    import pandas as pd
+
+    classes = sorted(p.name for p in (source / "train").iterdir() if p.is_dir())
+    split = out / "split"
+    split.mkdir(parents=True, exist_ok=True)
+
+    def rows(folder, cls, label, files):
+        return [{"path": f"{folder}/{cls}/{f}", "class_name": cls, "label": label, "sha256": "",
+                 "file": f"{folder}/{cls}/{f}"} for f in files]
+
+    parts = {"train": [], "validation": [], "test": []}
+    for label, cls in enumerate(classes):
+        train = sorted(os.listdir(source / "train" / cls))[:train_n]
+        val = sorted(os.listdir(source / "validation" / cls))
+        if len(train) < train_n or len(val) < val_n + test_n:
+            raise SystemExit(f"{source}: not enough {cls} images for the requested subset")
+        parts["train"] += rows("train", cls, label, train)
+        parts["validation"] += rows("validation", cls, label, val[:val_n])
+        parts["test"] += rows("validation", cls, label, val[val_n:val_n + test_n])
+    for part, r in parts.items():
+        pd.DataFrame(sorted(r, key=lambda x: x["path"])).to_csv(split / f"{part}.csv", index=False)
+    (split / "classes.json").write_text(json.dumps({"classes": classes}))
+    return split
+
+
+class EpochClock:
+    """Wall time of each finished epoch, from training.fit's per-epoch logging hook."""
+
+    def __init__(self):
+        from tlpipe import training
+
+        self.training, self.real, self.ends = training, training._log_epoch, []
+
+    def __enter__(self):
+        self.ends = [time.perf_counter()]
+
+        def log(live, row):
+            self.ends.append(time.perf_counter())
+            self.real(live, row)
+        self.training._log_epoch = log
+        return self
+
+    def __exit__(self, *exc):
+        self.training._log_epoch = self.real
+
+    def steady(self) -> float:
+        """Seconds of the last epoch (the first one also traces the graphs)."""
+        return self.ends[-1] - self.ends[-2]
+
+
+def params_for(args, mode: str, views: int | None = None, augment: dict | None = None):
+    from tlpipe.config import validate_params
+
+    aug = {"mode": mode, "views": views or args.views}
+    aug.update(augment or {})
+    return validate_params({
+        "backbone": {"name": "vgg16", "weights": args.weights, "image_size": args.size},
+        "compute": {"precision": args.precision, "batch_size": 32},
+        "augment": aug,
+        "head": {"units": 256, "dropout": 0.5},
+        "head_aug": {"epochs": args.epochs, "batch_size": 20, "lr": args.head_lr},
+        "finetune": {"epochs": args.epochs, "batch_size": 20, "lr": args.finetune_lr},
+    })
+
+
+def run_mode(args, work: Path, split: Path, mode: str, tag: str, views=None, augment=None,
+             finetune: bool = True) -> dict:
+    import keras
+
+    from tlpipe.finetune import run_finetune, run_head_aug
+    from tlpipe.viewcache import build_from_manifests
+
+    p = params_for(args, mode, views, augment)
+    d = work / tag
+    d.mkdir(parents=True, exist_ok=True)
+    out = {}
+    keras.backend.clear_session()
+    t0 = time.perf_counter()
+    build_from_manifests(split, args.source, d / "views.h5", backbone=p.backbone, augment=p.augment,
+                         compute=p.compute, unfreeze_from=p.finetune.unfreeze_from)
+    out["cache_s"] = time.perf_counter() - t0
+    common = dict(cache=d / "views.h5", split_dir=split, images_dir=args.source, backbone=p.backbone,
+                  compute=p.compute, augment=p.augment)
+    keras.backend.clear_session()
+    import tlpipe.finetune as ft
+
+    real_frozen, frozen_s = ft._frozen_suffix_data, []
+
+    def timed_frozen(*a, **kw):  # the one-time pass of the frozen suffix over every view
+        t = time.perf_counter()
+        r = real_frozen(*a, **kw)
+        frozen_s.append(time.perf_counter() - t)
+        return r
+    ft._frozen_suffix_data = timed_frozen
+    with EpochClock() as clock:
+        m = run_head_aug(model_out=d / "head_aug.keras", metrics_out=d / "head_aug.json", live_dir=d / "live_h",
+                         head=p.head, head_aug=p.head_aug, **common)
+    ft._frozen_suffix_data = real_frozen
+    out["head_aug_epoch_s"], out["head_aug_val_acc"] = clock.steady(), m["last"]["val_accuracy"]
+    out["frozen_suffix_s"] = sum(frozen_s)
+    if finetune:
+        keras.backend.clear_session()
+        with EpochClock() as clock:
+            m = run_finetune(model_in=d / "head_aug.keras", model_out=d / "finetuned.keras",
+                             metrics_out=d / "finetune.json", live_dir=d / "live_f", finetune=p.finetune, **common)
+        out["finetune_epoch_s"], out["finetune_val_acc"] = clock.steady(), m["last"]["val_accuracy"]
+    return out
+
+
+def test_accuracy(model_path: Path, split: Path, source: Path, size: int) -> float:
+    import numpy as np
+
+    from tlpipe.features import manifest_rows, read_class_names
+    from tlpipe.finetune import load_images
+    from tlpipe.modelio import load_model
+
+    files, labels, _ = manifest_rows(split / "test.csv", source, read_class_names(split / "classes.json"))
+    probs = load_model(model_path).predict(load_images(files, size), verbose=0, batch_size=32)
+    pred = (probs[:, 0] > 0.5).astype(int) if probs.shape[1] == 1 else probs.argmax(1)
+    return float(np.mean(pred == np.array(labels)))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--source", type=Path, default=Path(DEFAULT_SOURCE))
+    ap.add_argument("--train-per-class", type=int, default=100)
+    ap.add_argument("--val-per-class", type=int, default=50)
+    ap.add_argument("--test-per-class", type=int, default=50)
+    ap.add_argument("--views", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=2, help="epochs per run (>= 2: the last one is timed)")
+    ap.add_argument("--size", type=int, default=150)
+    ap.add_argument("--weights", default="hed-bsds500")
+    ap.add_argument("--precision", default="float32")
+    ap.add_argument("--head-lr", type=float, default=2e-5)
+    ap.add_argument("--finetune-lr", type=float, default=1e-5)
+    ap.add_argument("--accuracy", action="store_true", help="also train 'head' and report test accuracies")
+    ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir)")
+    args = ap.parse_args(argv)
+    if args.epochs < 2:
+        ap.error("--epochs must be >= 2 (the first epoch includes graph tracing)")
+    if not args.source.is_dir():
+        raise SystemExit(f"{args.source}: not found; pass --source (a folder with train/ and validation/)")
+    work = args.work or Path(tempfile.mkdtemp(prefix="tlpipe-bench-augment-"))
+    split = make_split(args.source, work, args.train_per_class, args.val_per_class, args.test_per_class)
+    n_train = 2 * args.train_per_class
+    print(f"# {n_train} train, {2 * args.val_per_class} val, {2 * args.test_per_class} test images, "
+          f"{args.size}px, {args.weights}, {args.precision}, views {args.views}, {args.epochs} epochs; "
+          f"{os.cpu_count()} CPUs", file=sys.stderr)
+
+    cached = run_mode(args, work, split, "cached", "cached")
+    online = run_mode(args, work, split, "online", "online")
+    r_head = online["head_aug_epoch_s"] / cached["head_aug_epoch_s"]
+    r_fine = online["finetune_epoch_s"] / cached["finetune_epoch_s"]
+    r_head_amortized = online["head_aug_epoch_s"] / (cached["head_aug_epoch_s"] + cached["frozen_suffix_s"] / args.epochs)
+    saved = (online["head_aug_epoch_s"] - cached["head_aug_epoch_s"]) + \
+            (online["finetune_epoch_s"] - cached["finetune_epoch_s"])
+    build = cached["cache_s"] - online["cache_s"]  # online writes only the marker
+    per_view = build / (n_train * args.views + 4 * args.val_per_class)
+    lines = [
+        f"cache build: {build:.1f} s ({per_view * 1000:.0f} ms per image-view; "
+        f"{n_train} images x {args.views} views + {4 * args.val_per_class} plain)",
+        f"train_head_aug s/epoch: cached {cached['head_aug_epoch_s']:.2f}, online {online['head_aug_epoch_s']:.2f}"
+        f" -> {r_head:.1f}x (target >= 10x); plus a one-time frozen-suffix pass of "
+        f"{cached['frozen_suffix_s']:.1f} s at the start of cached training "
+        f"(amortized over {args.epochs} epochs: {r_head_amortized:.1f}x)",
+        f"finetune s/epoch:       cached {cached['finetune_epoch_s']:.2f}, online {online['finetune_epoch_s']:.2f}"
+        f" -> {r_fine:.1f}x (target >= 4x)",
+        f"break-even: the cache pays for itself after {build / saved:.2f} epochs of head_aug + finetune each "
+        f"({build / (online['head_aug_epoch_s'] - cached['head_aug_epoch_s']):.2f} epochs of head_aug alone)",
+    ]
+    if args.accuracy:
+        plain = run_mode(args, work, split, "cached", "head", views=1, finetune=False,
+                         augment={k: 0.0 for k in ("rotation_range", "width_shift_range", "height_shift_range",
+                                                   "shear_range", "zoom_range")} | {"horizontal_flip": False})
+        acc = {"head": test_accuracy(work / "head" / "head_aug.keras", split, args.source, args.size)}
+        for mode in ("cached", "online"):
+            for name in ("head_aug", "finetuned"):
+                acc[f"{name} ({mode})"] = test_accuracy(work / mode / f"{name}.keras", split, args.source, args.size)
+        lines.append("test accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
+        del plain
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,227 @@
+"""Data augmentation: seeded random affine transforms of training images, and a preview grid.
+
+Every transform of one image (rotation, shift, shear, zoom, flip) is composed into ONE affine matrix
+and applied with a single bilinear resample (tf's ImageProjectiveTransformV3, the op under Keras 3's
+RandomRotation/RandomTranslation/RandomShear/RandomZoom): one interpolation instead of four, and the
+same fill_mode semantics as those layers.
+
+Randomness is stateless and keyed per image: view `v` of image `i` under seed `s` is always the same
+picture, whatever the batch size, order, or whether a run was interrupted and resumed. The online
+training mode uses the epoch as the view number; the cache stores views 0..views-1.
+
+Units (see docs/augmentation.md):
+    rotation_range      degrees, angle uniform in [-r, r]
+    width_shift_range   fraction of the width, shift uniform in [-f*W, f*W] pixels
+    height_shift_range  fraction of the height
+    shear_range         shear FACTOR (tan of the shear angle), uniform in [-s, s]; x += factor * y
+    zoom_range          content magnification uniform in [1-z, 1+z] (>1 zooms in), same on both axes
+    horizontal_flip     mirror left-right with probability 1/2
+    fill_mode           nearest | reflect | wrap | constant (0) for pixels coming from outside
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from tlpipe.errors import ConfigError, DataError
+
+FILL_MODES = ("nearest", "reflect", "wrap", "constant")
+# Keys of the augment section that change the pictures (mode/views only change how they are used).
+TRANSFORM_KEYS = ("rotation_range", "width_shift_range", "height_shift_range", "shear_range",
+                  "zoom_range", "horizontal_flip", "fill_mode", "seed")
+_DEFAULTS = dict(rotation_range=0.0, width_shift_range=0.0, height_shift_range=0.0, shear_range=0.0,
+                 zoom_range=0.0, horizontal_flip=False, fill_mode="nearest", seed=0)
+
+
+def augment_settings(params) -> dict:
+    """The transform settings from an `augment` params section (pydantic model, namespace or dict),
+    validated; missing keys take neutral defaults (no transform)."""
+    get = params.get if isinstance(params, dict) else (lambda k, d: getattr(params, k, d))
+    s = {k: get(k, d) for k, d in _DEFAULTS.items()}
+    for k in ("rotation_range", "width_shift_range", "height_shift_range", "shear_range", "zoom_range"):
+        try:
+            s[k] = float(s[k])
+        except (TypeError, ValueError):
+            raise ConfigError(f"augment.{k}: expected a number, got {s[k]!r}") from None
+        if not math.isfinite(s[k]) or s[k] < 0:
+            raise ConfigError(f"augment.{k}: must be a finite number >= 0, got {s[k]!r}")
+    for k in ("width_shift_range", "height_shift_range", "zoom_range"):
+        if s[k] >= 1:
+            raise ConfigError(f"augment.{k}: a fraction, must be < 1, got {s[k]!r}")
+    if s["rotation_range"] > 180:
+        raise ConfigError(f"augment.rotation_range: degrees, must be <= 180, got {s['rotation_range']!r}")
+    if s["fill_mode"] not in FILL_MODES:
+        raise ConfigError(f"augment.fill_mode: must be one of {', '.join(FILL_MODES)}, "
+                          f"got {s['fill_mode']!r}")
+    s["horizontal_flip"] = bool(s["horizontal_flip"])
+    if not isinstance(s["seed"], (int, np.integer)) or isinstance(s["seed"], bool) or s["seed"] < 0:
+        raise ConfigError(f"augment.seed: must be an integer >= 0, got {s['seed']!r}")
+    s["seed"] = int(s["seed"])
+    return s
+
+
+def image_seeds(seed: int, views, indices) -> tf.Tensor:
+    """Per-image stateless seeds [B, 2] (int64) for view(s) `views` of images `indices`."""
+    indices = tf.cast(tf.convert_to_tensor(indices), tf.int64)
+    views = tf.broadcast_to(tf.cast(views, tf.int64), tf.shape(indices))
+    # Collision-free for index < 2**32: (seed, view, index) -> one Philox key pair.
+    second = views * (2 ** 32) + indices
+    return tf.stack([tf.fill(tf.shape(indices), tf.constant(seed, tf.int64)), second], axis=1)
+
+
+def random_transforms(settings: dict, seeds, height: int, width: int) -> tf.Tensor:
+    """Projective transforms [B, 8] (output pixel -> input pixel, tf's convention), one per seed.
+
+    All six random draws are made whatever is enabled, so turning one transform on or off does not
+    change the others."""
+    u = tf.map_fn(lambda s: tf.random.stateless_uniform([6], seed=s, minval=-1.0, maxval=1.0),
+                  tf.convert_to_tensor(seeds, tf.int64), fn_output_signature=tf.float32)
+    theta = u[:, 0] * (settings["rotation_range"] * math.pi / 180.0)
+    dx = u[:, 1] * (settings["width_shift_range"] * width)
+    dy = u[:, 2] * (settings["height_shift_range"] * height)
+    shear = u[:, 3] * settings["shear_range"]
+    zoom = 1.0 + u[:, 4] * settings["zoom_range"]
+    flip = tf.where((u[:, 5] < 0.0) & settings["horizontal_flip"], -1.0, 1.0)
+    # Forward map p_out = c + R Sh Z F (p_in - c) + t; we need its inverse
+    # p_in = c + M (p_out - c - t) with M = F Z^-1 Sh^-1 R^-1.
+    cos, sin = tf.cos(theta), tf.sin(theta)
+    # Sh^-1 R^-1 = [[1, -s], [0, 1]] @ [[cos, sin], [-sin, cos]]
+    a00, a01 = cos + shear * sin, sin - shear * cos
+    a10, a11 = -sin, cos
+    m00, m01 = flip * a00 / zoom, flip * a01 / zoom
+    m10, m11 = a10 / zoom, a11 / zoom
+    cx, cy = (width - 1) / 2.0, (height - 1) / 2.0
+    qx, qy = -cx - dx, -cy - dy  # p_out - c - t at p_out = 0
+    b0 = cx + m00 * qx + m01 * qy
+    b1 = cy + m10 * qx + m11 * qy
+    zeros = tf.zeros_like(theta)
+    return tf.stack([m00, m01, b0, m10, m11, b1, zeros, zeros], axis=1)
+
+
+def apply_transforms(images, transforms, fill_mode: str) -> tf.Tensor:
+    """Resample a batch [B, H, W, C] with projective transforms [B, 8] (bilinear, fill value 0)."""
+    images = tf.convert_to_tensor(images)
+    dtype = images.dtype
+    h, w = images.shape[1], images.shape[2]
+    out = tf.raw_ops.ImageProjectiveTransformV3(
+        images=tf.cast(images, tf.float32), transforms=tf.cast(transforms, tf.float32),
+        output_shape=tf.constant([h, w], tf.int32), fill_value=tf.constant(0.0),
+        interpolation="BILINEAR", fill_mode=fill_mode.upper())
+    return tf.cast(out, dtype)
+
+
+def augment_images(images, seeds, settings: dict) -> tf.Tensor:
+    """Augment a batch [B, H, W, C] (float, any range) with one transform per row of `seeds` [B, 2]."""
+    images = tf.convert_to_tensor(images)
+    transforms = random_transforms(settings, seeds, images.shape[1], images.shape[2])
+    return apply_transforms(images, transforms, settings["fill_mode"])
+
+
+def augment_dataset(ds: tf.data.Dataset, settings: dict, view) -> tf.data.Dataset:
+    """Map a batched dataset of (images, labels, indices) to augmented (images, labels), view `view`
+    (a Python int or a tf scalar, e.g. the epoch number)."""
+    def fn(images, labels, indices):
+        return augment_images(images, image_seeds(settings["seed"], view, indices), settings), labels
+    return ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def load_image(path, image_size: int) -> np.ndarray:
+    """Decode an image file to float32 [S, S, 3] in 0..255, exactly as the pipeline's inputs do."""
+    from .inputs import load_image as pipeline_load
+
+    if not Path(path).is_file():
+        raise DataError(f"{path}: no such image file")
+    try:
+        return pipeline_load(tf.constant(str(path)), image_size).numpy()
+    except tf.errors.InvalidArgumentError as e:
+        raise DataError(f"{path}: cannot decode this image ({e.message.splitlines()[0]}); "
+                        "pass a JPEG/PNG/GIF/BMP file") from None
+
+
+def preview_grid(image: np.ndarray, settings: dict, n: int = 8, pad: int = 4) -> np.ndarray:
+    """uint8 grid of `image` (top-left) followed by its augmented views 0..n-1, near-square."""
+    if n < 1:
+        raise ConfigError(f"preview: n must be >= 1, got {n}")
+    views = augment_images(np.repeat(image[None], n, axis=0),
+                           image_seeds(settings["seed"], tf.range(n), tf.zeros([n], tf.int64)),
+                           settings).numpy()
+    tiles = [image] + list(views)
+    cols = math.ceil(math.sqrt(len(tiles)))
+    rows = math.ceil(len(tiles) / cols)
+    h, w = image.shape[:2]
+    grid = np.full((rows * h + (rows + 1) * pad, cols * w + (cols + 1) * pad, 3), 255, np.uint8)
+    for k, t in enumerate(tiles):
+        r, c = divmod(k, cols)
+        y, x = pad + r * (h + pad), pad + c * (w + pad)
+        grid[y:y + h, x:x + w] = np.clip(np.round(t), 0, 255).astype(np.uint8)
+    return grid
+
+
+def write_png_atomic(array: np.ndarray, out_png) -> Path:
+    """Write a uint8 RGB array as PNG via a temp file in the same folder + rename."""
+    from PIL import Image
+
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            Image.fromarray(array, "RGB").save(f, format="PNG")
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
+
+
+def preview(image_path, out_png, augment_params, n: int = 8, image_size: int = 150) -> Path:
+    """Write a PNG grid: the image (resized to image_size) and n augmented versions of it."""
+    settings = augment_settings(augment_params)
+    grid = preview_grid(load_image(image_path, image_size), settings, n)
+    return write_png_atomic(grid, out_png)
+
+
+def first_image(manifest_csv, images_dir) -> Path:
+    """The first image of a split manifest (the preview stage shows the first training image)."""
+    import pandas as pd
+
+    try:
+        df = pd.read_csv(manifest_csv, dtype=str, keep_default_na=False)
+    except FileNotFoundError:
+        raise DataError(f"{manifest_csv}: manifest not found; run the data stage first (`dvc repro data`)") from None
+    if "file" not in df.columns:
+        raise DataError(f"{manifest_csv}: no 'file' column; rerun the data stage (`dvc repro data`)")
+    if not len(df):
+        raise DataError(f"{manifest_csv}: no images; check the data split")
+    return Path(images_dir) / str(df["file"].iloc[0])
+
+
+def preview_main(argv=None, prog: str | None = None) -> Path:
+    """`tlpipe augment-preview IMAGE [--out x.png] [-n 8]` and the preview stage (with --first-of)."""
+    import argparse
+    import sys
+
+    from .config import load_params
+
+    ap = argparse.ArgumentParser(prog=prog, description="Write a PNG grid of an image and augmented versions "
+                                 "of it, using the augment section of params.yaml.")
+    ap.add_argument("image", nargs="?", help="image file (or use --first-of)")
+    ap.add_argument("--first-of", metavar="CSV", help="use the first image of this split manifest instead")
+    ap.add_argument("--images", default="data/images", help="image store of the --first-of manifest")
+    ap.add_argument("--out", default="augment_preview.png", help="PNG to write (default augment_preview.png)")
+    ap.add_argument("-n", type=int, default=8, help="augmented versions to show (default 8)")
+    ap.add_argument("--params", default="params.yaml", help="params file (default params.yaml)")
+    args = ap.parse_args(argv)
+    if (args.image is None) == (args.first_of is None):
+        ap.error("give an IMAGE or --first-of CSV (one of them)")
+    p = load_params(args.params)
+    image = args.image or first_image(args.first_of, args.images)
+    out = preview(image, args.out, p.augment, n=args.n, image_size=p.backbone.image_size)
+    print(f"augment preview of {image} -> {out}", file=sys.stderr)
+    return out

@@ -1,0 +1,379 @@
+"""The augmented-activation cache: the frozen part of the base, run once over augmented views.
+
+The book trains `conv_base + head` on freshly augmented images every epoch, running the whole
+frozen base each time. The frozen part never changes, so we split the base at the freeze boundary
+(the layer just before `finetune.unfreeze_from`; block4_pool for VGG16's block5_conv1), run the
+frozen PREFIX once over `views` augmented copies of each training image and over the plain
+validation and test images, and store its activations (float16) in one HDF5 file. Training then runs
+only the SUFFIX (block5 here) + pooling + head, each epoch on a different stored view of each image.
+
+File layout (`features/views.h5`):
+    /train/activations       float16 [N, views, h, w, c]   view v of image i = augment view v
+    /train/labels            int64 [N];   /train/paths  utf-8 [N]
+    /validation/..., /test/...  activations [N, h, w, c] of the plain (never augmented) images
+    attrs: tlpipe_format, kind="views", mode, backbone, weights, weights_sha256, image_size,
+           preprocessing, precision, boundary, unfreeze_from, views, augment (JSON), class_names (JSON)
+
+In `augment.mode: online` the file is a marker: the same attrs, no groups (online training reads
+the images themselves, and dvc.yaml cannot make the stage conditional).
+
+Building is resumable with features.py's machinery: finished batches are kept in `.<out>.work/`
+(a fingerprint + one .npy per batch, written atomically) until the final file is assembled under a
+temp name and renamed; a changed input or setting discards the folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+
+import numpy as np
+
+from .augment import augment_images, augment_settings, image_seeds
+from .errors import ConfigError, DataError, FeatureFileError
+
+FORMAT = 1
+KIND = "views"
+PARTS = ("train", "validation", "test")
+MODES = ("cached", "online")
+
+
+# ---------------------------------------------------------------- splitting the base
+
+def layer_order(base) -> list[str]:
+    """The base's layer names in order, input layer first."""
+    return [layer.name for layer in base.layers]
+
+
+def boundary_layer(base, unfreeze_from: str) -> str:
+    """The last frozen layer: the one just before `unfreeze_from` (ConfigError lists valid names)."""
+    names = layer_order(base)
+    if unfreeze_from not in names[1:]:
+        raise ConfigError(f"finetune.unfreeze_from: {base.name} has no layer {unfreeze_from!r}; choose one "
+                          f"of: {', '.join(names[1:])}")
+    return names[names.index(unfreeze_from) - 1]
+
+
+def prefix_model(base, boundary: str):
+    """Preprocessed images -> activations of `boundary` (the frozen part), sharing the base's layers."""
+    import keras
+
+    return keras.Model(base.input, base.get_layer(boundary).output, name="prefix")
+
+
+def suffix_model(base, boundary: str, layer: str | None = None):
+    """Activations of `boundary` -> output of `layer` (None: the base's last), sharing the base's layers.
+
+    ConfigError when the layers after the boundary also read earlier tensors (a split inside a
+    residual block): choose a layer that starts a block."""
+    import keras
+
+    from .backbones import resolve_layer
+
+    layer = resolve_layer(base, layer)
+    names = layer_order(base)
+    if names.index(layer) <= names.index(boundary):
+        raise ConfigError(f"finetune.unfreeze_from: the layer after {boundary!r} must come before "
+                          f"backbone.layer {layer!r}; unfreeze an earlier layer or store a later one")
+    try:
+        return keras.Model(base.get_layer(boundary).output, base.get_layer(layer).output, name="suffix")
+    except ValueError:
+        unfreeze = names[names.index(boundary) + 1]
+        raise ConfigError(
+            f"finetune.unfreeze_from: {base.name} cannot be split before {unfreeze!r}: later layers also "
+            f"read tensors computed before it (a residual connection); choose a layer that starts a block"
+        ) from None
+
+
+# ---------------------------------------------------------------- cache identity
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """Everything the cache's contents depend on (stored as the file's attrs)."""
+    mode: str
+    backbone: str
+    weights: str
+    weights_sha256: str | None
+    image_size: int
+    preprocessing: str
+    precision: str
+    boundary: str
+    unfreeze_from: str
+    views: int
+    augment: dict
+    class_names: tuple
+
+    @classmethod
+    def from_params(cls, backbone, augment, compute, unfreeze_from: str, class_names, base) -> "CacheSpec":
+        """From the params sections (backbone, augment, compute) and finetune.unfreeze_from."""
+        from . import backbones
+
+        return cls(mode=augment.mode, backbone=backbone.name, weights=backbone.weights,
+                   weights_sha256=backbones.weights_sha256(backbone.name, backbone.weights, backbone.image_size),
+                   image_size=backbone.image_size,
+                   preprocessing=backbones.preprocessing_name(backbone.name, backbone.weights),
+                   precision=compute.precision, boundary=boundary_layer(base, unfreeze_from),
+                   unfreeze_from=unfreeze_from, views=int(augment.views), augment=augment_settings(augment),
+                   class_names=tuple(class_names))
+
+    def expect(self) -> dict:
+        """What a trainer checks in an existing cache's attrs (read_attrs form)."""
+        a = self.attrs()
+        a["augment"], a["class_names"] = dict(self.augment), list(self.class_names)
+        a.pop("tlpipe_format"), a.pop("kind")
+        return a
+
+    def attrs(self) -> dict:
+        return {
+            "tlpipe_format": FORMAT, "kind": KIND, "mode": self.mode, "backbone": self.backbone,
+            "weights": self.weights, "weights_sha256": self.weights_sha256 or "",
+            "image_size": int(self.image_size), "preprocessing": self.preprocessing,
+            "precision": self.precision, "boundary": self.boundary, "unfreeze_from": self.unfreeze_from,
+            "views": int(self.views), "augment": json.dumps(self.augment, sort_keys=True),
+            "class_names": json.dumps(list(self.class_names)),
+        }
+
+    def fingerprint(self, parts: dict, batch_size: int, activation_dtype) -> str:
+        """Hash of everything the cache bytes depend on; a different one discards saved progress."""
+        import keras
+        import tensorflow as tf
+
+        # Store files are content-addressed, so name and size identify them (mtime changes on checkout).
+        rows = {p: [[os.path.basename(f), os.path.getsize(f), int(l), str(q)] for f, l, q in zip(*parts[p])]
+                for p in sorted(parts)}
+        blob = json.dumps({"attrs": self.attrs(), "rows": rows, "batch_size": int(batch_size),
+                           "dtype": np.dtype(activation_dtype).name,
+                           "versions": [tf.__version__, keras.__version__]}, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+
+# ---------------------------------------------------------------- building
+
+def _batches(n: int, batch_size: int):
+    for start in range(0, n, batch_size):
+        yield start, min(n, start + batch_size)
+
+
+def _write_h5(out: Path, spec: CacheSpec, parts: dict, work: Path | None, batch_size: int,
+              activation_dtype) -> None:
+    """Assemble the final file from the work folder's batches, under a temp name, then rename."""
+    import h5py
+
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        with h5py.File(tmp, "w", libver=("earliest", "v110")) as f:
+            for k, v in spec.attrs().items():
+                f.attrs[k] = v
+            if work is not None:
+                for part, (files, labels, paths) in parts.items():
+                    g = f.create_group(part, track_order=False)
+                    n = len(files)
+                    first = np.load(work / f"{part}-000000.npy") if n else None
+                    shape = (n,) + (first.shape[1:] if n else ())
+                    chunk = (1,) + shape[1:] if n else None
+                    d = g.create_dataset("activations", shape=shape, dtype=activation_dtype,
+                                         chunks=chunk, track_times=False)
+                    for start, stop in _batches(n, batch_size):
+                        d[start:stop] = np.load(work / f"{part}-{start:06d}.npy")
+                    g.create_dataset("labels", data=np.asarray(labels, np.int64), track_times=False)
+                    g.create_dataset("paths", data=np.asarray([str(p) for p in paths], dtype=object),
+                                     dtype=h5py.string_dtype("utf-8"), track_times=False)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def build_cache(out_path, parts: dict, *, base, spec: CacheSpec, batch_size: int = 32,
+                activation_dtype="float16", progress: bool = True) -> Path:
+    """Write the cache for `parts` = {"train"|"validation"|"test": (files, labels, paths)}.
+
+    `base` is the built backbone (its weights as named in `spec`); `spec.mode == "online"` writes the
+    marker file only. `activation_dtype` is float16 in the pipeline (float32 for exactness tests)."""
+    import tensorflow as tf
+
+    from .backbones import preprocess
+    from .features import _prepare_work, work_dir
+    from .inputs import load_image
+
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if spec.mode not in MODES:
+        raise ConfigError(f"augment.mode: must be one of {', '.join(MODES)}, got {spec.mode!r}")
+    if spec.mode == "online":
+        _write_h5(out, spec, parts, None, batch_size, activation_dtype)
+        return out
+    if int(spec.views) < 1:
+        raise ConfigError(f"augment.views: must be >= 1, got {spec.views}")
+    settings = augment_settings(spec.augment)
+    prefix = prefix_model(base, spec.boundary)
+    work = work_dir(out)
+    _prepare_work(work, spec.fingerprint(parts, batch_size, activation_dtype))
+
+    def images_of(files):
+        try:
+            return tf.stack([load_image(tf.constant(str(f)), spec.image_size) for f in files])
+        except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as exc:
+            raise DataError(f"cannot read an image among {files[0]} and the {len(files) - 1} after it "
+                            f"({exc.message.splitlines()[0]}); rerun the data stage (`dvc repro data`)") from None
+
+    def run_prefix(images):
+        x = prefix(preprocess(images, spec.preprocessing), training=False)
+        return np.asarray(tf.cast(x, tf.float32)).astype(activation_dtype)
+
+    tf.config.experimental.enable_op_determinism()  # same inputs -> same bytes, also after a resume
+    jobs = [(p, s, e) for p in PARTS if p in parts for s, e in _batches(len(parts[p][0]), batch_size)]
+    try:
+        _run_jobs(jobs, work, parts, spec, settings, images_of, run_prefix, progress, out.name)
+        _write_h5(out, spec, parts, work, batch_size, activation_dtype)
+    except OSError as exc:
+        raise FeatureFileError(f"{out}: cannot write the view cache ({exc}); fix the folder or free space and "
+                               f"rerun the viewcache stage: finished batches in {work} are kept") from None
+    shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def _run_jobs(jobs, work, parts, spec, settings, images_of, run_prefix, progress, name) -> None:
+    from tqdm import tqdm
+
+    from . import features
+
+    with tqdm(total=len(jobs), desc=f"view cache -> {name}", unit="batch", disable=not progress,
+              file=sys.stderr) as bar:
+        for part, start, stop in jobs:
+            target = work / f"{part}-{start:06d}.npy"
+            if not target.exists():
+                images = images_of(parts[part][0][start:stop])
+                if part == "train":
+                    idx = np.arange(start, stop)
+                    acts = np.stack([run_prefix(augment_images(images, image_seeds(settings["seed"], v, idx),
+                                                               settings)) for v in range(spec.views)], axis=1)
+                else:  # validation and test images are never augmented
+                    acts = run_prefix(images)
+                features._save_chunk(target, acts)
+            bar.update(1)
+
+
+# ---------------------------------------------------------------- reading
+
+def _plain(v):
+    """h5py attr -> plain Python (str, int, float), so attrs compare and serialise simply."""
+    if isinstance(v, bytes):
+        return v.decode()
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def read_attrs(path) -> dict:
+    """The cache's attrs (decoded); FeatureFileError when missing or not a view cache."""
+    import h5py
+
+    path = Path(path)
+    if not path.is_file():
+        raise FeatureFileError(f"{path}: view cache not found; run the viewcache stage (dvc repro viewcache)")
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = {k: _plain(v) for k, v in f.attrs.items()}
+    except OSError as e:
+        raise FeatureFileError(f"{path}: not a readable HDF5 view cache ({e}); delete it and rerun "
+                               f"the viewcache stage") from None
+    if attrs.get("kind") != KIND or int(attrs.get("tlpipe_format", -1)) != FORMAT:
+        raise FeatureFileError(f"{path}: not a tlpipe view cache of format {FORMAT}; rerun the viewcache stage")
+    attrs["augment"] = json.loads(attrs["augment"])
+    attrs["class_names"] = json.loads(attrs["class_names"])
+    return attrs
+
+
+def check_attrs(path, attrs: dict, expect: dict) -> None:
+    """FeatureFileError naming every attr that differs from `expect` (what the caller is configured for)."""
+    bad = [f"{k}: file has {attrs.get(k)!r}, params say {v!r}" for k, v in expect.items()
+           if v is not None and attrs.get(k) != v]
+    if bad:
+        raise FeatureFileError(f"{path}: the view cache was built with other settings ({'; '.join(bad)}); "
+                               f"rerun the viewcache stage (dvc repro viewcache)")
+
+
+def load_part(path, part: str) -> tuple[np.ndarray, np.ndarray]:
+    """(activations float16, labels) of a plain part (validation/test), in memory."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        if part not in f:
+            raise FeatureFileError(f"{path}: has no {part!r} part (built in online mode?); rerun viewcache "
+                                   f"with augment.mode: cached")
+        return f[part]["activations"][...], f[part]["labels"][...]
+
+
+def epoch_views(n: int, views: int, seed: int, epoch: int) -> np.ndarray:
+    """The view each image shows in `epoch`: seeded by (seed, epoch) alone, so resuming repeats it.
+    (training.fit shuffles the order itself, from its own (seed, epoch) stream.)"""
+    return np.random.default_rng([int(seed), int(epoch), 1]).integers(0, views, size=n)
+
+
+class ViewReader:
+    """Reads the training views of a cache, one epoch at a time."""
+
+    def __init__(self, path):
+        import h5py
+
+        self.path = Path(path)
+        self.attrs = read_attrs(path)
+        self._f = h5py.File(self.path, "r")
+        if "train" not in self._f:
+            raise FeatureFileError(f"{path}: has no training views (built in online mode?); rerun viewcache "
+                                   f"with augment.mode: cached")
+        self._acts = self._f["train"]["activations"]
+        self.labels = self._f["train"]["labels"][...]
+        self.n, self.views = int(self._acts.shape[0]), int(self._acts.shape[1])
+        self.activation_shape = tuple(self._acts.shape[2:])
+
+    def epoch(self, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(activations [N, h, w, c] float32, labels) of `epoch`: one view of each image, in file order."""
+        view = epoch_views(self.n, self.views, seed, epoch)
+        out = np.empty((self.n,) + self.activation_shape, self._acts.dtype)
+        for i in range(self.n):
+            self._acts.read_direct(out, np.s_[i, view[i]], np.s_[i])
+        return out.astype(np.float32), self.labels.copy()
+
+    def map_views(self, fn, batch_size: int = 64) -> np.ndarray:
+        """fn applied to every stored view: [N, views, ...] (float32), reading a few images at a time."""
+        out = None
+        for start, stop in _batches(self.n, batch_size):
+            block = self._acts[start:stop].astype(np.float32)
+            y = np.asarray(fn(block.reshape((-1,) + self.activation_shape)), np.float32)
+            if out is None:
+                out = np.empty((self.n, self.views) + y.shape[1:], np.float32)
+            out[start:stop] = y.reshape((stop - start, self.views) + y.shape[1:])
+        return out
+
+    def close(self):
+        self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+__all__ = ["boundary_layer", "prefix_model", "suffix_model", "CacheSpec", "build_cache", "read_attrs",
+           "check_attrs", "load_part", "epoch_views", "ViewReader", "PARTS", "MODES"]
+
+
+
+def build_from_manifests(split_dir, images_dir, out, *, backbone, augment, compute, unfreeze_from: str,
+                         progress: bool = True) -> Path:
+    """The viewcache stage: the split manifests -> `out` (params sections as plain arguments)."""
+    from .backbones import build_base
+    from .features import manifest_rows, read_class_names
+
+    split_dir = Path(split_dir)
+    classes = read_class_names(split_dir / "classes.json")
+    parts = {p: manifest_rows(split_dir / f"{p}.csv", images_dir, classes) for p in PARTS}
+    base = build_base(backbone.name, backbone.weights, backbone.image_size, compute.precision)
+    spec = CacheSpec.from_params(backbone, augment, compute, unfreeze_from, classes, base)
+    return build_cache(out, parts, base=base, spec=spec, batch_size=compute.batch_size, progress=progress)

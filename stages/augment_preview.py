@@ -1,0 +1,16 @@
+"""Augment-preview stage: a PNG grid of the first training image and 8 augmented versions of it.
+
+    python stages/augment_preview.py --first-of data/split/train.csv --out plots/augment_preview.png
+    python stages/augment_preview.py IMAGE --out x.png [-n 8]        (any image, outside DVC too)
+"""
+
+from tlpipe.augment import preview_main
+from tlpipe.cli import run_stage
+
+
+def main(argv=None):
+    preview_main(argv)
+
+
+if __name__ == "__main__":
+    run_stage(main)

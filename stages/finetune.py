@@ -1,0 +1,35 @@
+"""finetune stage: a trained model (models/<finetune.from>.keras), its base unfrozen from
+finetune.unfreeze_from on, trained jointly with augmentation -> models/finetuned.keras.
+
+    python stages/finetune.py --model-in models/head_aug.keras --model models/finetuned.keras
+"""
+
+import argparse
+
+from tlpipe.cli import run_stage
+from tlpipe.config import load_params
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Fine-tune the top of the base together with the head.")
+    ap.add_argument("--cache", default="features/views.h5", help="view cache (augment.mode cached)")
+    ap.add_argument("--split-dir", default="data/split", help="split manifests (classes; images in online mode)")
+    ap.add_argument("--images", default="data/images", help="the image store the manifests point into")
+    ap.add_argument("--model-in", default=None,
+                    help="model to start from (default: models/<finetune.from>.keras)")
+    ap.add_argument("--model", default="models/finetuned.keras", help="full model to write")
+    ap.add_argument("--metrics", default="metrics/finetune.json", help="final metrics to write")
+    ap.add_argument("--live", default="dvclive/finetune", help="dvclive folder for the curves")
+    args = ap.parse_args(argv)
+    p = load_params()
+
+    from tlpipe.finetune import run_finetune
+
+    run_finetune(cache=args.cache, split_dir=args.split_dir, images_dir=args.images,
+                 model_in=args.model_in or f"models/{p.finetune.from_}.keras", model_out=args.model,
+                 metrics_out=args.metrics, live_dir=args.live, backbone=p.backbone, compute=p.compute,
+                 augment=p.augment, finetune=p.finetune, resume=p.train.resume)
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,32 @@
+"""train_head_aug stage: the book's feature extraction WITH augmentation: base frozen, a new head trained
+on augmented images (cached views or online), validated on plain images -> models/head_aug.keras.
+
+    python stages/train_head_aug.py --cache features/views.h5 --model models/head_aug.keras
+"""
+
+import argparse
+
+from tlpipe.cli import run_stage
+from tlpipe.config import load_params
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Train a dense head on a frozen base with data augmentation.")
+    ap.add_argument("--cache", default="features/views.h5", help="view cache (augment.mode cached)")
+    ap.add_argument("--split-dir", default="data/split", help="split manifests (classes; images in online mode)")
+    ap.add_argument("--images", default="data/images", help="the image store the manifests point into")
+    ap.add_argument("--model", default="models/head_aug.keras", help="full model to write")
+    ap.add_argument("--metrics", default="metrics/train_head_aug.json", help="final metrics to write")
+    ap.add_argument("--live", default="dvclive/train_head_aug", help="dvclive folder for the curves")
+    args = ap.parse_args(argv)
+    p = load_params()
+
+    from tlpipe.finetune import run_head_aug
+
+    run_head_aug(cache=args.cache, split_dir=args.split_dir, images_dir=args.images, model_out=args.model,
+                 metrics_out=args.metrics, live_dir=args.live, backbone=p.backbone, compute=p.compute,
+                 head=p.head, head_aug=p.head_aug, augment=p.augment, resume=p.train.resume)
+
+
+if __name__ == "__main__":
+    run_stage(main)

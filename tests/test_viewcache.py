@@ -1,0 +1,212 @@
+"""The augmented-activation cache: split point, contents, determinism, resumability, equivalence."""
+
+
+import h5py
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from imagegen import make_class_folders
+
+from tlpipe import viewcache
+from tlpipe.augment import augment_images, augment_settings, image_seeds
+from tlpipe.backbones import build_base, preprocess
+from tlpipe.errors import ConfigError, FeatureFileError
+from tlpipe.inputs import load_image
+
+SIZE = 32
+AUG = dict(rotation_range=20.0, width_shift_range=0.1, height_shift_range=0.1, shear_range=0.1,
+           zoom_range=0.1, horizontal_flip=True, fill_mode="nearest", seed=3)
+
+
+@pytest.fixture(scope="module")
+def base():
+    return build_base("vgg16", "none", SIZE)
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imgs")
+    written = make_class_folders(root, {"cat": 5, "dog": 5}, size=40)
+    rows = [(str(p), label, f"{name}/{p.name}") for label, name in enumerate(written) for p in written[name]]
+    split = {"train": rows[0:3] + rows[5:8], "validation": [rows[3], rows[8]], "test": [rows[4], rows[9]]}
+    return {k: tuple(map(list, zip(*v))) for k, v in split.items()}
+
+
+def spec_for(base, views=2, mode="cached", unfreeze="block5_conv1"):
+    return viewcache.CacheSpec(mode=mode, backbone="vgg16", weights="none", weights_sha256=None,
+                               image_size=SIZE, preprocessing="caffe", precision="float32",
+                               boundary=viewcache.boundary_layer(base, unfreeze), unfreeze_from=unfreeze,
+                               views=views, augment=augment_settings(AUG), class_names=("cat", "dog"))
+
+
+def plain_images(files):
+    return tf.stack([load_image(tf.constant(f), SIZE) for f in files])
+
+
+def test_boundary_is_the_layer_before_unfreeze_from(base):
+    assert viewcache.boundary_layer(base, "block5_conv1") == "block4_pool"
+    assert viewcache.boundary_layer(base, "block4_conv2") == "block4_conv1"
+    with pytest.raises(ConfigError, match="block5_conv1.*block5_pool|choose one of.*block5_conv1"):
+        viewcache.boundary_layer(base, "block9_conv1")
+    prefix = viewcache.prefix_model(base, "block4_pool")
+    suffix = viewcache.suffix_model(base, "block4_pool")
+    x = np.random.RandomState(0).uniform(-100, 100, (2, SIZE, SIZE, 3)).astype("float32")
+    np.testing.assert_allclose(suffix(prefix(x)), base(x), rtol=1e-5, atol=1e-6)
+
+
+def test_residual_split_is_refused():
+    resnet = build_base("resnet50", "none", SIZE)
+    # conv5_block1_2_conv is inside a residual block: the shortcut crosses the cut
+    before = viewcache.boundary_layer(resnet, "conv5_block1_2_conv")
+    with pytest.raises(ConfigError, match="residual"):
+        viewcache.suffix_model(resnet, before)
+    viewcache.suffix_model(resnet, viewcache.boundary_layer(resnet, "conv5_block1_1_conv"))  # a block start
+
+
+def test_cache_contents_views_and_plain_parts(tmp_path, base, parts):
+    out = viewcache.build_cache(tmp_path / "views.h5", parts, base=base, spec=spec_for(base), batch_size=4,
+                                progress=False)
+    prefix = viewcache.prefix_model(base, "block4_pool")
+    with h5py.File(out) as f:
+        tr = f["train/activations"][...]
+        assert tr.shape == (6, 2, 2, 2, 512) and tr.dtype == np.float16
+        assert list(f["train/labels"][...]) == parts["train"][1]
+        assert [p.decode() for p in f["train/paths"][...]] == parts["train"][2]
+        val = f["validation/activations"][...]
+        assert val.shape == (2, 2, 2, 512)
+        assert f.attrs["boundary"] == "block4_pool" and f.attrs["views"] == 2
+    # validation is the prefix of the plain images: never augmented
+    plain = prefix(preprocess(plain_images(parts["validation"][0]), "caffe")).numpy()
+    np.testing.assert_allclose(val.astype(np.float32), plain, rtol=2e-3, atol=1e-2)
+    # train view v is the prefix of augment view v (index in the train list)
+    s = augment_settings(AUG)
+    imgs = plain_images(parts["train"][0])
+    for v in range(2):
+        want = prefix(preprocess(augment_images(imgs, image_seeds(3, v, np.arange(6)), s), "caffe")).numpy()
+        np.testing.assert_allclose(tr[:, v].astype(np.float32), want, rtol=2e-3, atol=1e-2)
+    assert not np.allclose(tr[:, 0], tr[:, 1])  # views differ
+    attrs = viewcache.read_attrs(out)
+    assert attrs["augment"]["seed"] == 3 and attrs["class_names"] == ["cat", "dog"]
+    with pytest.raises(FeatureFileError, match="views"):
+        viewcache.check_attrs(out, attrs, {"views": 10})
+
+
+def test_cache_is_deterministic_and_resumable(tmp_path, base, parts, monkeypatch):
+    spec = spec_for(base)
+    a = viewcache.build_cache(tmp_path / "a.h5", parts, base=base, spec=spec, batch_size=4, progress=False)
+    # interrupt a second build after two batches, then resume it
+    import tlpipe.features as features
+
+    calls = {"n": 0}
+    real = features._save_chunk
+
+    def flaky(path, array):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        real(path, array)
+
+    monkeypatch.setattr(features, "_save_chunk", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        viewcache.build_cache(tmp_path / "b.h5", parts, base=base, spec=spec, batch_size=4, progress=False)
+    assert not (tmp_path / "b.h5").exists()
+    work = features.work_dir(tmp_path / "b.h5")
+    assert len(list(work.glob("*.npy"))) == 2
+    monkeypatch.setattr(features, "_save_chunk", real)
+    seen = []
+    monkeypatch.setattr(features, "_save_chunk", lambda p, a: (seen.append(p.name), real(p, a)))
+    b = viewcache.build_cache(tmp_path / "b.h5", parts, base=base, spec=spec, batch_size=4, progress=False)
+    assert len(seen) == 2  # only the 4 - 2 missing batches were computed
+    assert a.read_bytes() == b.read_bytes()
+    assert not work.exists() and not list(tmp_path.glob(".*tmp"))
+
+
+def test_online_mode_writes_a_marker(tmp_path, base, parts):
+    out = viewcache.build_cache(tmp_path / "v.h5", parts, base=base, spec=spec_for(base, mode="online"),
+                                progress=False)
+    assert viewcache.read_attrs(out)["mode"] == "online"
+    with h5py.File(out) as f:
+        assert list(f) == []
+    with pytest.raises(FeatureFileError, match="online"):
+        viewcache.ViewReader(out)
+
+
+def test_epoch_views_are_seeded_and_vary(tmp_path, base, parts):
+    out = viewcache.build_cache(tmp_path / "v.h5", parts, base=base, spec=spec_for(base, views=3), batch_size=8,
+                                progress=False)
+    with viewcache.ViewReader(out) as r, h5py.File(out) as f:
+        all_views = f["train/activations"][...]
+        x0, y0 = r.epoch(seed=1, epoch=0)
+        x0b, _ = r.epoch(seed=1, epoch=0)
+        np.testing.assert_array_equal(x0, x0b)
+        picks = [viewcache.epoch_views(6, 3, 1, e) for e in range(5)]
+        for i in range(6):
+            np.testing.assert_array_equal(x0[i], all_views[i, picks[0][i]].astype(np.float32))
+        assert list(y0) == parts["train"][1]
+        assert len({tuple(p) for p in picks}) > 1  # views change between epochs
+
+
+def test_cached_suffix_matches_full_model_loss_and_gradients(tmp_path, parts):
+    """Proof of equivalence: training block5 + head on cached block4 activations sees exactly the loss
+    and gradients of the full model run end to end on the same augmented images."""
+    from tlpipe.finetune import cached_training_model
+    from tlpipe.heads import build_head
+    from tlpipe.modelio import assemble, set_trainable_from
+
+    base = build_base("vgg16", "none", SIZE, seed=5)
+    spec = spec_for(base, views=1)
+    cache = viewcache.build_cache(tmp_path / "v.h5", parts, base=base, spec=spec, batch_size=4,
+                                  activation_dtype="float32", progress=False)
+    head = build_head(512, 2, units=8, dropout=0.0, seed=1)
+    info = dict(class_names=["cat", "dog"], image_size=SIZE, backbone="vgg16", weights="none", pooling="flatten",
+                preprocessing="caffe")
+    full = assemble(base, None, "flatten", head, info)
+    set_trainable_from(full, "block5_conv1")
+    cached = cached_training_model(full, "block4_pool")
+    assert [v.path for v in cached.trainable_variables] == [v.path for v in full.trainable_variables]
+
+    with viewcache.ViewReader(cache) as r:
+        acts, labels = r.epoch(seed=0, epoch=0)  # one view: view 0 of every image
+    images = augment_images(plain_images(parts["train"][0]), image_seeds(3, 0, np.arange(6)),
+                            augment_settings(AUG))
+    loss_fn = keras.losses.BinaryCrossentropy()
+    y = labels.astype("float32")[:, None]
+
+    def loss_and_grads(model, x):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, model(x, training=True))
+        return float(loss), [g.numpy() for g in tape.gradient(loss, model.trainable_variables)]
+
+    lc, gc = loss_and_grads(cached, acts)
+    lf, gf = loss_and_grads(full, images)
+    assert lc == pytest.approx(lf, rel=1e-5)
+    assert len(gc) == 10  # block5_conv1..3, head_dense, head_out: kernels and biases
+    for a, b in zip(gc, gf):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * max(1.0, np.abs(b).max()))
+        assert np.abs(a).max() > 0
+
+
+def test_frozen_suffix_features_equal_running_the_suffix(tmp_path, parts):
+    """train_head_aug precomputes the frozen suffix once per view: the head then sees exactly what
+    it would see running the suffix every epoch."""
+    from tlpipe.finetune import cached_training_model, frozen_features_model
+    from tlpipe.heads import build_head
+    from tlpipe.modelio import assemble, head_submodel
+
+    base = build_base("vgg16", "none", SIZE, seed=6)
+    cache = viewcache.build_cache(tmp_path / "v.h5", parts, base=base, spec=spec_for(base, views=2),
+                                  batch_size=4, progress=False)
+    info = dict(class_names=["cat", "dog"], image_size=SIZE, backbone="vgg16", weights="none",
+                pooling="flatten", preprocessing="caffe")
+    full = assemble(base, None, "flatten", build_head(512, 2, units=8, dropout=0.0, seed=1), info)
+    cached = cached_training_model(full, "block4_pool")
+    assert not cached.get_layer("suffix").trainable_variables  # frozen base: nothing in the suffix trains
+    feats = frozen_features_model(cached)
+    head = head_submodel(full)
+    with viewcache.ViewReader(cache) as r, h5py.File(cache) as f:
+        per_view = r.map_views(lambda x: feats.predict(x, verbose=0), batch_size=4)
+        stored = f["train/activations"][...].astype("float32")
+    assert per_view.shape == (6, 2, 512)
+    for v in range(2):
+        np.testing.assert_allclose(head(per_view[:, v]), cached(stored[:, v]), rtol=1e-5, atol=1e-6)
