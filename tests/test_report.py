@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
@@ -213,6 +215,12 @@ def test_report_page_and_images(rendered):
         assert im.size == (12 * 32 + 11, 32)
     assert (rendered / "predictions" / "head_aug.csv").is_file()  # evaluate's output is left alone
     assert not [p for p in rendered.iterdir() if p.name.startswith(".")]
+    # Ordinary permissions (they once came out 0600 via mkstemp), as a plain open()/mkdir would give.
+    mask = os.umask(0)
+    os.umask(mask)
+    assert {stat.S_IMODE(p.stat().st_mode) for p in (rendered / "viz").iterdir()} | \
+        {stat.S_IMODE((rendered / "index.html").stat().st_mode)} == {0o666 & ~mask}
+    assert stat.S_IMODE((rendered / "viz").stat().st_mode) == 0o777 & ~mask
 
 
 def test_report_is_reproducible(rendered, run_dir, tmp_path):

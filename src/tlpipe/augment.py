@@ -22,13 +22,12 @@ Units (see docs/augmentation.md):
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
+from tlpipe import atomic
 from tlpipe.errors import ConfigError, DataError
 
 FILL_MODES = ("nearest", "reflect", "wrap", "constant")
@@ -168,15 +167,8 @@ def write_png_atomic(array: np.ndarray, out_png) -> Path:
     from PIL import Image
 
     out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(array, "RGB").save(f, format="PNG")
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic.target(out) as tmp:
+        Image.fromarray(array, "RGB").save(tmp, format="PNG")
     return out
 
 

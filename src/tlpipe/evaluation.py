@@ -11,13 +11,13 @@ More classes: macro averages, ROC AUC one-vs-rest macro; the ROC curve is the mi
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from . import atomic
 from .errors import DataError, ModelFileError
 
 # Metadata that must match the test feature file for the features shortcut to be valid.
@@ -146,31 +146,18 @@ def _csv_text(header, rows) -> str:
     return buf.getvalue()
 
 
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 class _FreshDir:
     """A folder rebuilt from scratch under a temp name and swapped in at the end (no stale files)."""
 
     def __init__(self, final):
         self.final = Path(final)
-        self.tmp = self.final.with_name(f".{self.final.name}.{os.getpid()}.tmp")
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir(parents=True)
+        self.tmp = atomic.temp_dir(self.final)
 
     def write(self, name: str, text: str) -> None:
-        _write_text(self.tmp / name, text)
+        atomic.write_text(self.tmp / name, text)
 
     def commit(self) -> None:
-        old = self.final.with_name(f".{self.final.name}.{os.getpid()}.old")
-        if self.final.exists():
-            os.replace(self.final, old)
-        os.replace(self.tmp, self.final)
-        shutil.rmtree(old, ignore_errors=True)
+        atomic.replace_dir(self.tmp, self.final)
 
     def discard(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)

@@ -27,6 +27,7 @@ from typing import Sequence
 
 import numpy as np
 
+from . import atomic
 from .errors import DataError, FeatureFileError
 
 FORMAT = 1
@@ -128,23 +129,10 @@ def _is_disk_full(exc: OSError) -> bool:
     return exc.errno == errno.ENOSPC or "No space left" in str(exc) or "errno = 28" in str(exc)
 
 
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _save_chunk(path: Path, array: np.ndarray) -> None:
     """One finished chunk, atomically: a chunk file that exists is complete."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic.target(path, fsync=True) as tmp, open(tmp, "wb") as f:
         np.save(f, array, allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _chunk_path(work: Path, i: int) -> Path:
@@ -198,7 +186,7 @@ def _prepare_work(work: Path, fp: str) -> None:
         shutil.rmtree(work)  # stale progress of other inputs or parameters
     work.mkdir(parents=True, exist_ok=True)
     if not marker.is_file():
-        _write_bytes_atomic(marker, fp.encode())
+        atomic.write_bytes(marker, fp.encode(), fsync=True)
 
 
 def _done_chunks(work: Path, n_rows: int, chunk_rows: int, dim: int) -> int:
@@ -207,6 +195,8 @@ def _done_chunks(work: Path, n_rows: int, chunk_rows: int, dim: int) -> int:
     done = 0
     while done < n_chunks and _valid_chunk(_chunk_path(work, done), min(chunk_rows, n_rows - done * chunk_rows), dim):
         done += 1
+    for stray in work.glob(".chunk_*.tmp"):  # temp file of a killed write
+        stray.unlink()
     for stray in work.glob("chunk_*.npy*"):
         if stray.name.endswith(".tmp") or int(stray.name[6:12]) >= done:
             stray.unlink()
@@ -339,9 +329,8 @@ def _assemble(out: Path, work: Path, n: int, dim: int, chunk_rows: int, labels, 
     """Write the final .h5 from the chunk files, one chunk in memory at a time, under a temp name."""
     import h5py
 
-    tmp = out.with_name(f".{out.name}.tmp")
     try:
-        with h5py.File(tmp, "w", track_order=False) as f:
+        with atomic.target(out) as tmp, h5py.File(tmp, "w", track_order=False) as f:
             chunks = (_h5_chunk_rows(n, dim), dim) if n else None
             feats = f.create_dataset("features", shape=(n, dim), dtype="float32", chunks=chunks,
                                      track_times=False)
@@ -352,14 +341,9 @@ def _assemble(out: Path, work: Path, n: int, dim: int, chunk_rows: int, labels, 
                              dtype=h5py.string_dtype("utf-8"), track_times=False)
             for key, value in attrs.items():
                 f.attrs[key] = value
-        os.replace(tmp, out)
     except RuntimeError as exc:
         # h5py reports a failed write (disk filled up meanwhile) as RuntimeError on close.
-        tmp.unlink(missing_ok=True)
         raise OSError(errno.EIO, f"HDF5 could not write the file: {exc}") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------- reading

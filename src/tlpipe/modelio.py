@@ -21,7 +21,7 @@ from pathlib import Path
 
 import keras
 
-from . import __version__
+from . import __version__, atomic
 from .errors import FeatureFileError, ModelFileError
 from .heads import HEAD_LAYERS
 
@@ -211,16 +211,13 @@ def save_model(model: keras.Model, path: str | os.PathLike) -> Path:
     if path.suffix != ".keras":
         raise ModelFileError(f"{path}: model files must end in .keras")
     model_info(model)  # refuse to write a file that load_model would reject
-    path.parent.mkdir(parents=True, exist_ok=True)
-    raw = path.parent / f".{path.stem}.{os.getpid()}.raw.keras"
-    tmp = path.parent / f".{path.stem}.{os.getpid()}.tmp.keras"
-    try:
-        model.save(raw)
-        _pin_zip(raw, tmp)
-        os.replace(tmp, path)
-    finally:
-        for leftover in (raw, tmp):
-            leftover.unlink(missing_ok=True)
+    with atomic.target(path) as tmp:
+        raw = tmp.with_suffix(".raw.keras")  # keras insists on a name ending .keras
+        try:
+            model.save(raw)
+            _pin_zip(raw, tmp)
+        finally:
+            raw.unlink(missing_ok=True)
     return path
 
 

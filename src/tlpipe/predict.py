@@ -18,6 +18,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from . import atomic
 from .errors import DataError, ImageDecodeError, ModelFileError
 
 # Best model first: the pipeline's last training stage writes finetuned.keras.
@@ -194,15 +195,7 @@ def to_csv(predictions: Sequence[Prediction], class_names: Sequence[str]) -> str
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write under a temp name in the same folder, then rename: no half-written file is left."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
-    try:
-        tmp.write_text(text, encoding="utf-8", newline="")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic.write_text(path, text)
 
 
 def true_classes(files: Sequence[str | os.PathLike], root: str | os.PathLike,

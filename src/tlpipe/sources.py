@@ -23,6 +23,7 @@ from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
+from . import atomic
 from .errors import DataError
 
 CONNECT_TIMEOUT = 10.0  # seconds; offline machines should hear "no" quickly
@@ -51,11 +52,8 @@ def cache_dir() -> Path:
 
 
 def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _cache_name(url: str) -> str:
@@ -101,27 +99,22 @@ def download(url: str, dest_dir: Path, timeout: float = CONNECT_TIMEOUT) -> Path
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise DataError(f"cannot download {url}: {reason}. {OFFLINE_HINT}") from None
-    fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest_dir)
     try:
         total = int(resp.headers.get("Content-Length") or 0) or None
         got = 0
-        with resp, os.fdopen(fd, "wb") as out, tqdm(
-            total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"download {dest.name}",
-            file=sys.stderr, leave=False,
-        ) as bar:
-            for chunk in iter(lambda: resp.read(CHUNK), b""):
-                out.write(chunk)
-                got += len(chunk)
-                bar.update(len(chunk))
-        if total is not None and got != total:
-            raise DataError(f"download of {url} stopped after {got} of {total} bytes; run the stage again.")
-        os.chmod(tmp, 0o644)  # mkstemp makes files private
-        os.replace(tmp, dest)
+        with atomic.target(dest, suffix=".part") as tmp:
+            with resp, open(tmp, "wb") as out, tqdm(
+                total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"download {dest.name}",
+                file=sys.stderr, leave=False,
+            ) as bar:
+                for chunk in iter(lambda: resp.read(CHUNK), b""):
+                    out.write(chunk)
+                    got += len(chunk)
+                    bar.update(len(chunk))
+            if total is not None and got != total:
+                raise DataError(f"download of {url} stopped after {got} of {total} bytes; run the stage again.")
     except (OSError, socket.timeout) as exc:
         raise DataError(f"download of {url} failed: {exc}. {OFFLINE_HINT}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return dest
 
 

@@ -20,7 +20,6 @@ import os
 import random
 import shutil
 import sys
-import tempfile
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from . import atomic
 from .errors import ConfigError, DataError, ImageDecodeError
 from .images import MAX_SIDE, SMALL_SIDE, normalise_bytes, read_file
 from .sources import is_hidden
@@ -173,15 +173,7 @@ def _store(folder: Path, name: str, data: bytes) -> None:
     dest = folder / name
     if dest.exists():  # content-addressed: same name, same bytes
         return
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes files private; the store is ordinary data
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic.write_bytes(dest, data)
 
 
 def decode_candidates(candidates: list[Candidate], store: Path, max_side: int = MAX_SIDE,
@@ -314,19 +306,6 @@ def check_min_per_split(counts: dict[str, dict[str, int]], classes: list[str], m
 # ---------------------------------------------------------------- writing (atomic)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _csv_bytes(header: list[str], rows: list[list]) -> bytes:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -339,17 +318,6 @@ def _json_bytes(obj) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
 
 
-def _replace_dir(tmp: Path, dest: Path) -> None:
-    """Swap a finished folder into place; an old one is moved aside first, then removed."""
-    old = None
-    if dest.exists() or dest.is_symlink():
-        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
-        os.replace(dest, old / dest.name)
-    os.replace(tmp, dest)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def write_split_files(out_dir: Path, records: list[Record], assignment: dict[str, str], classes: list[str],
                       rejected: list[tuple[str, str]], summary: dict) -> None:
     label = {c: i for i, c in enumerate(classes)}
@@ -358,10 +326,10 @@ def write_split_files(out_dir: Path, records: list[Record], assignment: dict[str
             [r.path, r.class_name, label[r.class_name], r.sha256, r.file]
             for r in records if assignment.get(r.path) == split_name
         )
-        _atomic_write(out_dir / f"{split_name}.csv", _csv_bytes(MANIFEST_COLUMNS, rows))
-    _atomic_write(out_dir / "classes.json", _json_bytes({"classes": classes}))
-    _atomic_write(out_dir / "rejected.csv", _csv_bytes(["path", "reason"], sorted(map(list, rejected))))
-    _atomic_write(out_dir / "summary.json", _json_bytes(summary))
+        atomic.write_bytes(out_dir / f"{split_name}.csv", _csv_bytes(MANIFEST_COLUMNS, rows))
+    atomic.write_bytes(out_dir / "classes.json", _json_bytes({"classes": classes}))
+    atomic.write_bytes(out_dir / "rejected.csv", _csv_bytes(["path", "reason"], sorted(map(list, rejected))))
+    atomic.write_bytes(out_dir / "summary.json", _json_bytes(summary))
 
 
 # ---------------------------------------------------------------- the data stage
@@ -384,7 +352,7 @@ def build_dataset(root: Path, images_dir: Path, out_dir: Path, split, seed: int,
     images_dir.parent.mkdir(parents=True, exist_ok=True)
     for stale in images_dir.parent.glob(f".{images_dir.name}.*-*"):  # left by a killed run
         shutil.rmtree(stale, ignore_errors=True)
-    store = Path(tempfile.mkdtemp(prefix=f".{images_dir.name}.tmp-", dir=images_dir.parent))
+    store = atomic.temp_dir(images_dir)
     try:
         records, rejected = decode_candidates(scan.candidates, store, max_side, workers)
         records, noisy = drop_label_noise(records)
@@ -416,7 +384,6 @@ def build_dataset(root: Path, images_dir: Path, out_dir: Path, split, seed: int,
         for f in os.listdir(store):  # label noise and unused count-split images leave the store
             if f not in keep:
                 os.unlink(store / f)
-        os.chmod(store, 0o755)
         small = sum(1 for r in used if min(r.width, r.height) < SMALL_SIDE)
         summary = {
             "layout": scan.layout,
@@ -429,7 +396,7 @@ def build_dataset(root: Path, images_dir: Path, out_dir: Path, split, seed: int,
             "small_images": small,
             "duplicate_images": len(used) - len(keep),
         }
-        _replace_dir(store, images_dir)
+        atomic.replace_dir(store, images_dir)
     finally:
         if store.exists():
             shutil.rmtree(store, ignore_errors=True)

@@ -15,7 +15,6 @@ Not exact: a plain tf.data.Dataset whose shuffling depends on how often it was i
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import warnings
@@ -24,6 +23,7 @@ from typing import Callable
 
 import numpy as np
 
+from . import atomic
 from .errors import ConfigError
 
 METRICS = ("loss", "accuracy")
@@ -70,15 +70,8 @@ def summarize(history: list[dict]) -> dict:
 
 
 def _atomic_write_bytes(path: Path, write: Callable) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic.target(path, fsync=True) as tmp, open(tmp, "wb") as fh:
+        write(fh)
 
 
 def _fingerprint(model, seed: int, batch_size: int, extra: dict | None) -> dict:
@@ -274,5 +267,4 @@ def write_json(path, obj) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(rounded(obj), sort_keys=True, indent=2) + "\n"
-    _atomic_write_bytes(path, lambda fh: fh.write(text.encode()))
-    return path
+    return atomic.write_text(path, text, fsync=True)

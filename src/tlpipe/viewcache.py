@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import atomic
 from .augment import augment_images, augment_settings, image_seeds
 from .errors import ConfigError, DataError, FeatureFileError
 
@@ -165,8 +166,7 @@ def _write_h5(out: Path, spec: CacheSpec, parts: dict, work: Path | None, batch_
     """Assemble the final file from the work folder's batches, under a temp name, then rename."""
     import h5py
 
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
+    with atomic.target(out) as tmp:
         with h5py.File(tmp, "w", libver=("earliest", "v110")) as f:
             for k, v in spec.attrs().items():
                 f.attrs[k] = v
@@ -184,9 +184,6 @@ def _write_h5(out: Path, spec: CacheSpec, parts: dict, work: Path | None, batch_
                     g.create_dataset("labels", data=np.asarray(labels, np.int64), track_times=False)
                     g.create_dataset("paths", data=np.asarray([str(p) for p in paths], dtype=object),
                                      dtype=h5py.string_dtype("utf-8"), track_times=False)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def build_cache(out_path, parts: dict, *, base, spec: CacheSpec, batch_size: int = 32,

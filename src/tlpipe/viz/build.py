@@ -6,13 +6,13 @@ a temp name and swapped in whole, then the page is written atomically.
 """
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from .. import atomic
 from ..errors import DataError, ModelFileError
 from . import report as rpt
 from .plotting import save_png, tile_grid
@@ -89,21 +89,6 @@ def _load(files: list[str], size: int) -> np.ndarray:
     if not files:
         return np.zeros((0, size, size, 3), np.float32)
     return np.stack([load_image(str(f), size).numpy() for f in files])
-
-
-def _fresh_dir(final: Path) -> Path:
-    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def _swap_in(tmp: Path, final: Path) -> None:
-    old = final.with_name(f".{final.name}.{os.getpid()}.old")
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _confusion_section(plots_dir, img: Path, metrics, classes) -> rpt.Section:
@@ -198,7 +183,7 @@ def build_report(models_dir, split_dir, images_dir, metrics_path, predictions_di
     files, labels, paths = manifest_rows(Path(split_dir) / "test.csv", images_dir, classes)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    img = _fresh_dir(out_dir / IMG_DIR)
+    img = atomic.temp_dir(out_dir / IMG_DIR)
     try:
         sections = [_confusion_section(plots_dir, img, metrics, classes), _curves_section(live_dir, img),
                     _gradcam_section(model, name, predictions_dir, files, paths, classes, size, viz, img)]
@@ -233,7 +218,7 @@ def build_report(models_dir, split_dir, images_dir, metrics_path, predictions_di
     except BaseException:
         shutil.rmtree(img, ignore_errors=True)
         raise
-    _swap_in(img, out_dir / IMG_DIR)
+    atomic.replace_dir(img, out_dir / IMG_DIR)
     return rpt.write_report(out_dir, html)
 
 

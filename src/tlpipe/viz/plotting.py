@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -22,20 +20,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from PIL import Image  # noqa: E402
 
-
-def atomic_write_bytes(path, data: bytes) -> Path:
-    """Write `data` to `path` via a temp file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+from .. import atomic  # noqa: E402
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -49,7 +34,7 @@ def png_bytes(image: np.ndarray) -> bytes:
 
 
 def save_png(image: np.ndarray, path) -> Path:
-    return atomic_write_bytes(path, png_bytes(image))
+    return atomic.write_bytes(path, png_bytes(image))
 
 
 def new_figure(width_in: float, height_in: float) -> Figure:
@@ -63,7 +48,7 @@ def save_figure(fig: Figure, path) -> Path:
     buf = io.BytesIO()
     # Software/Creation metadata carry the matplotlib version: drop them for reproducible bytes.
     fig.savefig(buf, format="png", metadata={"Software": None})
-    return atomic_write_bytes(path, buf.getvalue())
+    return atomic.write_bytes(path, buf.getvalue())
 
 
 def contrast_stretch(channel: np.ndarray) -> np.ndarray:

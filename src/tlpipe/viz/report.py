@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .. import atomic
 from ..errors import DataError
-from .plotting import atomic_write_bytes, new_figure, save_figure
+from .plotting import new_figure, save_figure
 
 
 @dataclass
@@ -222,4 +223,4 @@ def render_html(title: str, subtitle: str, notes: list[str], metrics: dict[str, 
 
 
 def write_report(out_dir, html: str) -> Path:
-    return atomic_write_bytes(Path(out_dir) / "index.html", html.encode("utf-8"))
+    return atomic.write_bytes(Path(out_dir) / "index.html", html.encode("utf-8"))

@@ -1,0 +1,82 @@
+"""Atomic writes: build a file (or folder) under a hidden temp name in the same folder, then os.replace.
+
+A reader, or the rerun after a killed run, sees the old file or the new one, never a half-written
+one. Temp names start with "." (`.<name>.<random>.tmp<suffix>`) so globs for outputs skip them.
+Files get the mode a plain open() would give (0o666 & ~umask), folders that of mkdir (0o777 & ~umask):
+mkstemp/mkdtemp make them private (0o600/0o700), which is wrong for shared data and reports.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+
+def _umask() -> int:
+    m = os.umask(0)  # the only portable way to read it; put back at once
+    os.umask(m)
+    return m
+
+
+@contextmanager
+def target(path, suffix: str = "", fsync: bool = False) -> Iterator[Path]:
+    """Yield a temp Path next to `path` for a writer that needs a file name (PIL, h5py, keras).
+
+    On success the temp file gets ordinary permissions and replaces `path`; on any exception
+    (KeyboardInterrupt included) it is removed and `path` is left as it was.
+    `fsync`: flush the data to disk before the rename (for resumable progress files).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        if fsync:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes(path, data: bytes, fsync: bool = False) -> Path:
+    """Write `data` to `path` atomically; return `path` as a Path."""
+    path = Path(path)
+    with target(path, fsync=fsync) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+    return path
+
+
+def write_text(path, text: str, fsync: bool = False) -> Path:
+    """Write `text` as UTF-8 atomically, newlines as given (no translation)."""
+    return write_bytes(path, text.encode("utf-8"), fsync=fsync)
+
+
+def temp_dir(dest) -> Path:
+    """A new empty hidden folder next to `dest`, to fill and then pass to replace_dir."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+
+
+def replace_dir(tmp, dest) -> None:
+    """Swap the finished folder `tmp` in as `dest`; an old `dest` is moved aside first, then removed."""
+    tmp, dest = Path(tmp), Path(dest)
+    os.chmod(tmp, 0o777 & ~_umask())
+    old = None
+    if dest.exists() or dest.is_symlink():
+        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+        os.replace(dest, old / dest.name)
+    os.replace(tmp, dest)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
