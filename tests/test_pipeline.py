@@ -62,6 +62,28 @@ def test_changing_head_lr_reruns_only_what_follows_the_head(repo):
     dvc(repo, "repro")
 
 
+def test_changing_finetune_lr_reruns_finetune_and_evaluate_never_the_cache(repo):
+    repo, _ = repo
+    cache_before = (repo / "features" / "views.h5").read_bytes()
+    set_params(repo, {"finetune": {"lr": 3e-5}})
+    ran = set(stages_run(dvc(repo, "repro")))
+    assert {"finetune", "evaluate"} <= ran
+    assert not ran & {"data", "extract", "viewcache", "train_head", "train_head_aug", "augment_preview"}, ran
+    assert (repo / "features" / "views.h5").read_bytes() == cache_before
+    sh(["git", "checkout", "params.yaml"], repo)
+    dvc(repo, "repro")
+
+
+def test_every_stage_wrote_its_outputs(repo):
+    repo, _ = repo
+    for path in ("models/head.keras", "models/head_aug.keras", "models/finetuned.keras",
+                 "features/views.h5", "plots/augment_preview.png", "reports/index.html",
+                 "dvclive/finetune/plots/metrics/val/loss.tsv"):
+        assert (repo / path).is_file(), path
+    metrics = json.loads((repo / "metrics" / "evaluate.json").read_text())
+    assert set(metrics) == {"head", "head_aug", "finetuned"}
+
+
 def test_experiment_is_listed_with_its_metrics(repo):
     repo, _ = repo
     sh(["git", "add", "-A"], repo)
@@ -75,9 +97,16 @@ def test_experiment_is_listed_with_its_metrics(repo):
 
 def test_mistyped_param_stops_the_stage_with_the_key_named(repo):
     repo, _ = repo
+    # DVC itself refuses to override a key params.yaml doesn't have...
     proc = dvc(repo, "exp", "run", "-S", "head.lr8=1", check=False)
+    assert proc.returncode != 0 and "head.lr8" in proc.stdout + proc.stderr
+    # ...and when forced to add it (`+key=`), our validation stops the stage and names it.
+    proc = dvc(repo, "exp", "run", "-S", "+head.lr8=1", check=False)
+    out = proc.stdout + proc.stderr
     assert proc.returncode != 0
-    assert "head.lr8: unknown key" in proc.stdout + proc.stderr
+    assert "head.lr8: unknown key. Did you mean head.lr?" in out
+    assert "Traceback" not in out
+    sh(["git", "checkout", "params.yaml"], repo)
 
 
 def test_a_second_repro_at_once_is_refused_by_dvc_lock(repo):
