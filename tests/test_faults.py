@@ -90,7 +90,7 @@ def listing(folder: Path) -> list[str]:
 def extract_scenario(project: Path) -> dict:
     """SIGKILL extract after train's first chunk; rerun on a file system too small for train.h5; rerun."""
     cmd = stage_cmd("extract", "--split-dir", "data/split", "--images", "data/images", "--out", "features")
-    seen = {"killed": kill_at(project, cmd, "tlpipe.features:_save_chunk:1"),
+    seen = {"killed": kill_at(project, cmd, "tlpipe.features:save_chunk:1"),
             "after_kill": listing(project / "features")}
     # chunk 1 (4 rows, ~8 KB) fits; the 520 KB train.h5 does not.
     seen["small_fs"] = run(project, cmd, limit_fsize=64 * 1024)
@@ -128,7 +128,7 @@ def train_scenario(project: Path) -> dict:
 def viewcache_scenario(project: Path) -> dict:
     """SIGKILL the view cache after its second batch, then rerun."""
     cmd = stage_cmd("viewcache", "--split-dir", "data/split", "--images", "data/images", "--out", "features/views.h5")
-    seen = {"killed": kill_at(project, cmd, "tlpipe.features:_save_chunk:2"),
+    seen = {"killed": kill_at(project, cmd, "tlpipe.features:save_chunk:2"),
             "after_kill": listing(project / "features")}
     seen["resumed"] = run(project, cmd)
     seen["after_resume"] = listing(project / "features")

@@ -99,7 +99,7 @@ def test_rerun_is_byte_identical(extractor, split, clean, tmp_path):
 
 def test_resume_after_failure_matches_clean_run(extractor, split, clean, tmp_path, monkeypatch):
     out = tmp_path / "r" / "train.h5"
-    real_save, saved = features._save_chunk, []
+    real_save, saved = features.save_chunk, []
 
     def fail_after_one(path, array):
         if saved:
@@ -107,14 +107,14 @@ def test_resume_after_failure_matches_clean_run(extractor, split, clean, tmp_pat
         saved.append(path)
         real_save(path, array)
 
-    monkeypatch.setattr(features, "_save_chunk", fail_after_one)
+    monkeypatch.setattr(features, "save_chunk", fail_after_one)
     with pytest.raises(RuntimeError, match="injected"):
         run(extractor, split, out)
     assert not out.exists()
     work = features.work_dir(out)
     assert sorted(p.name for p in work.glob("chunk_*")) == ["chunk_000000.npy"]
 
-    monkeypatch.setattr(features, "_save_chunk", real_save)
+    monkeypatch.setattr(features, "save_chunk", real_save)
     batches = []
     real_call = Extractor.__call__
     monkeypatch.setattr(Extractor, "__call__", lambda self, b: batches.append(len(b)) or real_call(self, b))
@@ -127,7 +127,7 @@ def test_resume_after_failure_matches_clean_run(extractor, split, clean, tmp_pat
 def test_changed_inputs_discard_saved_progress(extractor, split, tmp_path, monkeypatch):
     manifest, images = split
     out = tmp_path / "c" / "train.h5"
-    monkeypatch.setattr(features, "_save_chunk", lambda p, a: (_ for _ in ()).throw(RuntimeError("stop")))
+    monkeypatch.setattr(features, "save_chunk", lambda p, a: (_ for _ in ()).throw(RuntimeError("stop")))
     with pytest.raises(RuntimeError):
         run(extractor, split, out)
     monkeypatch.undo()
@@ -149,12 +149,12 @@ def test_sigkill_then_resume_matches_clean_run(split, clean, tmp_path):
     script = textwrap.dedent(f"""
         import os, signal
         from tlpipe import features
-        real, n = features._save_chunk, []
+        real, n = features.save_chunk, []
         def save_then_die(path, array):
             real(path, array); n.append(1)
             if len(n) == 2:
                 os.kill(os.getpid(), signal.SIGKILL)
-        features._save_chunk = save_then_die
+        features.save_chunk = save_then_die
         features.extract_split({str(manifest)!r}, {str(images)!r}, {str(out)!r}, features.{SPEC!r},
                                {CLASSES!r}, {BATCH}, chunk_rows={CHUNK})
     """)
@@ -173,7 +173,7 @@ def test_disk_full_while_saving_chunks(extractor, split, tmp_path, monkeypatch):
     def full(path, array):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(features, "_save_chunk", full)
+    monkeypatch.setattr(features, "save_chunk", full)
     with pytest.raises(FeatureFileError) as err:
         run(extractor, split, out)
     assert str(out) in str(err.value) and "disk full" in str(err.value)

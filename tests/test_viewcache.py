@@ -99,7 +99,7 @@ def test_cache_is_deterministic_and_resumable(tmp_path, base, parts, monkeypatch
     import tlpipe.features as features
 
     calls = {"n": 0}
-    real = features._save_chunk
+    real = features.save_chunk
 
     def flaky(path, array):
         calls["n"] += 1
@@ -107,15 +107,15 @@ def test_cache_is_deterministic_and_resumable(tmp_path, base, parts, monkeypatch
             raise KeyboardInterrupt
         real(path, array)
 
-    monkeypatch.setattr(features, "_save_chunk", flaky)
+    monkeypatch.setattr(features, "save_chunk", flaky)
     with pytest.raises(KeyboardInterrupt):
         viewcache.build_cache(tmp_path / "b.h5", parts, base=base, spec=spec, batch_size=4, progress=False)
     assert not (tmp_path / "b.h5").exists()
     work = features.work_dir(tmp_path / "b.h5")
     assert len(list(work.glob("*.npy"))) == 2
-    monkeypatch.setattr(features, "_save_chunk", real)
+    monkeypatch.setattr(features, "save_chunk", real)
     seen = []
-    monkeypatch.setattr(features, "_save_chunk", lambda p, a: (seen.append(p.name), real(p, a)))
+    monkeypatch.setattr(features, "save_chunk", lambda p, a: (seen.append(p.name), real(p, a)))
     b = viewcache.build_cache(tmp_path / "b.h5", parts, base=base, spec=spec, batch_size=4, progress=False)
     assert len(seen) == 2  # only the 4 - 2 missing batches were computed
     assert a.read_bytes() == b.read_bytes()

@@ -214,7 +214,7 @@ def preprocess(images, mode: str | None):
 
 
 @contextlib.contextmanager
-def _dtype_policy(precision: str):
+def dtype_policy(precision: str):
     """Build layers under `precision` without leaking a global policy change."""
     import keras
 
@@ -249,7 +249,7 @@ def build_base(name: str, weights: str, image_size: int, precision: str = "float
         source = _check_weights_file(weights)
     elif weights == IMAGENET:
         source = imagenet_weights_path(name, image_size)  # before building: fail fast offline
-    with _dtype_policy(precision):
+    with dtype_policy(precision):
         keras.utils.set_random_seed(seed)
         base = getattr(keras.applications, spec.constructor)(
             include_top=False, weights=None, input_shape=(image_size, image_size, 3)

@@ -129,7 +129,7 @@ def _is_disk_full(exc: OSError) -> bool:
     return exc.errno == errno.ENOSPC or "No space left" in str(exc) or "errno = 28" in str(exc)
 
 
-def _save_chunk(path: Path, array: np.ndarray) -> None:
+def save_chunk(path: Path, array: np.ndarray) -> None:
     """One finished chunk, atomically: a chunk file that exists is complete."""
     with atomic.target(path, fsync=True) as tmp, open(tmp, "wb") as f:
         np.save(f, array, allow_pickle=False)
@@ -180,7 +180,7 @@ def fingerprint(extractor: Extractor, files, labels, paths, class_names, batch_s
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
-def _prepare_work(work: Path, fp: str) -> None:
+def prepare_work(work: Path, fp: str) -> None:
     marker = work / "fingerprint"
     if work.exists() and (not marker.is_file() or marker.read_text() != fp):
         shutil.rmtree(work)  # stale progress of other inputs or parameters
@@ -247,7 +247,7 @@ def extract_split(
     work = work_dir(out)
     n, dim = len(files), extractor.dim
     try:
-        _prepare_work(work, fingerprint(extractor, files, labels, paths, classes, batch_size, chunk_rows))
+        prepare_work(work, fingerprint(extractor, files, labels, paths, classes, batch_size, chunk_rows))
         done = _done_chunks(work, n, chunk_rows, dim)
         start = done * chunk_rows
         if start < n:
@@ -269,7 +269,7 @@ def extract_split(
                     row += len(buffered[-1])
                     bar.update(len(buffered[-1]))
                     if row - chunk * chunk_rows >= chunk_rows or row >= n:
-                        _save_chunk(_chunk_path(work, chunk), np.concatenate(buffered).astype(np.float32))
+                        save_chunk(_chunk_path(work, chunk), np.concatenate(buffered).astype(np.float32))
                         chunk, buffered = chunk + 1, []
         _check_room(out, _assembled_size(n, dim, paths))
         _assemble(out, work, n, dim, chunk_rows, labels, paths, extractor.attrs(classes))

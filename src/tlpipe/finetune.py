@@ -111,7 +111,7 @@ def new_model(backbone, precision: str, units: int, dropout: float, seed: int, c
         base = backbones.build_base(backbone.name, backbone.weights, backbone.image_size, precision)
     layer = backbones.resolve_layer(base, backbone.layer)
     width = _pooled_width(truncate_base(base, layer), backbone.pooling)
-    with backbones._dtype_policy(precision):
+    with backbones.dtype_policy(precision):
         head = build_head(width, len(class_names), units, dropout, seed=int(seed))
     info = _info(backbone, class_names, layer, None)
     return assemble(base, layer, backbone.pooling, head, info, name="head_aug")

@@ -195,7 +195,7 @@ def build_cache(out_path, parts: dict, *, base, spec: CacheSpec, batch_size: int
     import tensorflow as tf
 
     from .backbones import preprocess
-    from .features import _prepare_work, work_dir
+    from .features import prepare_work, work_dir
     from .inputs import load_image
 
     out = Path(out_path)
@@ -210,7 +210,7 @@ def build_cache(out_path, parts: dict, *, base, spec: CacheSpec, batch_size: int
     settings = augment_settings(spec.augment)
     prefix = prefix_model(base, spec.boundary)
     work = work_dir(out)
-    _prepare_work(work, spec.fingerprint(parts, batch_size, activation_dtype))
+    prepare_work(work, spec.fingerprint(parts, batch_size, activation_dtype))
 
     def images_of(files):
         try:
@@ -252,7 +252,7 @@ def _run_jobs(jobs, work, parts, spec, settings, images_of, run_prefix, progress
                                                                settings)) for v in range(spec.views)], axis=1)
                 else:  # validation and test images are never augmented
                     acts = run_prefix(images)
-                features._save_chunk(target, acts)
+                features.save_chunk(target, acts)
             bar.update(1)
 
 
