@@ -6,6 +6,8 @@ SSH; see docs/sharing.md). Teammates clone her git repo and use the remote:
   train_head and what follows, reusing the pulled features.
 - Carol gets an uncommitted experiment of Alice's (another head.lr) by `dvc exp pull`, without
   running it; Alice's own run cache restores that run when she comes back to the same value.
+- Erin, with the same code, data and params as a run Alice pushed with `--run-cache`, gets its
+  outputs restored by `dvc repro --pull` instead of running it.
 - Dave has no copy of the raw photos: `dvc pull` + `dvc repro --allow-missing` still work.
 """
 
@@ -77,7 +79,7 @@ def team(tmp_path_factory, class_images):
     alice = make_project(base / "alice", photos)
     dvc(alice, "remote", "add", "-d", "shared", str(remote))
     dvc(alice, "repro")
-    commit_all(alice, "pipeline run")  # dvc.lock, .dvc/config, uncached metrics go through git
+    commit_all(alice, "pipeline run")  # dvc.lock and .dvc/config go through git, outputs through DVC
     dvc(alice, "push")
     hub = base / "hub.git"  # the team's git server
     sh(["git", "init", "-q", "--bare", "-b", "main", str(hub)], base)
@@ -145,6 +147,28 @@ def test_an_uncommitted_experiment_travels_by_exp_push_and_pull(team):
     assert (carol / "models" / "head.keras").read_bytes() == model
     assert "up to date" in dvc(carol, "status").stdout
     assert stages_run(dvc(carol, "repro")) == []
+
+
+def test_a_run_shared_through_the_run_cache_is_restored_not_run(team):
+    # Alice tries a learning rate and pushes its run records; Erin, with the same code, data and
+    # params, gets the outputs from the remote without training anything.
+    alice, lr = team["alice"], 4e-3
+    set_params(alice, {"head": {"lr": lr}})
+    dvc(alice, "repro")
+    model = (alice / "models" / "head.keras").read_bytes()
+    metrics = (alice / "metrics" / "evaluate.json").read_bytes()
+    dvc(alice, "push", "--run-cache")
+    sh(["git", "checkout", "--", "."], alice)
+    dvc(alice, "checkout")
+
+    erin = clone(team, "erin")
+    dvc(erin, "pull")
+    set_params(erin, {"head": {"lr": lr}})
+    proc = dvc(erin, "repro", "--pull")
+    assert stages_run(proc) == [], proc.stdout
+    assert "Stage 'train_head' is cached - skipping run" in proc.stdout, proc.stdout
+    assert (erin / "models" / "head.keras").read_bytes() == model
+    assert (erin / "metrics" / "evaluate.json").read_bytes() == metrics
 
 
 def test_a_teammate_without_the_raw_photos_works_from_the_remote(team):
