@@ -20,7 +20,14 @@ def load_image(path, image_size: int):
     """One image file -> float32 (image_size, image_size, 3), RGB 0..255. Pure TensorFlow."""
     import tensorflow as tf
 
-    data = tf.io.read_file(path)
+    return decode_resized(tf.io.read_file(path), image_size)
+
+
+def decode_resized(data, image_size: int):
+    """Encoded image bytes -> float32 (image_size, image_size, 3), RGB 0..255: the one decode and
+    resize every model input goes through (training, evaluation, prediction)."""
+    import tensorflow as tf
+
     image = tf.io.decode_image(data, channels=3, expand_animations=False)
     image.set_shape([None, None, 3])
     image = tf.image.resize(image, [image_size, image_size], method="bilinear", antialias=False)

@@ -113,15 +113,11 @@ def decode_for_model(path: str | os.PathLike, image_size: int) -> np.ndarray:
 
     ImageDecodeError (with a short reason) when the file is not a usable image.
     """
-    import tensorflow as tf
-
     from .images import normalise
+    from .inputs import decode_resized
 
     stored = normalise(path).data  # what data/images/ would hold for this file
-    image = tf.io.decode_image(stored, channels=3, expand_animations=False)
-    # Same resize as tlpipe.inputs.load_image (bilinear, no antialias, stretched to the square).
-    image = tf.image.resize(image, [image_size, image_size], method="bilinear", antialias=False)
-    return tf.clip_by_value(image, 0.0, 255.0).numpy()
+    return decode_resized(stored, image_size).numpy()
 
 
 def class_probabilities(raw: np.ndarray, n_classes: int) -> np.ndarray:
