@@ -147,6 +147,17 @@ def test_epoch_views_are_seeded_and_vary(tmp_path, base, parts):
         assert len({tuple(p) for p in picks}) > 1  # views change between epochs
 
 
+def test_epoch_views_show_every_view_before_repeating():
+    n, views = 50, 4
+    picks = np.stack([viewcache.epoch_views(n, views, 7, e) for e in range(3 * views)])  # [epoch, image]
+    for cycle in range(3):
+        block = np.sort(picks[cycle * views:(cycle + 1) * views], axis=0)
+        np.testing.assert_array_equal(block, np.tile(np.arange(views)[:, None], (1, n)))
+    assert not np.array_equal(picks[:views], picks[views:2 * views])  # a new order each cycle
+    assert not (picks[0] == picks[0][0]).all()  # images are not in lockstep
+    np.testing.assert_array_equal(picks[5], viewcache.epoch_views(n, views, 7, 5))  # resumable
+
+
 def test_cached_suffix_matches_full_model_loss_and_gradients(tmp_path, parts):
     """Proof of equivalence: training block5 + head on cached block4 activations sees exactly the loss
     and gradients of the full model run end to end on the same augmented images."""

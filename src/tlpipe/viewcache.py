@@ -306,9 +306,14 @@ def load_part(path, part: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def epoch_views(n: int, views: int, seed: int, epoch: int) -> np.ndarray:
-    """The view each image shows in `epoch`: seeded by (seed, epoch) alone, so resuming repeats it.
-    (training.fit shuffles the order itself, from its own (seed, epoch) stream.)"""
-    return np.random.default_rng([int(seed), int(epoch), 1]).integers(0, views, size=n)
+    """The view each image shows in `epoch`, seeded by (seed, epoch) alone, so resuming repeats it.
+
+    Each image walks through a random permutation of its views, a fresh one every `views` epochs:
+    no view repeats before all have been shown, so with `views >= epochs` every epoch sees new
+    augmentations, as online training does. (training.fit shuffles the order itself.)"""
+    cycle, position = divmod(int(epoch), int(views))
+    keys = np.random.default_rng([int(seed), cycle, 1]).random((n, views))
+    return np.argsort(keys, axis=1, kind="stable")[:, position]
 
 
 class ViewReader:
