@@ -139,17 +139,26 @@ def run_mode(args, work: Path, split: Path, mode: str, tag: str, views=None, aug
     return out
 
 
-def test_accuracy(model_path: Path, split: Path, source: Path, size: int) -> float:
+def test_correct(model_path: Path, images, labels) -> "np.ndarray":
+    """Per test image: 1 if the model classifies it right, else 0."""
     import numpy as np
 
-    from tlpipe.features import manifest_rows, read_class_names
-    from tlpipe.finetune import load_images
     from tlpipe.modelio import load_model
 
-    files, labels, _ = manifest_rows(split / "test.csv", source, read_class_names(split / "classes.json"))
-    probs = load_model(model_path).predict(load_images(files, size), verbose=0, batch_size=32)
+    probs = load_model(model_path).predict(images, verbose=0, batch_size=32)
     pred = (probs[:, 0] > 0.5).astype(int) if probs.shape[1] == 1 else probs.argmax(1)
-    return float(np.mean(pred == np.array(labels)))
+    return (pred == np.asarray(labels)).astype(np.int8)
+
+
+def paired_difference(a, b, rounds: int = 10000, seed: int = 0) -> tuple[float, float, float]:
+    """Accuracy of a minus accuracy of b on the same test images, with a 95% paired bootstrap interval
+    (resampling images, so what both models get right or wrong together does not count as noise)."""
+    import numpy as np
+
+    d = a.astype(np.float64) - b.astype(np.float64)
+    idx = np.random.default_rng(seed).integers(0, len(d), size=(rounds, len(d)))
+    boot = d[idx].mean(axis=1)
+    return float(d.mean()), float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))
 
 
 def main(argv=None) -> None:
@@ -204,11 +213,28 @@ def main(argv=None) -> None:
         plain = run_mode(args, work, split, "cached", "head", views=1, finetune=False,
                          augment={k: 0.0 for k in ("rotation_range", "width_shift_range", "height_shift_range",
                                                    "shear_range", "zoom_range")} | {"horizontal_flip": False})
-        acc = {"head": test_accuracy(work / "head" / "head_aug.keras", split, args.source, args.size)}
+        from tlpipe.features import manifest_rows, read_class_names
+        from tlpipe.finetune import load_images
+
+        files, labels, _ = manifest_rows(split / "test.csv", args.source, read_class_names(split / "classes.json"))
+        images = load_images(files, args.size)
+        correct = {"head": test_correct(work / "head" / "head_aug.keras", images, labels)}
         for mode in ("cached", "online"):
             for name in ("head_aug", "finetuned"):
-                acc[f"{name} ({mode})"] = test_accuracy(work / mode / f"{name}.keras", split, args.source, args.size)
-        lines.append("test accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
+                correct[f"{name} ({mode})"] = test_correct(work / mode / f"{name}.keras", images, labels)
+        lines.append(f"test accuracy ({len(labels)} images): "
+                     + ", ".join(f"{k} {v.mean():.3f}" for k, v in correct.items()))
+        for name in ("head_aug", "finetuned"):
+            diff, lo, hi = paired_difference(correct[f"{name} (cached)"], correct[f"{name} (online)"])
+            lines.append(f"{name}: cached - online = {100 * diff:+.1f} points "
+                         f"(95% paired bootstrap interval {100 * lo:+.1f} .. {100 * hi:+.1f}; target within 1)")
+        for mode in ("cached", "online"):
+            diff, lo, hi = paired_difference(correct[f"finetuned ({mode})"], correct["head"])
+            lines.append(f"finetuned ({mode}) - head = {100 * diff:+.1f} points "
+                         f"(95% interval {100 * lo:+.1f} .. {100 * hi:+.1f}; target > 0)")
+        if args.work:
+            import numpy as np
+            np.savez(work / "test_correct.npz", **{k.replace(" ", "_"): v for k, v in correct.items()})
         del plain
     print("\n".join(lines))
 
