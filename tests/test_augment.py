@@ -1,6 +1,8 @@
 """Augmentation: each parameter does what its name says, seeds reproduce, the preview is a grid."""
 
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -197,3 +199,23 @@ def test_preview_command_uses_the_first_training_image(tmp_path):
     np.testing.assert_allclose(tile, np.round(load_image(imgs / "b.png", 32)), atol=0.5)
     with pytest.raises(SystemExit):
         preview_main(["--out", str(tmp_path / "q.png"), "--params", str(params)])  # no image given
+
+
+def test_preview_of_a_user_photo_is_normalised_like_training_images(tmp_path):
+    """An EXIF-rotated JPEG is previewed upright, as the data stage would store it, not as stored."""
+    import sys
+
+    import tensorflow as tf
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from imagegen import write_exif_rotated_jpeg
+
+    from tlpipe.inputs import decode_file, decode_resized
+
+    photo = write_exif_rotated_jpeg(tmp_path / "rot.jpg", size=(60, 40), orientation=6)
+    out = preview(photo, tmp_path / "p.png", dict(rotation_range=40, seed=1), n=1, image_size=32)
+    tile = np.asarray(Image.open(out))[4:36, 4:36].astype(float)
+    upright = np.round(decode_file(photo, 32))
+    as_stored = np.round(decode_resized(tf.io.read_file(str(photo)), 32).numpy())
+    assert np.abs(upright - as_stored).max() > 20  # the rotation is visible at this size
+    np.testing.assert_allclose(tile, upright, atol=0.5)

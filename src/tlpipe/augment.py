@@ -131,16 +131,13 @@ def augment_dataset(ds: tf.data.Dataset, settings: dict, view) -> tf.data.Datase
 
 
 def load_image(path, image_size: int) -> np.ndarray:
-    """Decode an image file to float32 [S, S, 3] in 0..255, exactly as the pipeline's inputs do."""
-    from .inputs import load_image as pipeline_load
+    """An image file -> float32 [S, S, 3] in 0..255, exactly as the pipeline's inputs see it (a user's
+    EXIF-rotated or CMYK photo is normalised as the data stage would store it)."""
+    from .inputs import decode_file
 
     if not Path(path).is_file():
         raise DataError(f"{path}: no such image file")
-    try:
-        return pipeline_load(tf.constant(str(path)), image_size).numpy()
-    except tf.errors.InvalidArgumentError as e:
-        raise DataError(f"{path}: cannot decode this image ({e.message.splitlines()[0]}); "
-                        "pass a JPEG/PNG/GIF/BMP file") from None
+    return decode_file(path, image_size)
 
 
 def preview_grid(image: np.ndarray, settings: dict, n: int = 8, pad: int = 4) -> np.ndarray:

@@ -35,6 +35,16 @@ def decode_resized(data, image_size: int):
     return tf.clip_by_value(image, 0.0, 255.0)
 
 
+def decode_file(path, image_size: int):
+    """Any user's image file -> float32 (image_size, image_size, 3), RGB 0..255, as training saw it:
+    `images.normalise` gives the bytes the data stage would store (EXIF rotation applied, CMYK, greyscale
+    and transparency converted), then the pipeline's own decode and resize. ImageDecodeError (a
+    DataError naming the file) when it is not a usable image."""
+    from .images import normalise
+
+    return decode_resized(normalise(path).data, image_size).numpy()
+
+
 def image_dataset(
     files: Sequence[str],
     image_size: int,

@@ -2,8 +2,8 @@
 
 Every `models/*.keras` maps RGB float 0..255 images of its own `image_size` to probabilities and
 carries its class names (see modelio), so prediction needs nothing from params.yaml. Each file goes
-through the same steps as in training: `images.normalise` gives the bytes the data stage would
-store, TensorFlow decodes and resizes them as `inputs.load_image` does. So a CMYK, EXIF-rotated,
+through the same steps as in training (`inputs.decode_file`): `images.normalise` gives the bytes the
+data stage would store, TensorFlow decodes and resizes them as `inputs.load_image` does. So a CMYK, EXIF-rotated,
 16-bit or GIF file is seen exactly as its twin in the training set was.
 """
 
@@ -20,6 +20,7 @@ import numpy as np
 
 from . import atomic
 from .errors import DataError, ImageDecodeError, ModelFileError
+from .inputs import decode_file
 
 # Best model first: the pipeline's last training stage writes finetuned.keras.
 DEFAULT_MODELS = ("finetuned", "head_aug", "head")
@@ -108,18 +109,6 @@ def collect_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
     return found
 
 
-def decode_for_model(path: str | os.PathLike, image_size: int) -> np.ndarray:
-    """One file -> float32 (image_size, image_size, 3), RGB 0..255, as training saw it.
-
-    ImageDecodeError (with a short reason) when the file is not a usable image.
-    """
-    from .images import normalise
-    from .inputs import decode_resized
-
-    stored = normalise(path).data  # what data/images/ would hold for this file
-    return decode_resized(stored, image_size).numpy()
-
-
 def class_probabilities(raw: np.ndarray, n_classes: int) -> np.ndarray:
     """Model outputs -> (N, n_classes) probabilities; a binary model's one sigmoid unit is P(class 1)."""
     raw = np.asarray(raw, dtype=np.float64)
@@ -154,7 +143,7 @@ def predict_files(model, files: Sequence[str | os.PathLike], image_size: int, n_
             arrays, ok, results = [], [], {}
             for i, path in enumerate(chunk):
                 try:
-                    arrays.append(decode_for_model(path, image_size))
+                    arrays.append(decode_file(path, image_size))
                     ok.append(i)
                 except ImageDecodeError as exc:
                     results[i] = Prediction(Path(path).as_posix(), None, exc.reason)
