@@ -1,0 +1,107 @@
+"""Benchmark: compute.precision bfloat16 against float32, speed and test accuracy, in one run.
+
+On the same split of real photos, for each precision:
+  - the extract stage's real path (files -> tf.data -> feature model -> HDF5) over every split,
+    images/s (the model is built and traced before the clock starts);
+  - the train_head stage on those features (same head seed and settings), then its test accuracy.
+Also prints how far the bfloat16 features are from the float32 ones (relative L2 error), and the
+paired difference of test accuracy with a 95% bootstrap interval.
+
+    python bench/precision.py --train-per-class 200 --val-per-class 50 --test-per-class 150
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).parent))
+
+from augment import DEFAULT_SOURCE, make_split, paired_difference  # noqa: E402  (bench/augment.py)
+
+
+def extract(split: Path, source: Path, out: Path, spec, precision: str, batch_size: int) -> float:
+    """Seconds to extract every split in `precision` (model built and traced beforehand)."""
+    import numpy as np
+
+    from tlpipe.features import SPLITS, Extractor, extract_split, read_class_names
+
+    classes = read_class_names(split / "classes.json")
+    extractor = Extractor(spec, precision)
+    extractor(np.zeros((batch_size, spec.image_size, spec.image_size, 3), np.float32))  # trace
+    t0 = time.perf_counter()
+    for name in SPLITS:
+        extract_split(split / f"{name}.csv", source, out / f"{name}.h5", spec, classes, batch_size, precision,
+                      extractor=extractor)
+    return time.perf_counter() - t0
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--source", type=Path, default=Path(DEFAULT_SOURCE))
+    ap.add_argument("--train-per-class", type=int, default=200)
+    ap.add_argument("--val-per-class", type=int, default=50)
+    ap.add_argument("--test-per-class", type=int, default=150)
+    ap.add_argument("--size", type=int, default=150)
+    ap.add_argument("--weights", default="hed-bsds500")
+    ap.add_argument("--layer", default=None, help="feature layer (default: the base's last, block5_pool)")
+    ap.add_argument("--epochs", type=int, default=30, help="head epochs (params.yaml default: 30)")
+    ap.add_argument("--head-lr", type=float, default=2e-5)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir)")
+    args = ap.parse_args(argv)
+    if not args.source.is_dir():
+        raise SystemExit(f"{args.source}: not found; pass --source (a folder with train/ and validation/)")
+
+    import keras
+    import numpy as np
+
+    from tlpipe.config import validate_params
+    from tlpipe.evaluation import predict_model
+    from tlpipe.features import BaseSpec, read_features
+    from tlpipe.heads import run_train_head
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="tlpipe-bench-precision-"))
+    split = make_split(args.source, work, args.train_per_class, args.val_per_class, args.test_per_class)
+    p = validate_params({"backbone": {"name": "vgg16", "weights": args.weights, "layer": args.layer,
+                                      "image_size": args.size},
+                         "head": {"epochs": args.epochs, "lr": args.head_lr}})
+    spec = BaseSpec.from_params(p.backbone)
+    n = 2 * (args.train_per_class + args.val_per_class + args.test_per_class)
+    print(f"# {n} images ({2 * args.train_per_class} train, {2 * args.test_per_class} test), {args.size}px, "
+          f"{args.weights}, head {args.epochs} epochs lr {args.head_lr}; {os.cpu_count()} CPUs", file=sys.stderr)
+
+    result = {}
+    for precision in ("float32", "bfloat16"):
+        keras.backend.clear_session()
+        feats = work / precision
+        seconds = extract(split, args.source, feats, spec, precision, args.batch_size)
+        keras.backend.clear_session()
+        run_train_head(feats, work / f"head_{precision}.keras", work / f"head_{precision}.json",
+                       work / f"live_{precision}", p.head)
+        test = read_features(feats / "test.h5")
+        y, _, raw, how = predict_model(work / f"head_{precision}.keras", test, None, test[3]["class_names"])
+        assert how == "features"
+        correct = ((raw[:, 0] > 0.5).astype(int) if raw.shape[1] == 1 else raw.argmax(1)) == y
+        result[precision] = {"seconds": seconds, "correct": correct.astype(np.int8),
+                             "train": read_features(feats / "train.h5")[0].astype(np.float64)}
+        print(f"# {precision}: {n / seconds:.2f} images/s, test accuracy {correct.mean():.3f}", file=sys.stderr)
+
+    f32, bf16 = result["float32"], result["bfloat16"]
+    rel = np.linalg.norm(bf16["train"] - f32["train"]) / np.linalg.norm(f32["train"])
+    diff, lo, hi = paired_difference(bf16["correct"], f32["correct"])
+    print(f"extract images/s: float32 {n / f32['seconds']:.2f}, bfloat16 {n / bf16['seconds']:.2f} "
+          f"-> bfloat16 is {f32['seconds'] / bf16['seconds']:.2f}x the speed of float32")
+    print(f"features: bfloat16 vs float32 relative L2 error {rel:.4f}")
+    print(f"test accuracy ({len(f32['correct'])} images): float32 {f32['correct'].mean():.3f}, "
+          f"bfloat16 {bf16['correct'].mean():.3f}; bfloat16 - float32 = {100 * diff:+.1f} points "
+          f"(95% paired bootstrap interval {100 * lo:+.1f} .. {100 * hi:+.1f})")
+
+
+if __name__ == "__main__":
+    main()
