@@ -240,8 +240,13 @@ def _run_jobs(jobs, work, parts, spec, settings, images_of, run_prefix, progress
 
     from . import features
 
-    with tqdm(total=len(jobs), desc=f"view cache -> {name}", unit="batch", disable=not progress,
-              file=sys.stderr) as bar:
+    def passes(part, start, stop):  # images through the prefix: a training batch runs once per view
+        return (stop - start) * (spec.views if part == "train" else 1)
+
+    # Counted in images, not batches: a training batch costs `views` times a validation one, so a
+    # bar in batches would promise far too early an end.
+    with tqdm(total=sum(passes(*job) for job in jobs), desc=f"view cache -> {name}", unit="img",
+              disable=not progress, file=sys.stderr) as bar:
         for part, start, stop in jobs:
             target = work / f"{part}-{start:06d}.npy"
             if not target.exists():
@@ -253,7 +258,7 @@ def _run_jobs(jobs, work, parts, spec, settings, images_of, run_prefix, progress
                 else:  # validation and test images are never augmented
                     acts = run_prefix(images)
                 features.save_chunk(target, acts)
-            bar.update(1)
+            bar.update(passes(part, start, stop))
 
 
 # ---------------------------------------------------------------- reading
