@@ -147,10 +147,10 @@ def test_correct(model_path: Path, images, labels) -> "np.ndarray":
     """Per test image: 1 if the model classifies it right, else 0."""
     import numpy as np
 
+    from tlpipe.evaluation import to_probabilities
     from tlpipe.modelio import load_model
 
-    probs = load_model(model_path).predict(images, verbose=0, batch_size=32)
-    pred = (probs[:, 0] > 0.5).astype(int) if probs.shape[1] == 1 else probs.argmax(1)
+    pred = to_probabilities(load_model(model_path).predict(images, verbose=0, batch_size=32)).argmax(1)
     return (pred == np.asarray(labels)).astype(np.int8)
 
 

@@ -62,7 +62,7 @@ def main(argv=None) -> None:
     import numpy as np
 
     from tlpipe.config import validate_params
-    from tlpipe.evaluation import predict_model
+    from tlpipe.evaluation import predict_model, to_probabilities
     from tlpipe.features import BaseSpec, read_features
     from tlpipe.heads import run_train_head
 
@@ -87,7 +87,7 @@ def main(argv=None) -> None:
         test = read_features(feats / "test.h5")
         y, _, raw, how = predict_model(work / f"head_{precision}.keras", test, None, test[3]["class_names"])
         assert how == "features"
-        correct = ((raw[:, 0] > 0.5).astype(int) if raw.shape[1] == 1 else raw.argmax(1)) == y
+        correct = to_probabilities(raw).argmax(1) == y
         result[precision] = {"seconds": seconds, "correct": correct.astype(np.int8),
                              "train": read_features(feats / "train.h5")[0].astype(np.float64)}
         print(f"# {precision}: {n / seconds:.2f} images/s, test accuracy {correct.mean():.3f}", file=sys.stderr)

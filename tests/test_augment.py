@@ -1,10 +1,9 @@
 """Augmentation: each parameter does what its name says, seeds reproduce, the preview is a grid."""
 
 
-from pathlib import Path
-
 import numpy as np
 import pytest
+from imagegen import write_exif_rotated_jpeg
 from PIL import Image
 
 from tlpipe.augment import (apply_transforms, augment_images, augment_settings, image_seeds, preview,
@@ -203,12 +202,7 @@ def test_preview_command_uses_the_first_training_image(tmp_path):
 
 def test_preview_of_a_user_photo_is_normalised_like_training_images(tmp_path):
     """An EXIF-rotated JPEG is previewed upright, as the data stage would store it, not as stored."""
-    import sys
-
     import tensorflow as tf
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from imagegen import write_exif_rotated_jpeg
 
     from tlpipe.inputs import decode_file, decode_resized
 

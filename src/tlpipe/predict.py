@@ -2,9 +2,9 @@
 
 Every `models/*.keras` maps RGB float 0..255 images of its own `image_size` to probabilities and
 carries its class names (see modelio), so prediction needs nothing from params.yaml. Each file goes
-through the same steps as in training (`inputs.decode_file`): `images.normalise` gives the bytes the
-data stage would store, TensorFlow decodes and resizes them as `inputs.load_image` does. So a CMYK, EXIF-rotated,
-16-bit or GIF file is seen exactly as its twin in the training set was.
+through the same steps as in training (`inputs.decode_file`): `images.normalise` gives the bytes
+the data stage would store, TensorFlow decodes and resizes them as `inputs.load_image` does. So a
+CMYK, EXIF-rotated, 16-bit or GIF file is seen exactly as its twin in the training set was.
 """
 
 from __future__ import annotations
