@@ -6,8 +6,11 @@ On real photos (cats_and_dogs_filtered), one run measures:
     wall time of the epochs after the first, so graph tracing is not counted; validation included in both),
     and the ratios online/cached (targets: >= 10x head_aug, >= 4x finetune);
   - the break-even: epochs after which building the cache has paid for itself.
+The two modes run one after the other, so a swing in the machine's speed between them moves the
+ratios; bench/speed.py times them interleaved, round by round, for figures a busy machine can't skew.
 With --accuracy (long): test accuracy of head (no augmentation), head_aug and finetuned, both modes,
-on the same split.
+on the same split; --same-draws adds online training on the cached views' augmentations, to tell
+the cache's own cost (float16 activations) from the luck of the augmentation draw.
 
     python bench/augment.py                       # quick: 100+100 train, 50+50 val, 2 views, ~5 min
     python bench/augment.py --accuracy --train-per-class 500 --epochs 10 --views 5
@@ -25,34 +28,9 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-DEFAULT_SOURCE = "/work/shared/datasets/cats_and_dogs_filtered"
+sys.path.insert(0, str(Path(__file__).parent))
 
-
-def make_split(source: Path, out: Path, train_n: int, val_n: int, test_n: int) -> Path:
-    """Manifests in data/split format: train from train/, validation and test from validation/ (disjoint)."""
-    import pandas as pd
-
-    classes = sorted(p.name for p in (source / "train").iterdir() if p.is_dir())
-    split = out / "split"
-    split.mkdir(parents=True, exist_ok=True)
-
-    def rows(folder, cls, label, files):
-        return [{"path": f"{folder}/{cls}/{f}", "class_name": cls, "label": label, "sha256": "",
-                 "file": f"{folder}/{cls}/{f}"} for f in files]
-
-    parts = {"train": [], "validation": [], "test": []}
-    for label, cls in enumerate(classes):
-        train = sorted(os.listdir(source / "train" / cls))[:train_n]
-        val = sorted(os.listdir(source / "validation" / cls))
-        if len(train) < train_n or len(val) < val_n + test_n:
-            raise SystemExit(f"{source}: not enough {cls} images for the requested subset")
-        parts["train"] += rows("train", cls, label, train)
-        parts["validation"] += rows("validation", cls, label, val[:val_n])
-        parts["test"] += rows("validation", cls, label, val[val_n:val_n + test_n])
-    for part, r in parts.items():
-        pd.DataFrame(sorted(r, key=lambda x: x["path"])).to_csv(split / f"{part}.csv", index=False)
-    (split / "classes.json").write_text(json.dumps({"classes": classes}))
-    return split
+from common import DEFAULT_SOURCE, make_split, paired_difference, params_for  # noqa: E402  (bench/common.py)
 
 
 class EpochClock:
@@ -83,23 +61,33 @@ class EpochClock:
         return statistics.median(b - a for a, b in zip(self.ends[1:], self.ends[2:]))
 
 
-def params_for(args, mode: str, views: int | None = None, augment: dict | None = None):
-    from tlpipe.config import validate_params
+def cached_draws(views: int, run_seed: int):
+    """A stand-in for finetune.online_epochs whose epoch e shows each image the view cached training
+    shows it (viewcache.epoch_views) instead of view e: online training on the very images cached
+    training sees, so the two differ only by the cache's float16 rounding."""
+    import numpy as np
 
-    aug = {"mode": mode, "views": views or args.views}
-    aug.update(augment or {})
-    return validate_params({
-        "backbone": {"name": "vgg16", "weights": args.weights, "image_size": args.size},
-        "compute": {"precision": args.precision, "batch_size": 32},
-        "augment": aug,
-        "head": {"units": 256, "dropout": 0.5},
-        "head_aug": {"epochs": args.epochs, "batch_size": 20, "lr": args.head_lr},
-        "finetune": {"epochs": args.epochs, "batch_size": 20, "lr": args.finetune_lr},
-    })
+    from tlpipe.augment import augment_images, image_seeds
+    from tlpipe.viewcache import epoch_views
+
+    def online_epochs(images, labels, settings):
+        labels = np.asarray(labels, np.int64)
+
+        def epoch(e: int):
+            view = epoch_views(len(images), views, run_seed, e)
+            out = np.empty_like(images)
+            for s in range(0, len(images), 64):
+                idx = np.arange(s, min(len(images), s + 64))
+                out[idx] = augment_images(images[idx], image_seeds(settings["seed"], view[idx], idx), settings).numpy()
+            return out, labels
+        return epoch
+    return online_epochs
 
 
 def run_mode(args, work: Path, split: Path, mode: str, tag: str, views=None, augment=None,
-             finetune: bool = True) -> dict:
+             finetune: bool = True, draws: str = "fresh") -> dict:
+    """Build the cache (a marker in online mode), train head_aug and finetune; timings and val accuracy.
+    draws="cached" (online mode): train on the cached views' augmentations, not fresh ones."""
     import keras
 
     from tlpipe.finetune import run_finetune, run_head_aug
@@ -127,6 +115,9 @@ def run_mode(args, work: Path, split: Path, mode: str, tag: str, views=None, aug
         frozen_s.append(time.perf_counter() - t)
         return r
     ft._frozen_suffix_data = timed_frozen
+    real_online = ft.online_epochs
+    if draws == "cached":
+        ft.online_epochs = cached_draws(p.augment.views, p.head_aug.seed)
     with EpochClock() as clock:
         m = run_head_aug(model_out=d / "head_aug.keras", metrics_out=d / "head_aug.json", live_dir=d / "live_h",
                          head=p.head, head_aug=p.head_aug, **common)
@@ -135,10 +126,13 @@ def run_mode(args, work: Path, split: Path, mode: str, tag: str, views=None, aug
     out["frozen_suffix_s"] = sum(frozen_s)
     if finetune:
         keras.backend.clear_session()
+        if draws == "cached":
+            ft.online_epochs = cached_draws(p.augment.views, p.finetune.seed)
         with EpochClock() as clock:
             m = run_finetune(model_in=d / "head_aug.keras", model_out=d / "finetuned.keras",
                              metrics_out=d / "finetune.json", live_dir=d / "live_f", finetune=p.finetune, **common)
         out["finetune_epoch_s"], out["finetune_val_acc"] = clock.steady(), m["last"]["val_accuracy"]
+    ft.online_epochs = real_online
     print(f"# {tag}: " + json.dumps({k: round(v, 3) for k, v in out.items()}), file=sys.stderr, flush=True)
     return out
 
@@ -152,17 +146,6 @@ def test_correct(model_path: Path, images, labels) -> "np.ndarray":
 
     pred = to_probabilities(load_model(model_path).predict(images, verbose=0, batch_size=32)).argmax(1)
     return (pred == np.asarray(labels)).astype(np.int8)
-
-
-def paired_difference(a, b, rounds: int = 10000, seed: int = 0) -> tuple[float, float, float]:
-    """Accuracy of a minus accuracy of b on the same test images, with a 95% paired bootstrap interval
-    (resampling images, so what both models get right or wrong together does not count as noise)."""
-    import numpy as np
-
-    d = a.astype(np.float64) - b.astype(np.float64)
-    idx = np.random.default_rng(seed).integers(0, len(d), size=(rounds, len(d)))
-    boot = d[idx].mean(axis=1)
-    return float(d.mean()), float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))
 
 
 def main(argv=None) -> None:
@@ -179,8 +162,13 @@ def main(argv=None) -> None:
     ap.add_argument("--head-lr", type=float, default=2e-5)
     ap.add_argument("--finetune-lr", type=float, default=1e-5)
     ap.add_argument("--accuracy", action="store_true", help="also train 'head' and report test accuracies")
+    ap.add_argument("--same-draws", action="store_true",
+                    help="with --accuracy: also train online on the cached views' augmentations, which "
+                         "separates the cache's own cost (float16) from which augmentations were drawn")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir)")
     args = ap.parse_args(argv)
+    if args.same_draws and not args.accuracy:
+        ap.error("--same-draws needs --accuracy")
     if args.epochs < 2:
         ap.error("--epochs must be >= 2 (the first epoch includes graph tracing)")
     if not args.source.is_dir():
@@ -221,10 +209,14 @@ def main(argv=None) -> None:
         from tlpipe.features import manifest_rows, read_class_names
         from tlpipe.finetune import load_images
 
+        modes = ("cached", "online")
+        if args.same_draws:
+            run_mode(args, work, split, "online", "online_same", draws="cached")
+            modes += ("online_same",)
         files, labels, _ = manifest_rows(split / "test.csv", args.source, read_class_names(split / "classes.json"))
         images = load_images(files, args.size)
         correct = {"head": test_correct(work / "head" / "head_aug.keras", images, labels)}
-        for mode in ("cached", "online"):
+        for mode in modes:
             for name in ("head_aug", "finetuned"):
                 correct[f"{name} ({mode})"] = test_correct(work / mode / f"{name}.keras", images, labels)
         lines.append(f"test accuracy ({len(labels)} images): "
@@ -233,6 +225,12 @@ def main(argv=None) -> None:
             diff, lo, hi = paired_difference(correct[f"{name} (cached)"], correct[f"{name} (online)"])
             lines.append(f"{name}: cached - online = {100 * diff:+.1f} points "
                          f"(95% paired bootstrap interval {100 * lo:+.1f} .. {100 * hi:+.1f}; target within 1)")
+            if args.same_draws:  # the cache's own cost, then what a different draw of augmentations does
+                for a, b in (("cached", "online_same"), ("online", "online_same")):
+                    x, y = correct[f"{name} ({a})"], correct[f"{name} ({b})"]
+                    diff, lo, hi = paired_difference(x, y)
+                    lines.append(f"{name}: {a} - {b} = {100 * diff:+.1f} points (95% interval {100 * lo:+.1f} .. "
+                                 f"{100 * hi:+.1f}); they disagree on {int((x != y).sum())} of {len(x)} images")
         for mode in ("cached", "online"):
             diff, lo, hi = paired_difference(correct[f"finetuned ({mode})"], correct["head"])
             lines.append(f"finetuned ({mode}) - head = {100 * diff:+.1f} points "

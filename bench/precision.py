@@ -22,7 +22,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).parent))
 
-from augment import DEFAULT_SOURCE, make_split, paired_difference  # noqa: E402  (bench/augment.py)
+from common import DEFAULT_SOURCE, make_split, paired_difference  # noqa: E402  (bench/common.py)
 
 
 def extract(split: Path, source: Path, out: Path, spec, precision: str, batch_size: int) -> float:
