@@ -30,7 +30,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import DEFAULT_SOURCE, make_split, paired_difference, params_for  # noqa: E402  (bench/common.py)
+from common import DEFAULT_SOURCE, add_model_args, make_split, paired_difference, params_for  # noqa: E402  (bench/common.py)
 
 
 class EpochClock:
@@ -156,11 +156,7 @@ def main(argv=None) -> None:
     ap.add_argument("--test-per-class", type=int, default=50)
     ap.add_argument("--views", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=2, help="epochs per run (>= 2: the last one is timed)")
-    ap.add_argument("--size", type=int, default=150)
-    ap.add_argument("--weights", default="hed-bsds500")
-    ap.add_argument("--precision", default="float32")
-    ap.add_argument("--head-lr", type=float, default=2e-5)
-    ap.add_argument("--finetune-lr", type=float, default=1e-5)
+    add_model_args(ap)
     ap.add_argument("--accuracy", action="store_true", help="also train 'head' and report test accuracies")
     ap.add_argument("--same-draws", action="store_true",
                     help="with --accuracy: also train online on the cached views' augmentations, which "

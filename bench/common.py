@@ -47,6 +47,15 @@ def paired_difference(a, b, rounds: int = 10000, seed: int = 0) -> tuple[float, 
     return float(d.mean()), float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))
 
 
+def add_model_args(ap) -> None:
+    """The arguments params_for reads besides views and epochs."""
+    ap.add_argument("--size", type=int, default=150)
+    ap.add_argument("--weights", default="hed-bsds500")
+    ap.add_argument("--precision", default="float32")
+    ap.add_argument("--head-lr", type=float, default=2e-5)
+    ap.add_argument("--finetune-lr", type=float, default=1e-5)
+
+
 def params_for(args, mode: str, views: int | None = None, augment: dict | None = None):
     """Validated params for a benchmark run: the stages' defaults, with the bench's size, weights,
     precision, views, epochs and learning rates (args), in augment `mode`."""

@@ -33,7 +33,7 @@ from typing import Callable
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import DEFAULT_SOURCE, make_split, params_for  # noqa: E402  (bench/common.py)
+from common import DEFAULT_SOURCE, add_model_args, make_split, params_for  # noqa: E402  (bench/common.py)
 
 
 @dataclass
@@ -124,15 +124,14 @@ def main(argv=None) -> None:
     ap.add_argument("--epoch-train", type=int, default=1500)
     ap.add_argument("--epoch-val", type=int, default=750)
     ap.add_argument("--batch-size", type=int, default=20, help="params.yaml: head_aug/finetune.batch_size")
-    ap.add_argument("--size", type=int, default=150)
-    ap.add_argument("--weights", default="hed-bsds500")
-    ap.add_argument("--precision", default="float32")
-    ap.add_argument("--head-lr", type=float, default=2e-5)
-    ap.add_argument("--finetune-lr", type=float, default=1e-5)
+    add_model_args(ap)
     ap.add_argument("--stages", default="head_aug,finetune")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir)")
     args = ap.parse_args(argv)
     args.views, args.epochs = 1, 1  # params_for: one view per image is enough to time a step
+    stages = set(args.stages.split(","))
+    if not stages <= {"head_aug", "finetune"}:
+        ap.error(f"--stages: a comma-separated list of head_aug and finetune, got {args.stages!r}")
     if not args.source.is_dir():
         raise SystemExit(f"{args.source}: not found; pass --source (a folder with train/ and validation/)")
 
@@ -181,7 +180,7 @@ def main(argv=None) -> None:
              f"reading an epoch's views: {read_per_image * 1e3:.2f} ms per image (counted in cached finetune)"]
     head = p.head
     full = new_model(p.backbone, args.precision, head.units, head.dropout, 0, classes)
-    if "head_aug" in args.stages:
+    if "head_aug" in stages:
         t = time.perf_counter()
         head_model, epoch_feats, val_feats = _frozen_suffix_data(full, cached_training_model(full, boundary), reader,
                                                                  (val_acts, val_labels), 0)
@@ -195,7 +194,7 @@ def main(argv=None) -> None:
                              Side("online", online, augmented, (val_images, val_labels), n), args))
         lines.append(f"train_head_aug: plus a one-time frozen-suffix pass of {frozen_s:.1f} s "
                      f"({frozen_s / n * 1e3:.1f} ms per image-view)")
-    if "finetune" in args.stages:
+    if "finetune" in stages:
         start = work / "start.keras"
         save_model(detached(full), start)
         cached = finetune_model(start, p.backbone, args.precision, p.finetune.unfreeze_from)
