@@ -61,27 +61,15 @@ class EpochClock:
         return statistics.median(b - a for a, b in zip(self.ends[1:], self.ends[2:]))
 
 
-def cached_draws(views: int, run_seed: int):
+def cached_draws(online_epochs, views: int, run_seed: int):
     """A stand-in for finetune.online_epochs whose epoch e shows each image the view cached training
     shows it (viewcache.epoch_views) instead of view e: online training on the very images cached
     training sees, so the two differ only by the cache's float16 rounding."""
-    import numpy as np
-
-    from tlpipe.augment import augment_images, image_seeds
     from tlpipe.viewcache import epoch_views
 
-    def online_epochs(images, labels, settings):
-        labels = np.asarray(labels, np.int64)
-
-        def epoch(e: int):
-            view = epoch_views(len(images), views, run_seed, e)
-            out = np.empty_like(images)
-            for s in range(0, len(images), 64):
-                idx = np.arange(s, min(len(images), s + 64))
-                out[idx] = augment_images(images[idx], image_seeds(settings["seed"], view[idx], idx), settings).numpy()
-            return out, labels
-        return epoch
-    return online_epochs
+    def same_views(images, labels, settings):
+        return online_epochs(images, labels, settings, views=lambda e: epoch_views(len(images), views, run_seed, e))
+    return same_views
 
 
 def run_mode(args, work: Path, split: Path, mode: str, tag: str, views=None, augment=None,
@@ -117,7 +105,7 @@ def run_mode(args, work: Path, split: Path, mode: str, tag: str, views=None, aug
     ft._frozen_suffix_data = timed_frozen
     real_online = ft.online_epochs
     if draws == "cached":
-        ft.online_epochs = cached_draws(p.augment.views, p.head_aug.seed)
+        ft.online_epochs = cached_draws(real_online, p.augment.views, p.head_aug.seed)
     with EpochClock() as clock:
         m = run_head_aug(model_out=d / "head_aug.keras", metrics_out=d / "head_aug.json", live_dir=d / "live_h",
                          head=p.head, head_aug=p.head_aug, **common)
@@ -127,7 +115,7 @@ def run_mode(args, work: Path, split: Path, mode: str, tag: str, views=None, aug
     if finetune:
         keras.backend.clear_session()
         if draws == "cached":
-            ft.online_epochs = cached_draws(p.augment.views, p.finetune.seed)
+            ft.online_epochs = cached_draws(real_online, p.augment.views, p.finetune.seed)
         with EpochClock() as clock:
             m = run_finetune(model_in=d / "head_aug.keras", model_out=d / "finetuned.keras",
                              metrics_out=d / "finetune.json", live_dir=d / "live_f", finetune=p.finetune, **common)

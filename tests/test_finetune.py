@@ -151,3 +151,20 @@ def test_batchnorm_stays_in_inference_mode():
     assert inner.layers[0].trainable and outer.layers[-1].trainable
     x = np.random.RandomState(0).normal(5, 2, (8, 4)).astype("float32")
     np.testing.assert_allclose(outer(x, training=True), outer(x, training=False), rtol=1e-6)
+
+
+def test_online_epochs_show_view_epoch_or_the_views_asked_for():
+    """By default epoch e augments every image as view e; `views` picks each image's view instead."""
+    from tlpipe.augment import augment_settings
+    from tlpipe.finetune import online_epochs
+
+    images = np.random.default_rng(0).uniform(0, 255, (3, 16, 16, 3)).astype(np.float32)
+    settings = augment_settings({"rotation_range": 40.0, "zoom_range": 0.2, "horizontal_flip": True, "seed": 7})
+    plain = online_epochs(images, [0, 1, 0], settings)
+    by_epoch = {e: plain(e)[0] for e in range(3)}
+    assert not np.allclose(by_epoch[0], by_epoch[1])  # views differ, so the checks below can fail
+    chosen = online_epochs(images, [0, 1, 0], settings, views=lambda e: [2, 0, 1])
+    x, y = chosen(5)
+    for i, v in enumerate([2, 0, 1]):
+        np.testing.assert_array_equal(x[i], by_epoch[v][i])
+    np.testing.assert_array_equal(y, [0, 1, 0])

@@ -170,17 +170,20 @@ def load_images(files, image_size: int, batch_size: int = 64) -> np.ndarray:
     return np.concatenate([b.numpy() for b in image_dataset(files, image_size, batch_size, None)])
 
 
-def online_epochs(images: np.ndarray, labels, settings: dict):
-    """epoch -> (augmented images, labels): view `epoch` of every training image (fit shuffles)."""
+def online_epochs(images: np.ndarray, labels, settings: dict, views=None):
+    """epoch -> (augmented images, labels): view `epoch` of every training image (fit shuffles).
+    `views` (epoch -> one view number per image) picks other views, e.g. the ones cached training
+    draws (viewcache.epoch_views)."""
     from .augment import augment_images, image_seeds
 
     labels = np.asarray(labels, np.int64)
 
     def epoch(e: int):
+        view = np.full(len(images), e) if views is None else np.asarray(views(e))
         out = np.empty_like(images)
         for s in range(0, len(images), 64):
             idx = np.arange(s, min(len(images), s + 64))
-            out[idx] = augment_images(images[idx], image_seeds(settings["seed"], e, idx), settings).numpy()
+            out[idx] = augment_images(images[idx], image_seeds(settings["seed"], view[idx], idx), settings).numpy()
         return out, labels
     return epoch
 
