@@ -37,7 +37,7 @@ class EpochClock:
     """Wall time of each finished epoch, from training.fit's per-epoch logging hook."""
 
     def __init__(self):
-        from tlpipe import training
+        from tlpipe.train import loop as training
 
         self.training, self.real, self.ends = training, training._log_epoch, []
 
@@ -65,7 +65,7 @@ def cached_draws(online_epochs, views: int, run_seed: int):
     """A stand-in for finetune.online_epochs whose epoch e shows each image the view cached training
     shows it (viewcache.epoch_views) instead of view e: online training on the very images cached
     training sees, so the two differ only by the cache's float16 rounding."""
-    from tlpipe.viewcache import epoch_views
+    from tlpipe.features.viewcache import epoch_views
 
     def same_views(images, labels, settings):
         return online_epochs(images, labels, settings, views=lambda e: epoch_views(len(images), views, run_seed, e))
@@ -78,8 +78,8 @@ def run_mode(args, work: Path, split: Path, mode: str, tag: str, views=None, aug
     draws="cached" (online mode): train on the cached views' augmentations, not fresh ones."""
     import keras
 
-    from tlpipe.finetune import run_finetune, run_head_aug
-    from tlpipe.viewcache import build_from_manifests
+    from tlpipe.train.finetune import run_finetune, run_head_aug
+    from tlpipe.features.viewcache import build_from_manifests
 
     p = params_for(args, mode, views, augment)
     d = work / tag
@@ -93,7 +93,7 @@ def run_mode(args, work: Path, split: Path, mode: str, tag: str, views=None, aug
     common = dict(cache=d / "views.h5", split_dir=split, images_dir=args.source, backbone=p.backbone,
                   compute=p.compute, augment=p.augment)
     keras.backend.clear_session()
-    import tlpipe.finetune as ft
+    import tlpipe.train.finetune as ft
 
     real_frozen, frozen_s = ft._frozen_suffix_data, []
 
@@ -129,8 +129,8 @@ def test_correct(model_path: Path, images, labels) -> "np.ndarray":
     """Per test image: 1 if the model classifies it right, else 0."""
     import numpy as np
 
-    from tlpipe.evaluation import to_probabilities
-    from tlpipe.modelio import load_model
+    from tlpipe.evaluate.run import to_probabilities
+    from tlpipe.model.saved import load_model
 
     pred = to_probabilities(load_model(model_path).predict(images, verbose=0, batch_size=32)).argmax(1)
     return (pred == np.asarray(labels)).astype(np.int8)
@@ -190,8 +190,8 @@ def main(argv=None) -> None:
         plain = run_mode(args, work, split, "cached", "head", views=1, finetune=False,
                          augment={k: 0.0 for k in ("rotation_range", "width_shift_range", "height_shift_range",
                                                    "shear_range", "zoom_range")} | {"horizontal_flip": False})
-        from tlpipe.features import manifest_rows, read_class_names
-        from tlpipe.finetune import load_images
+        from tlpipe.features.extract import manifest_rows, read_class_names
+        from tlpipe.train.finetune import load_images
 
         modes = ("cached", "online")
         if args.same_draws:

@@ -59,8 +59,8 @@ def main(argv=None) -> None:
     import pandas as pd
     import tensorflow as tf
 
-    from tlpipe.features import BaseSpec, Extractor, extract_split
-    from tlpipe.inputs import image_dataset
+    from tlpipe.features.extract import BaseSpec, Extractor, extract_split
+    from tlpipe.features.inputs import image_dataset
 
     files = sample_files(args.source, args.n)
     n = len(files)

@@ -29,7 +29,7 @@ def extract(split: Path, source: Path, out: Path, spec, precision: str, batch_si
     """Seconds to extract every split in `precision` (model built and traced beforehand)."""
     import numpy as np
 
-    from tlpipe.features import SPLITS, Extractor, extract_split, read_class_names
+    from tlpipe.features.extract import SPLITS, Extractor, extract_split, read_class_names
 
     classes = read_class_names(split / "classes.json")
     extractor = Extractor(spec, precision)
@@ -62,9 +62,9 @@ def main(argv=None) -> None:
     import numpy as np
 
     from tlpipe.config import validate_params
-    from tlpipe.evaluation import predict_model, to_probabilities
-    from tlpipe.features import BaseSpec, read_features
-    from tlpipe.heads import run_train_head
+    from tlpipe.evaluate.run import predict_model, to_probabilities
+    from tlpipe.features.extract import BaseSpec, read_features
+    from tlpipe.model.head import run_train_head
 
     work = args.work or Path(tempfile.mkdtemp(prefix="tlpipe-bench-precision-"))
     split = make_split(args.source, work, args.train_per_class, args.val_per_class, args.test_per_class)

@@ -137,13 +137,13 @@ def main(argv=None) -> None:
 
     import numpy as np
 
-    from tlpipe import viewcache
-    from tlpipe.augment import augment_images, augment_settings, image_seeds
-    from tlpipe.features import manifest_rows, read_class_names
-    from tlpipe.finetune import (_frozen_suffix_data, cached_training_model, detached, finetune_model,
+    from tlpipe.features import viewcache
+    from tlpipe.features.augment import augment_images, augment_settings, image_seeds
+    from tlpipe.features.extract import manifest_rows, read_class_names
+    from tlpipe.train.finetune import (_frozen_suffix_data, cached_training_model, detached, finetune_model,
                                  load_images, new_model)
-    from tlpipe.heads import compile_head
-    from tlpipe.modelio import save_model
+    from tlpipe.model.head import compile_head
+    from tlpipe.model.saved import save_model
 
     work = args.work or Path(tempfile.mkdtemp(prefix="tlpipe-bench-speed-"))
     split = make_split(args.source, work, args.train_per_class, args.val_per_class, 1)

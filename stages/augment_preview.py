@@ -4,7 +4,7 @@
     python stages/augment_preview.py IMAGE --out x.png [-n 8]        (any image, outside DVC too)
 """
 
-from tlpipe.augment import preview_main
+from tlpipe.features.augment import preview_main
 from tlpipe.cli import run_stage
 
 

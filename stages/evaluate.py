@@ -19,7 +19,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     params = load_params()
 
-    from tlpipe.evaluation import run_evaluate
+    from tlpipe.evaluate.run import run_evaluate
 
     run_evaluate(args.features, args.models, args.split_dir, args.images, args.metrics, args.plots,
                  args.predictions, params.evaluate.models)

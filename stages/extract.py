@@ -15,7 +15,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     params = load_params()
 
-    from tlpipe.features import BaseSpec, extract_splits
+    from tlpipe.features.extract import BaseSpec, extract_splits
 
     extract_splits(args.split_dir, args.images, args.out, BaseSpec.from_params(params.backbone),
                    batch_size=params.compute.batch_size, precision=params.compute.precision)

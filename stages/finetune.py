@@ -23,7 +23,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     p = load_params()
 
-    from tlpipe.finetune import run_finetune
+    from tlpipe.train.finetune import run_finetune
 
     run_finetune(cache=args.cache, split_dir=args.split_dir, images_dir=args.images,
                  model_in=args.model_in or f"models/{p.finetune.from_}.keras", model_out=args.model,

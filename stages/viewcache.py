@@ -19,7 +19,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     p = load_params()
 
-    from tlpipe.viewcache import build_from_manifests
+    from tlpipe.features.viewcache import build_from_manifests
 
     build_from_manifests(args.split_dir, args.images, args.out, backbone=p.backbone, augment=p.augment,
                          compute=p.compute, unfreeze_from=p.finetune.unfreeze_from)

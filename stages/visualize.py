@@ -21,7 +21,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     params = load_params(args.params)
 
-    from tlpipe.viz.build import build_report, load_params_text
+    from tlpipe.report.build import build_report, load_params_text
 
     page = build_report(args.models, args.split_dir, args.images, args.metrics, args.predictions, args.live,
                         args.plots, args.out, params.visualize, load_params_text(args.params))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tlpipe import backbones
+from tlpipe.features import backbones
 from tlpipe.errors import ConfigError, WeightsError
 
 

@@ -141,7 +141,7 @@ def test_random_dicts_either_validate_or_raise_config_error(candidate):
 
 def test_backbone_names_match_the_registry():
     # config keeps its own list so validating params never imports TensorFlow; keep the two in step.
-    from tlpipe.backbones import ARCHS
+    from tlpipe.features.backbones import ARCHS
     from tlpipe.config import BACKBONES
 
     assert set(BACKBONES) == set(ARCHS)

@@ -7,8 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tlpipe import evaluation as ev
-from tlpipe import heads, modelio
+from tlpipe.evaluate import run as ev
+from tlpipe.model import head as heads
+from tlpipe.model import saved as modelio
 from tlpipe.errors import DataError, ModelFileError
 
 # ---------------------------------------------------------------- pure functions

@@ -90,7 +90,7 @@ def listing(folder: Path) -> list[str]:
 def extract_scenario(project: Path) -> dict:
     """SIGKILL extract after train's first chunk; rerun on a file system too small for train.h5; rerun."""
     cmd = stage_cmd("extract", "--split-dir", "data/split", "--images", "data/images", "--out", "features")
-    seen = {"killed": kill_at(project, cmd, "tlpipe.features:save_chunk:1"),
+    seen = {"killed": kill_at(project, cmd, "tlpipe.features.extract:save_chunk:1"),
             "after_kill": listing(project / "features")}
     # chunk 1 (4 rows, ~8 KB) fits; the 520 KB train.h5 does not.
     seen["small_fs"] = run(project, cmd, limit_fsize=64 * 1024)
@@ -107,7 +107,7 @@ def train_scenario(project: Path) -> dict:
     """SIGKILL train_head after epoch 3 of 6; rerun with train.resume true and, in a copy, false."""
     cmd = stage_cmd("train_head", "--features", "features", "--model", "models/head.keras",
                     "--metrics", "metrics/train_head.json", "--live", "dvclive/train_head")
-    seen = {"killed": kill_at(project, cmd, "tlpipe.training:save_checkpoint:3"),
+    seen = {"killed": kill_at(project, cmd, "tlpipe.train.loop:save_checkpoint:3"),
             "after_kill": listing(project / "models"), "metrics_after_kill": (project / "metrics").exists()}
     state = project / "models" / ".head.work" / "state.json"
     seen["state"] = json.loads(state.read_text()) if state.exists() else None
@@ -128,7 +128,7 @@ def train_scenario(project: Path) -> dict:
 def viewcache_scenario(project: Path) -> dict:
     """SIGKILL the view cache after its second batch, then rerun."""
     cmd = stage_cmd("viewcache", "--split-dir", "data/split", "--images", "data/images", "--out", "features/views.h5")
-    seen = {"killed": kill_at(project, cmd, "tlpipe.features:save_chunk:2"),
+    seen = {"killed": kill_at(project, cmd, "tlpipe.features.extract:save_chunk:2"),
             "after_kill": listing(project / "features")}
     seen["resumed"] = run(project, cmd)
     seen["after_resume"] = listing(project / "features")
@@ -136,7 +136,7 @@ def viewcache_scenario(project: Path) -> dict:
 
 
 def data_split(project: Path, per_class: int, split: dict) -> None:
-    from tlpipe.split import build_dataset
+    from tlpipe.data.split import build_dataset
 
     make_class_folders(project / "src", {"circle": per_class, "square": per_class}, size=32, seed=1)
     build_dataset(project / "src", project / "data" / "images", project / "data" / "split", split=split,
@@ -175,8 +175,8 @@ def scenarios(tmp_path_factory):
                    "train": pool.submit(guarded, train_scenario, trn),
                    "viewcache": pool.submit(guarded, viewcache_scenario, vc)}
         # The uninterrupted runs, in this process, while the stage processes work.
-        from tlpipe.features import BaseSpec, extract_splits
-        from tlpipe.viewcache import build_from_manifests
+        from tlpipe.features.extract import BaseSpec, extract_splits
+        from tlpipe.features.viewcache import build_from_manifests
 
         ref = root / "reference"
         p = load_params(ext / "params.yaml")

@@ -18,9 +18,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from tlpipe import backbones, features
+from tlpipe.features import backbones
+
+from tlpipe.features import extract as features
 from tlpipe.errors import DataError, FeatureFileError
-from tlpipe.features import BaseSpec, Extractor, extract_split, read_features
+from tlpipe.features.extract import BaseSpec, Extractor, extract_split, read_features
 
 CLASSES = ["cat", "dog"]
 SPEC = BaseSpec(name="vgg16", weights="none", layer="block4_pool", pooling="flatten", image_size=32)
@@ -80,7 +82,7 @@ def test_contents_match_the_model_and_manifest(extractor, split, tmp_path):
     assert attrs["preprocessing"] == "caffe" and attrs["weights_sha256"] is None
     assert attrs["tlpipe_format"] == features.FORMAT
     # Each row is the model's output for that row's image, computed here without tf.data.
-    from tlpipe.inputs import load_image
+    from tlpipe.features.inputs import load_image
 
     for i in (0, 9, 21):
         x = backbones.preprocess(load_image(str(images / df["file"][i]), 32)[None], "caffe")
@@ -148,7 +150,7 @@ def test_sigkill_then_resume_matches_clean_run(split, clean, tmp_path):
     out = tmp_path / "k" / "train.h5"
     script = textwrap.dedent(f"""
         import os, signal
-        from tlpipe import features
+        from tlpipe.features import extract as features
         real, n = features.save_chunk, []
         def save_then_die(path, array):
             real(path, array); n.append(1)

@@ -8,11 +8,11 @@ import pandas as pd
 import pytest
 from imagegen import make_class_folders
 
-from tlpipe import viewcache
+from tlpipe.features import viewcache
 from tlpipe.config import validate_params
 from tlpipe.errors import ConfigError, FeatureFileError
-from tlpipe.finetune import freeze_batchnorm, run_finetune, run_head_aug
-from tlpipe.modelio import load_model, model_info
+from tlpipe.train.finetune import freeze_batchnorm, run_finetune, run_head_aug
+from tlpipe.model.saved import load_model, model_info
 
 SIZE = 32
 
@@ -79,7 +79,7 @@ def cached_run(tmp_path_factory):
 
 def test_head_aug_cached_trains_only_the_head(cached_run):
     tmp, p, split, images, result = cached_run
-    from tlpipe.backbones import build_base
+    from tlpipe.features.backbones import build_base
 
     model = load_model(tmp / "head_aug_a.keras")
     info = model_info(model)
@@ -134,8 +134,8 @@ def test_online_mode_trains_the_full_model(tmp_path):
     model = load_model(tmp_path / "head_aug_a.keras")
     assert model_info(model)["trainable_from"] is None
     # validation ran on the plain images through the saved model: same accuracy when recomputed
-    from tlpipe.features import manifest_rows
-    from tlpipe.finetune import load_images
+    from tlpipe.features.extract import manifest_rows
+    from tlpipe.train.finetune import load_images
 
     files, labels, _ = manifest_rows(split / "validation.csv", images, ["cat", "dog"])
     pred = (model.predict(load_images(files, SIZE), verbose=0)[:, 0] > 0.5).astype(int)
@@ -155,8 +155,8 @@ def test_batchnorm_stays_in_inference_mode():
 
 def test_online_epochs_show_view_epoch_or_the_views_asked_for():
     """By default epoch e augments every image as view e; `views` picks each image's view instead."""
-    from tlpipe.augment import augment_settings
-    from tlpipe.finetune import online_epochs
+    from tlpipe.features.augment import augment_settings
+    from tlpipe.train.finetune import online_epochs
 
     images = np.random.default_rng(0).uniform(0, 255, (3, 16, 16, 3)).astype(np.float32)
     settings = augment_settings({"rotation_range": 40.0, "zoom_range": 0.2, "horizontal_flip": True, "seed": 7})

@@ -8,8 +8,8 @@ import pytest
 keras = pytest.importorskip("keras")
 
 from tlpipe.errors import ConfigError, DataError  # noqa: E402
-from tlpipe.viz import graph  # noqa: E402
-from tlpipe.viz.gradcam import gradcam, overlay, pick_examples  # noqa: E402
+from tlpipe.report import graph  # noqa: E402
+from tlpipe.report.gradcam import gradcam, overlay, pick_examples  # noqa: E402
 
 SIZE = 32
 

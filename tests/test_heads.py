@@ -11,7 +11,9 @@ import h5py
 import numpy as np
 import pytest
 
-from tlpipe import heads, modelio
+from tlpipe.model import head as heads
+
+from tlpipe.model import saved as modelio
 from tlpipe.errors import ConfigError, FeatureFileError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,8 +38,8 @@ def make_project(root, classes=("cat", "dog"), counts=None, seed=0):
     """data/images, data/split/*.csv + classes.json and features/*.h5 (VGG16, random weights, 32 px)."""
     from imagegen import draw_class_image
 
-    from tlpipe import backbones
-    from tlpipe.inputs import image_dataset
+    from tlpipe.features import backbones
+    from tlpipe.features.inputs import image_dataset
 
     counts = counts or {"train": 8, "validation": 4, "test": 6}
     root = Path(root)
@@ -156,8 +158,8 @@ def test_run_train_head_writes_a_complete_model(project, tmp_path):
     assert info["class_names"] == ["cat", "dog"] and info["layer"] == LAYER and info["weights"] == "none"
     assert info["trainable_from"] is None and info["preprocessing"] == "caffe"
     # The saved model on raw images == its head on the stored features: the rebuilt base is the same.
-    from tlpipe.features import read_features
-    from tlpipe.inputs import image_dataset
+    from tlpipe.features.extract import read_features
+    from tlpipe.features.inputs import image_dataset
     import pandas as pd
 
     x, _, paths, _ = read_features(project / "features" / "validation.h5")

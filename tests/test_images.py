@@ -15,7 +15,7 @@ from PIL import Image
 from imagegen import (image_bytes, write_animated_gif, write_exif_rotated_jpeg, write_image,
                       write_text_as_image, write_truncated_jpeg, write_zero_byte)
 from tlpipe.errors import ImageDecodeError
-from tlpipe.images import load_image, normalise, normalise_bytes
+from tlpipe.data.images import load_image, normalise, normalise_bytes
 
 ODD = [
     ("RGB", "JPEG"), ("L", "JPEG"), ("CMYK", "JPEG"),

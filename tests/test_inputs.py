@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tlpipe import backbones
-from tlpipe.inputs import image_dataset, load_image
+from tlpipe.features import backbones
+from tlpipe.features.inputs import image_dataset, load_image
 
 
 def solid(path, colour, size=(40, 30), mode="RGB"):

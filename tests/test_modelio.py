@@ -7,7 +7,11 @@ import keras
 import numpy as np
 import pytest
 
-from tlpipe import backbones, heads, modelio
+from tlpipe.features import backbones
+
+from tlpipe.model import head as heads
+
+from tlpipe.model import saved as modelio
 from tlpipe.errors import ModelFileError
 
 SIZE = 32

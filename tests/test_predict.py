@@ -17,9 +17,12 @@ from PIL import Image  # noqa: E402
 
 from imagegen import (make_class_folders, write_animated_gif, write_exif_rotated_jpeg, write_image,  # noqa: E402
                       write_text_as_image, write_truncated_jpeg, write_zero_byte)
-from tlpipe import backbones, heads, inputs, modelio  # noqa: E402
+from tlpipe.features import backbones
+from tlpipe.model import head as heads
+from tlpipe.features import inputs
+from tlpipe.model import saved as modelio  # noqa: E402
 from tlpipe.cli import run_stage  # noqa: E402
-from tlpipe.commands import predict as cmd  # noqa: E402
+from tlpipe.cli import predict as cmd  # noqa: E402
 from tlpipe.errors import DataError, ModelFileError  # noqa: E402
 
 CLASSES = ["circle", "square", "stripes"]

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from tlpipe.viz import report as rpt
+from tlpipe.report import page as rpt
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["cat", "dog"]
@@ -73,8 +73,8 @@ def _tiny_vgg():
 
 
 def _tlpipe_model(path: Path):
-    from tlpipe.heads import build_head
-    from tlpipe.modelio import assemble, save_model
+    from tlpipe.model.head import build_head
+    from tlpipe.model.saved import assemble, save_model
 
     base = _tiny_vgg()
     head = build_head(4 * 4 * 16, 2, units=8)
@@ -282,7 +282,7 @@ def test_page_loads_in_a_browser(rendered, tmp_path):
 
 
 def test_curves_read_whatever_dvclive_wrote(tmp_path):
-    from tlpipe.viz.curves import read_stage_metrics, save_curves, split_metric_name
+    from tlpipe.report.curves import read_stage_metrics, save_curves, split_metric_name
 
     assert split_metric_name("train/loss") == ("loss", "train")
     assert split_metric_name("val/accuracy") == ("accuracy", "validation")
@@ -304,7 +304,7 @@ def test_curves_read_whatever_dvclive_wrote(tmp_path):
 
 def test_select_images_and_model_fallback(tmp_path):
     from tlpipe.errors import DataError, ModelFileError
-    from tlpipe.viz.build import choose_model, select_images
+    from tlpipe.report.build import choose_model, select_images
 
     files, labels = ["f0", "f1", "f2", "f3", "f4"], [0, 0, 0, 1, 1]
     paths = ["cat/a", "cat/b", "cat/c", "dog/d", "dog/e"]

@@ -17,7 +17,7 @@ import pytest
 
 from imagegen import make_class_folders, tar_folder, zip_folder
 from tlpipe.errors import DataError
-from tlpipe.sources import cache_dir, extract, resolve_source
+from tlpipe.data.sources import cache_dir, extract, resolve_source
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import pytest
 from imagegen import (image_bytes, make_class_folders, write_image, write_text_as_image,
                       write_truncated_jpeg, write_zero_byte)
 from tlpipe.errors import ConfigError, DataError
-from tlpipe.split import (SPLITS, Record, assign_splits, build_dataset, read_classes, read_manifest,
+from tlpipe.data.split import (SPLITS, Record, assign_splits, build_dataset, read_classes, read_manifest,
                           scan_source, split_sizes)
 
 FRACTIONS = {"train": 0.5, "validation": 0.25, "test": 0.25}

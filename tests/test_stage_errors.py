@@ -127,7 +127,7 @@ def feature_file(path: Path, n: int, classes=("cat", "dog"), image_size: int = 3
 
 def small_split(project: Path, per_class: int = 8) -> None:
     """data/images + data/split of a tiny generated source, as the data stage writes them."""
-    from tlpipe.split import build_dataset
+    from tlpipe.data.split import build_dataset
 
     src = project / "src"
     make_class_folders(src, {"circle": per_class, "square": per_class}, size=32)
@@ -356,7 +356,7 @@ def odd_source(src: Path) -> dict:
 def test_odd_and_broken_images_are_listed_and_counted(tmp_path):
     import csv
 
-    from tlpipe.split import read_manifest
+    from tlpipe.data.split import read_manifest
 
     expected = odd_source(tmp_path / "source")
     write_params(tmp_path, source=tmp_path / "source")

@@ -5,7 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from tlpipe import heads, training
+from tlpipe.model import head as heads
+
+from tlpipe.train import loop as training
 from tlpipe.errors import ConfigError
 
 

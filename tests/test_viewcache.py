@@ -8,11 +8,11 @@ import pytest
 import tensorflow as tf
 from imagegen import make_class_folders
 
-from tlpipe import viewcache
-from tlpipe.augment import augment_images, augment_settings, image_seeds
-from tlpipe.backbones import build_base, preprocess
+from tlpipe.features import viewcache
+from tlpipe.features.augment import augment_images, augment_settings, image_seeds
+from tlpipe.features.backbones import build_base, preprocess
 from tlpipe.errors import ConfigError, FeatureFileError
-from tlpipe.inputs import load_image
+from tlpipe.features.inputs import load_image
 
 SIZE = 32
 AUG = dict(rotation_range=20.0, width_shift_range=0.1, height_shift_range=0.1, shear_range=0.1,
@@ -96,7 +96,7 @@ def test_cache_is_deterministic_and_resumable(tmp_path, base, parts, monkeypatch
     spec = spec_for(base)
     a = viewcache.build_cache(tmp_path / "a.h5", parts, base=base, spec=spec, batch_size=4, progress=False)
     # interrupt a second build after two batches, then resume it
-    import tlpipe.features as features
+    import tlpipe.features.extract as features
 
     calls = {"n": 0}
     real = features.save_chunk
@@ -161,9 +161,9 @@ def test_epoch_views_show_every_view_before_repeating():
 def test_cached_suffix_matches_full_model_loss_and_gradients(tmp_path, parts):
     """Proof of equivalence: training block5 + head on cached block4 activations sees exactly the loss
     and gradients of the full model run end to end on the same augmented images."""
-    from tlpipe.finetune import cached_training_model
-    from tlpipe.heads import build_head
-    from tlpipe.modelio import assemble, set_trainable_from
+    from tlpipe.train.finetune import cached_training_model
+    from tlpipe.model.head import build_head
+    from tlpipe.model.saved import assemble, set_trainable_from
 
     base = build_base("vgg16", "none", SIZE, seed=5)
     spec = spec_for(base, views=1)
@@ -201,9 +201,9 @@ def test_cached_suffix_matches_full_model_loss_and_gradients(tmp_path, parts):
 def test_frozen_suffix_features_equal_running_the_suffix(tmp_path, parts):
     """train_head_aug precomputes the frozen suffix once per view: the head then sees exactly what
     it would see running the suffix every epoch."""
-    from tlpipe.finetune import cached_training_model, frozen_features_model
-    from tlpipe.heads import build_head
-    from tlpipe.modelio import assemble, head_submodel
+    from tlpipe.train.finetune import cached_training_model, frozen_features_model
+    from tlpipe.model.head import build_head
+    from tlpipe.model.saved import assemble, head_submodel
 
     base = build_base("vgg16", "none", SIZE, seed=6)
     cache = viewcache.build_cache(tmp_path / "v.h5", parts, base=base, spec=spec_for(base, views=2),

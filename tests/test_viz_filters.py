@@ -8,7 +8,7 @@ from PIL import Image
 keras = pytest.importorskip("keras")
 
 from tlpipe.errors import ConfigError  # noqa: E402
-from tlpipe.viz.filters import filter_grid, filter_patterns, save_filter_grids  # noqa: E402
+from tlpipe.report.filters import filter_grid, filter_patterns, save_filter_grids  # noqa: E402
 
 
 def conv_model(nested: bool, size: int = 32) -> keras.Model:
@@ -42,7 +42,7 @@ def test_ascent_raises_each_filters_activation(nested):
     assert np.all(start > 0)  # grey + noise already excites each filter a little
     assert np.all(end > 5 * start)
     # the pattern is specific: filter 0's image excites filter 0 more than filter 1's image does
-    from tlpipe.viz import graph
+    from tlpipe.report import graph
     (act,), _ = graph.tap(model, ["block2_conv1"], with_output=False)(patterns.astype(np.float32))
     means = np.asarray(act).mean(axis=(1, 2))
     assert all(means[i, i] == means[:, i].max() for i in range(4))

@@ -17,7 +17,7 @@ import re
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError
+from tlpipe.errors import ConfigError
 
 PARAMS_FILE = "params.yaml"
 SPLITS = ("train", "validation", "test")

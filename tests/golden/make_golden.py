@@ -10,8 +10,8 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from tlpipe.heads import build_head
-from tlpipe.modelio import assemble, save_model
+from tlpipe.model.head import build_head
+from tlpipe.model.saved import assemble, save_model
 
 HERE = Path(__file__).parent
 

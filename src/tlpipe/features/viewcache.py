@@ -35,9 +35,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import atomic
-from .augment import augment_images, augment_settings, image_seeds
-from .errors import ConfigError, DataError, FeatureFileError
+from tlpipe import atomic
+from tlpipe.features.augment import augment_images, augment_settings, image_seeds
+from tlpipe.errors import ConfigError, DataError, FeatureFileError
 
 FORMAT = 1
 KIND = "views"
@@ -75,7 +75,7 @@ def suffix_model(base, boundary: str, layer: str | None = None):
     residual block): choose a layer that starts a block."""
     import keras
 
-    from .backbones import resolve_layer
+    from tlpipe.features.backbones import resolve_layer
 
     layer = resolve_layer(base, layer)
     names = layer_order(base)
@@ -113,7 +113,7 @@ class CacheSpec:
     @classmethod
     def from_params(cls, backbone, augment, compute, unfreeze_from: str, class_names, base) -> "CacheSpec":
         """From the params sections (backbone, augment, compute) and finetune.unfreeze_from."""
-        from . import backbones
+        from tlpipe.features import backbones
 
         return cls(mode=augment.mode, backbone=backbone.name, weights=backbone.weights,
                    weights_sha256=backbones.weights_sha256(backbone.name, backbone.weights, backbone.image_size),
@@ -194,9 +194,9 @@ def build_cache(out_path, parts: dict, *, base, spec: CacheSpec, batch_size: int
     marker file only. `activation_dtype` is float16 in the pipeline (float32 for exactness tests)."""
     import tensorflow as tf
 
-    from .backbones import preprocess
-    from .features import prepare_work, work_dir
-    from .inputs import load_image
+    from tlpipe.features.backbones import preprocess
+    from tlpipe.features.extract import prepare_work, work_dir
+    from tlpipe.features.inputs import load_image
 
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -238,7 +238,7 @@ def build_cache(out_path, parts: dict, *, base, spec: CacheSpec, batch_size: int
 def _run_jobs(jobs, work, parts, spec, settings, images_of, run_prefix, progress, name) -> None:
     from tqdm import tqdm
 
-    from . import features
+    from tlpipe.features import extract as features
 
     def passes(part, start, stop):  # images through the prefix: a training batch runs once per view
         return (stop - start) * (spec.views if part == "train" else 1)
@@ -375,8 +375,8 @@ __all__ = ["boundary_layer", "prefix_model", "suffix_model", "CacheSpec", "build
 def build_from_manifests(split_dir, images_dir, out, *, backbone, augment, compute, unfreeze_from: str,
                          progress: bool = True) -> Path:
     """The viewcache stage: the split manifests -> `out` (params sections as plain arguments)."""
-    from .backbones import build_base
-    from .features import manifest_rows, read_class_names
+    from tlpipe.features.backbones import build_base
+    from tlpipe.features.extract import manifest_rows, read_class_names
 
     split_dir = Path(split_dir)
     classes = read_class_names(split_dir / "classes.json")

@@ -21,15 +21,20 @@ from pathlib import Path
 
 import keras
 
-from . import __version__, atomic
-from .errors import FeatureFileError, ModelFileError
-from .heads import HEAD_LAYERS
+from tlpipe import __version__
+
+from tlpipe import atomic
+from tlpipe.errors import FeatureFileError, ModelFileError
+from tlpipe.model.head import HEAD_LAYERS
 
 # Keys of the metadata dict (model_info); assemble fills tlpipe_version itself.
 INFO_KEYS = (
     "class_names", "image_size", "backbone", "weights", "weights_sha256", "layer", "pooling",
     "preprocessing", "trainable_from", "tlpipe_version",
 )
+# The metadata that says which features a head consumes: feature files and models must agree on it.
+FEATURE_KEYS = ("backbone", "weights", "weights_sha256", "layer", "pooling", "image_size", "preprocessing",
+                "class_names")
 _REQUIRED = ("class_names", "image_size", "backbone", "weights", "pooling", "preprocessing")
 POOL_LAYERS = {
     "flatten": keras.layers.Flatten,
@@ -48,7 +53,7 @@ class Preprocess(keras.layers.Layer):
     def __init__(self, mode: str = "none", info: dict | None = None, **kwargs):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
-        from .backbones import MODES
+        from tlpipe.features.backbones import MODES
 
         if mode not in MODES:
             raise ModelFileError(f"unknown preprocessing mode {mode!r}; choose from {', '.join(MODES)}")
@@ -57,7 +62,7 @@ class Preprocess(keras.layers.Layer):
         self.info["preprocessing"] = mode
 
     def call(self, images):
-        from .backbones import preprocess
+        from tlpipe.features.backbones import preprocess
 
         return preprocess(images, self.mode)
 
@@ -86,7 +91,7 @@ def _check_info(info: dict) -> dict:
 
 def truncate_base(base: keras.Model, layer: str | None) -> keras.Model:
     """The base up to `layer` (None: the whole base) as a model named "base", sharing its layers."""
-    from .backbones import resolve_layer
+    from tlpipe.features.backbones import resolve_layer
 
     layer = resolve_layer(base, layer)
     return keras.Model(base.inputs, base.get_layer(layer).output, name="base")

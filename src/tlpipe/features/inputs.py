@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from .backbones import preprocess
+from tlpipe.features.backbones import preprocess
 
 
 def load_image(path, image_size: int):
@@ -40,7 +40,7 @@ def decode_file(path, image_size: int):
     `images.normalise` gives the bytes the data stage would store (EXIF rotation applied, CMYK, greyscale
     and transparency converted), then the pipeline's own decode and resize. ImageDecodeError (a
     DataError naming the file) when it is not a usable image."""
-    from .images import normalise
+    from tlpipe.data.images import normalise
 
     return decode_resized(normalise(path).data, image_size).numpy()
 

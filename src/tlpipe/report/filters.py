@@ -14,9 +14,9 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from ..errors import ConfigError
-from . import graph
-from .plotting import save_png, tile_grid, upscale
+from tlpipe.errors import ConfigError
+from tlpipe.report import graph
+from tlpipe.report.plotting import save_png, tile_grid, upscale
 
 GRID_COLS = 8
 

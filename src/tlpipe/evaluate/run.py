@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import atomic
-from .errors import DataError, ModelFileError
+from tlpipe import atomic
+from tlpipe.errors import DataError, ModelFileError
 
 # Metadata that must match the test feature file for the features shortcut to be valid.
 MATCH_KEYS = ("backbone", "weights", "weights_sha256", "layer", "pooling", "image_size", "preprocessing",
@@ -167,7 +167,7 @@ def _predict_images(model, files, image_size: int) -> np.ndarray:
     import tensorflow as tf
     from tqdm.auto import tqdm
 
-    from .inputs import image_dataset
+    from tlpipe.features.inputs import image_dataset
 
     infer = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
     out = []
@@ -183,7 +183,7 @@ def predict_model(model_path, test_features, test_rows, classes) -> tuple[np.nda
     test_features: read_features' tuple for features/test.h5 or None; test_rows: a callable giving
     (files, labels, paths) of the test manifest (read only when the images are needed).
     """
-    from .modelio import head_submodel, load_model, model_info
+    from tlpipe.model.saved import head_submodel, load_model, model_info
 
     model = load_model(model_path)
     info = model_info(model)
@@ -222,8 +222,8 @@ def run_evaluate(features_dir, models_dir, split_dir, images_dir, metrics_out, p
     {model: {accuracy, loss, precision, recall, f1, roc_auc, n}}, plots/confusion/<model>.csv,
     plots/roc/<model>.csv and predictions/<model>.csv; the three folders are rebuilt each run.
     """
-    from .features import manifest_rows, read_class_names, read_features
-    from .training import write_json
+    from tlpipe.features.extract import manifest_rows, read_class_names, read_features
+    from tlpipe.train.loop import write_json
 
     features_dir, models_dir, split_dir = Path(features_dir), Path(models_dir), Path(split_dir)
     classes = read_class_names(split_dir / "classes.json")

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .. import atomic
-from ..errors import DataError
-from .plotting import new_figure, save_figure
+from tlpipe import atomic
+from tlpipe.errors import DataError
+from tlpipe.report.plotting import new_figure, save_figure
 
 
 @dataclass

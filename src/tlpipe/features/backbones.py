@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .errors import ConfigError, WeightsError
+from tlpipe.errors import ConfigError, WeightsError
 
 IMAGENET, HED, NONE = "imagenet", "hed-bsds500", "none"
 PRECISIONS = ("float32", "bfloat16")

@@ -1,33 +1,15 @@
-"""Command-line entry points: `tlpipe <command>` and the wrapper every stage script runs under."""
+"""`tlpipe <command>`: dispatches to the commands, importing only the one chosen."""
 
 from __future__ import annotations
 
-import os
 import sys
-from typing import Callable
 
-from .errors import TlpipeError
-
-# TensorFlow's C++ start-up chatter hides our own messages; users can still set it lower.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-
-def run_stage(main: Callable[..., object], argv: list[str] | None = None) -> None:
-    """Run a stage's main(); a deliberate TlpipeError becomes one clear line and exit status 1."""
-    try:
-        main(argv)
-    except TlpipeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-
+from tlpipe.cli import run_stage
 
 COMMANDS: dict[str, tuple[str, str]] = {
     # name: ("module:function", help); imported only when chosen, so `tlpipe --help` stays quick.
-    "augment-preview": ("tlpipe.augment:preview_main", "write a PNG grid of an image and augmented versions"),
-    "predict": ("tlpipe.commands.predict:main", "classify image files and folders with a saved model"),
+    "augment-preview": ("tlpipe.features.augment:preview_main", "write a PNG grid of an image and augmented versions"),
+    "predict": ("tlpipe.cli.predict:main", "classify image files and folders with a saved model"),
 }
 
 

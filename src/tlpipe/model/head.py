@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import keras
 
-from .errors import ConfigError
+from tlpipe.errors import ConfigError
 
 # Layer names are part of the model format: modelio copies and finds the head by them.
 HEAD_LAYERS = ("head_dense", "head_dropout", "head_out")
@@ -71,7 +71,7 @@ AGREE_KEYS = ("backbone", "weights", "weights_sha256", "layer", "pooling", "imag
 
 def check_attrs_agree(files_attrs: dict) -> dict:
     """{path: attrs} -> the shared attrs; FeatureFileError naming the key and both files if they differ."""
-    from .errors import FeatureFileError
+    from tlpipe.errors import FeatureFileError
 
     (first, ref), *rest = files_attrs.items()
     for path, attrs in rest:
@@ -99,8 +99,8 @@ def _digest(*arrays) -> str:
 
 def base_for(attrs: dict, precision: str = "float32"):
     """The convolutional base the features came from, rebuilt, its weights file checked unchanged."""
-    from . import backbones
-    from .errors import FeatureFileError
+    from tlpipe.features import backbones
+    from tlpipe.errors import FeatureFileError
 
     base = backbones.build_base(attrs["backbone"], attrs["weights"], int(attrs["image_size"]), precision)
     now = backbones.weights_sha256(attrs["backbone"], attrs["weights"], int(attrs["image_size"]))
@@ -114,8 +114,8 @@ def base_for(attrs: dict, precision: str = "float32"):
 
 def check_backbone(path, attrs: dict, backbone) -> None:
     """FeatureFileError listing every attr of `path` that differs from params.backbone."""
-    from .backbones import default_layer
-    from .errors import FeatureFileError
+    from tlpipe.features.backbones import default_layer
+    from tlpipe.errors import FeatureFileError
 
     want = {"name": ("backbone", backbone.name), "weights": ("weights", backbone.weights),
             "layer": ("layer", backbone.layer or default_layer(backbone.name)),
@@ -138,10 +138,10 @@ def run_train_head(features_dir, model_out, metrics_out, live_dir, head, resume:
     """
     from pathlib import Path
 
-    from .errors import FeatureFileError
-    from .features import read_features
-    from .modelio import assemble, save_model
-    from .training import fit, work_dir_for, write_json
+    from tlpipe.errors import FeatureFileError
+    from tlpipe.features.extract import read_features
+    from tlpipe.model.saved import assemble, save_model
+    from tlpipe.train.loop import fit, work_dir_for, write_json
 
     features_dir = Path(features_dir)
     paths = {part: features_dir / f"{part}.h5" for part in ("train", "validation")}

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ConfigError, FeatureFileError, ModelFileError
+from tlpipe.errors import ConfigError, FeatureFileError, ModelFileError
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ def cached_training_model(full, boundary: str):
     """Boundary activations -> probabilities, sharing the suffix, pool and head layers of `full`."""
     import keras
 
-    from .heads import HEAD_LAYERS
+    from tlpipe.model.head import HEAD_LAYERS
 
     base = full.get_layer("base")
     try:
@@ -72,7 +72,7 @@ def detached(full):
     would make the file's bytes differ between identical runs."""
     import keras
 
-    from .modelio import Preprocess
+    from tlpipe.model.saved import Preprocess
 
     clean = keras.Model.from_config(full.get_config(), custom_objects={"Preprocess": Preprocess})
     clean.set_weights(full.get_weights())
@@ -103,9 +103,9 @@ def freeze_batchnorm(model) -> None:
 
 def new_model(backbone, precision: str, units: int, dropout: float, seed: int, class_names, base=None):
     """A full model with a fresh head (seeded) on the frozen base (`backbone`: params.backbone)."""
-    from . import backbones
-    from .heads import build_head
-    from .modelio import assemble, truncate_base
+    from tlpipe.features import backbones
+    from tlpipe.model.head import build_head
+    from tlpipe.model.saved import assemble, truncate_base
 
     if base is None:
         base = backbones.build_base(backbone.name, backbone.weights, backbone.image_size, precision)
@@ -123,7 +123,7 @@ def _pooled_width(sub, pooling: str) -> int:
 
 
 def _info(backbone, class_names, layer, trainable_from) -> dict:
-    from . import backbones
+    from tlpipe.features import backbones
 
     return {"class_names": list(class_names), "image_size": backbone.image_size, "backbone": backbone.name,
             "weights": backbone.weights,
@@ -135,8 +135,8 @@ def _info(backbone, class_names, layer, trainable_from) -> dict:
 
 def finetune_model(start_path, backbone, precision: str, unfreeze_from: str):
     """The model of `start_path` rebuilt under `precision`, base trainable from `unfreeze_from` on."""
-    from . import backbones
-    from .modelio import assemble, head_submodel, load_model, model_info, set_trainable_from
+    from tlpipe.features import backbones
+    from tlpipe.model.saved import assemble, head_submodel, load_model, model_info, set_trainable_from
 
     start = load_model(start_path)
     info = model_info(start)
@@ -163,7 +163,7 @@ def finetune_model(start_path, backbone, precision: str, unfreeze_from: str):
 
 def load_images(files, image_size: int, batch_size: int = 64) -> np.ndarray:
     """Decoded, resized RGB 0..255 float32 images [N, S, S, 3], in file order."""
-    from .inputs import image_dataset
+    from tlpipe.features.inputs import image_dataset
 
     if not len(files):
         return np.zeros((0, image_size, image_size, 3), np.float32)
@@ -174,7 +174,7 @@ def online_epochs(images: np.ndarray, labels, settings: dict, views=None):
     """epoch -> (augmented images, labels): view `epoch` of every training image (fit shuffles).
     `views` (epoch -> one view number per image) picks other views, e.g. the ones cached training
     draws (viewcache.epoch_views)."""
-    from .augment import augment_images, image_seeds
+    from tlpipe.features.augment import augment_images, image_seeds
 
     labels = np.asarray(labels, np.int64)
 
@@ -200,8 +200,8 @@ def frozen_features_model(cached_model):
 
 
 def _frozen_suffix_data(full, cached_model, reader, val_data, seed: int):
-    from .modelio import head_submodel
-    from .viewcache import epoch_views
+    from tlpipe.model.saved import head_submodel
+    from tlpipe.features.viewcache import epoch_views
 
     features = frozen_features_model(cached_model)
     t0 = time.perf_counter()
@@ -225,10 +225,11 @@ def train(full, mode: str, run: RunSettings, *, cache_path=None, expect: dict | 
 
     cached needs cache_path (+ expect: attrs it must match); online needs train_rows/val_rows
     ((files, labels, paths) tuples) and augment_params."""
-    from . import training, viewcache
-    from .augment import augment_settings
-    from .heads import compile_head
-    from .modelio import model_info, save_model
+    from tlpipe.train import loop as training
+    from tlpipe.features import viewcache
+    from tlpipe.features.augment import augment_settings
+    from tlpipe.model.head import compile_head
+    from tlpipe.model.saved import model_info, save_model
 
     n_classes = len(model_info(full)["class_names"])
     fingerprint = {"lr": run.lr, "mode": mode}
@@ -276,8 +277,8 @@ def train(full, mode: str, run: RunSettings, *, cache_path=None, expect: dict | 
 
 def _cache_expect(backbone, augment, compute, class_names) -> dict:
     """The cache attrs the current params imply (boundary/unfreeze_from checked by the caller)."""
-    from . import backbones
-    from .augment import augment_settings
+    from tlpipe.features import backbones
+    from tlpipe.features.augment import augment_settings
 
     return {"backbone": backbone.name, "weights": backbone.weights, "image_size": backbone.image_size,
             "preprocessing": backbones.preprocessing_name(backbone.name, backbone.weights),
@@ -286,7 +287,7 @@ def _cache_expect(backbone, augment, compute, class_names) -> dict:
 
 
 def _rows(split_dir, images_dir, part: str, classes):
-    from .features import manifest_rows
+    from tlpipe.features.extract import manifest_rows
 
     return manifest_rows(Path(split_dir) / f"{part}.csv", images_dir, classes)
 
@@ -294,8 +295,8 @@ def _rows(split_dir, images_dir, part: str, classes):
 def run_head_aug(*, cache, split_dir, images_dir, model_out, metrics_out, live_dir, backbone, compute,
                  head, head_aug, augment, resume: bool = False) -> dict:
     """train_head_aug: a fresh head on the frozen base, trained on augmented images; saves the full model."""
-    from .features import read_class_names
-    from .training import write_json
+    from tlpipe.features.extract import read_class_names
+    from tlpipe.train.loop import write_json
 
     classes = read_class_names(Path(split_dir) / "classes.json")
     full = new_model(backbone, compute.precision, head.units, head.dropout, head_aug.seed, classes)
@@ -310,9 +311,9 @@ def run_head_aug(*, cache, split_dir, images_dir, model_out, metrics_out, live_d
 def run_finetune(*, cache, split_dir, images_dir, model_in, model_out, metrics_out, live_dir, backbone,
                  compute, augment, finetune, resume: bool = False) -> dict:
     """finetune: the model of `model_in`, base trainable from finetune.unfreeze_from, trained jointly."""
-    from .features import read_class_names
-    from .modelio import model_info
-    from .training import write_json
+    from tlpipe.features.extract import read_class_names
+    from tlpipe.model.saved import model_info
+    from tlpipe.train.loop import write_json
 
     classes = read_class_names(Path(split_dir) / "classes.json")
     full = finetune_model(model_in, backbone, compute.precision, finetune.unfreeze_from)

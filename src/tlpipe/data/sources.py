@@ -23,8 +23,8 @@ from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
-from . import atomic
-from .errors import DataError
+from tlpipe import atomic
+from tlpipe.errors import DataError
 
 CONNECT_TIMEOUT = 10.0  # seconds; offline machines should hear "no" quickly
 CHUNK = 1 << 20

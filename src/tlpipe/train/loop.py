@@ -23,8 +23,8 @@ from typing import Callable
 
 import numpy as np
 
-from . import atomic
-from .errors import ConfigError
+from tlpipe import atomic
+from tlpipe.errors import ConfigError
 
 METRICS = ("loss", "accuracy")
 CKPT_FORMAT = 1

@@ -20,7 +20,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from .. import atomic  # noqa: E402
+from tlpipe import atomic  # noqa: E402
 
 
 def png_bytes(image: np.ndarray) -> bytes:

@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..errors import DataError
+from tlpipe.errors import DataError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .. import predict as pr
+    from tlpipe.model import predict as pr
 
     args = _parser().parse_args(argv)
     if args.batch_size < 1:
@@ -72,6 +72,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from ..cli import run_stage
+    from tlpipe.cli import run_stage
 
     run_stage(main)

@@ -133,7 +133,7 @@ def augment_dataset(ds: tf.data.Dataset, settings: dict, view) -> tf.data.Datase
 def load_image(path, image_size: int) -> np.ndarray:
     """An image file -> float32 [S, S, 3] in 0..255, exactly as the pipeline's inputs see it (a user's
     EXIF-rotated or CMYK photo is normalised as the data stage would store it)."""
-    from .inputs import decode_file
+    from tlpipe.features.inputs import decode_file
 
     if not Path(path).is_file():
         raise DataError(f"{path}: no such image file")
@@ -196,7 +196,7 @@ def preview_main(argv=None, prog: str | None = None) -> Path:
     import argparse
     import sys
 
-    from .config import load_params
+    from tlpipe.config import load_params
 
     ap = argparse.ArgumentParser(prog=prog, description="Write a PNG grid of an image and augmented versions "
                                  "of it, using the augment section of params.yaml.")

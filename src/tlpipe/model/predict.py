@@ -18,9 +18,9 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from . import atomic
-from .errors import DataError, ImageDecodeError, ModelFileError
-from .inputs import decode_file
+from tlpipe import atomic
+from tlpipe.errors import DataError, ImageDecodeError, ModelFileError
+from tlpipe.features.inputs import decode_file
 
 # Best model first: the pipeline's last training stage writes finetuned.keras.
 DEFAULT_MODELS = ("finetuned", "head_aug", "head")
@@ -63,7 +63,7 @@ def default_model(models_dir: str | os.PathLike = "models") -> Path:
 
 def load_classifier(path: str | os.PathLike):
     """(model, info) for a tlpipe model file; ModelFileError when it is missing or not a tlpipe model."""
-    from . import modelio
+    from tlpipe.model import saved as modelio
 
     model = modelio.load_model(path)
     info = modelio.model_info(model)
@@ -109,14 +109,15 @@ def collect_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
     return found
 
 
-def class_probabilities(raw: np.ndarray, n_classes: int) -> np.ndarray:
-    """Model outputs -> (N, n_classes) probabilities; a binary model's one sigmoid unit is P(class 1)."""
+def class_probabilities(raw: np.ndarray, n_classes: int | None = None) -> np.ndarray:
+    """Model outputs -> (N, K) class probabilities; a binary model's one sigmoid unit p is P(class 1)
+    and becomes the columns [1 - p, p]. With `n_classes`, outputs of another width are an error."""
     raw = np.asarray(raw, dtype=np.float64)
     if raw.ndim == 1:
         raw = raw[:, None]
-    if raw.shape[1] == 1 and n_classes == 2:
+    if raw.shape[1] == 1 and n_classes in (None, 2):
         return np.concatenate([1.0 - raw, raw], axis=1)
-    if raw.shape[1] != n_classes:
+    if n_classes is not None and raw.shape[1] != n_classes:
         raise ModelFileError(f"the model outputs {raw.shape[1]} values per image but names {n_classes} classes")
     return raw
 

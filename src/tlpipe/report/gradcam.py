@@ -6,8 +6,8 @@ import pandas as pd
 import tensorflow as tf
 from matplotlib import colormaps
 
-from ..errors import ConfigError, DataError
-from . import graph
+from tlpipe.errors import ConfigError, DataError
+from tlpipe.report import graph
 
 
 def _input_size(model) -> tuple[int, int] | None:

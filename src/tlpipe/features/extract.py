@@ -27,8 +27,8 @@ from typing import Sequence
 
 import numpy as np
 
-from . import atomic
-from .errors import DataError, FeatureFileError
+from tlpipe import atomic
+from tlpipe.errors import DataError, FeatureFileError
 
 FORMAT = 1
 SPLITS = ("train", "validation", "test")
@@ -57,7 +57,7 @@ class Extractor:
     """A built feature model and the metadata stored with its features; build once, use per split."""
 
     def __init__(self, spec: BaseSpec, precision: str = "float32"):
-        from . import backbones
+        from tlpipe.features import backbones
 
         self.spec = spec
         self.precision = precision
@@ -96,14 +96,14 @@ class Extractor:
 
 
 def read_class_names(classes_json) -> list[str]:
-    from .split import read_classes
+    from tlpipe.data.split import read_classes
 
     return list(read_classes(classes_json))
 
 
 def manifest_rows(manifest_csv, images_dir, classes: Sequence[str]) -> tuple[list[str], list[int], list[str]]:
     """(image files, labels, source paths) of a split manifest, checked against the class list."""
-    from .split import read_manifest
+    from tlpipe.data.split import read_manifest
 
     csv = Path(manifest_csv)
     df = read_manifest(csv)
@@ -229,7 +229,7 @@ def extract_split(
     import tensorflow as tf
     from tqdm import tqdm
 
-    from .inputs import image_dataset
+    from tlpipe.features.inputs import image_dataset
 
     out = Path(out_h5)
     files, labels, paths = manifest_rows(manifest_csv, images_dir, classes)
@@ -351,7 +351,7 @@ def _assemble(out: Path, work: Path, n: int, dim: int, chunk_rows: int, labels, 
 
 def _expected_value(key: str, value, attrs: dict):
     if key == "layer" and value is None:
-        from .backbones import default_layer
+        from tlpipe.features.backbones import default_layer
 
         return default_layer(attrs.get("backbone", ""))
     if key == "class_names":

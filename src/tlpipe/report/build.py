@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import atomic
-from ..errors import DataError, ModelFileError
-from . import report as rpt
-from .plotting import save_png, tile_grid
+from tlpipe import atomic
+from tlpipe.errors import DataError, ModelFileError
+from tlpipe.report import page as rpt
+from tlpipe.report.plotting import save_png, tile_grid
 
 IMG_DIR = "viz"
 FILTER_SIZE = 64    # filter patterns are computed at this size: cheap, and big enough to show texture
@@ -84,7 +84,7 @@ def select_images(spec, files: list[str], labels: list[int], paths: list[str], c
 
 
 def _load(files: list[str], size: int) -> np.ndarray:
-    from ..inputs import load_image
+    from tlpipe.features.inputs import load_image
 
     if not files:
         return np.zeros((0, size, size, 3), np.float32)
@@ -108,7 +108,7 @@ def _confusion_section(plots_dir, img: Path, metrics, classes) -> rpt.Section:
 
 
 def _curves_section(live_dir, img: Path) -> rpt.Section:
-    from .curves import save_curves
+    from tlpipe.report.curves import save_curves
 
     recs = save_curves(live_dir, img, order=STAGE_ORDER)
     figs = [rpt.Figure(f"{IMG_DIR}/{r['file']}", f"{r['stage']}: {', '.join(r['metrics'])} over "
@@ -123,7 +123,7 @@ def _curves_section(live_dir, img: Path) -> rpt.Section:
 def _gradcam_section(model, name, predictions_dir, files, paths, classes, size, viz, img: Path):
     import pandas as pd
 
-    from .gradcam import gradcam, overlay, pick_examples
+    from tlpipe.report.gradcam import gradcam, overlay, pick_examples
 
     csv = Path(predictions_dir) / f"{name}.csv"
     section = rpt.Section("gradcam", "Grad-CAM: where the model looks",
@@ -162,10 +162,10 @@ def _gradcam_section(model, name, predictions_dir, files, paths, classes, size, 
 def build_report(models_dir, split_dir, images_dir, metrics_path, predictions_dir, live_dir, plots_dir,
                  out_dir, viz, params_text: str) -> Path:
     """Everything the visualize stage writes; `viz` is the params.yaml `visualize` section."""
-    from ..features import manifest_rows, read_class_names
-    from ..modelio import load_model, model_info
-    from .activations import save_activation_grids
-    from .filters import save_filter_grids
+    from tlpipe.features.extract import manifest_rows, read_class_names
+    from tlpipe.model.saved import load_model, model_info
+    from tlpipe.report.activations import save_activation_grids
+    from tlpipe.report.filters import save_filter_grids
 
     out_dir = Path(out_dir)
     metrics = rpt.read_metrics(metrics_path)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..errors import DataError
-from .plotting import new_figure, save_figure
+from tlpipe.errors import DataError
+from tlpipe.report.plotting import new_figure, save_figure
 
 VALIDATION = {"val", "validation", "eval", "valid"}
 TRAIN = {"train", "training"}

@@ -27,10 +27,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from . import atomic
-from .errors import ConfigError, DataError, ImageDecodeError
-from .images import MAX_SIDE, SMALL_SIDE, normalise_bytes, read_file
-from .sources import is_hidden
+from tlpipe import atomic
+from tlpipe.errors import ConfigError, DataError, ImageDecodeError
+from tlpipe.data.images import MAX_SIDE, SMALL_SIDE, normalise_bytes, read_file
+from tlpipe.data.sources import is_hidden
 
 SPLITS = ("train", "validation", "test")
 MANIFEST_COLUMNS = ["path", "class_name", "label", "sha256", "file"]
