@@ -111,9 +111,9 @@ def test_can_use_features():
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     """Test split + features, and models/head.keras (frozen) and models/finetuned.keras (unfrozen copy)."""
-    from test_heads import HeadParams, make_project
+    from helpers import HeadParams, make_feature_project
 
-    root = make_project(tmp_path_factory.mktemp("evalproj"), counts={"train": 6, "validation": 3, "test": 5})
+    root = make_feature_project(tmp_path_factory.mktemp("evalproj"), counts={"train": 6, "validation": 3, "test": 5})
     heads.run_train_head(root / "features", root / "models" / "head.keras", root / "metrics" / "th.json",
                          root / "dvclive", HeadParams)
     model = modelio.load_model(root / "models" / "head.keras")
@@ -193,7 +193,7 @@ def test_model_for_other_classes_is_refused(project, tmp_path):
 
 def test_stage_script(project, tmp_path, monkeypatch, capsys):
     import yaml
-    from test_heads import REPO, load_stage
+    from helpers import REPO, load_stage
 
     from tlpipe.cli import run_stage
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import dvc, make_project, sh
+from helpers import dvc, make_project, sh
 
 pytestmark = pytest.mark.slow
 

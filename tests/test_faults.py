@@ -28,9 +28,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tool_env
 from imagegen import make_class_folders
-from test_stage_errors import FEATURES_PARAMS, feature_file, stage_cmd, user_lines, write_params
+from helpers import FEATURES_PARAMS, feature_file, stage_cmd, tool_env, user_lines, write_params
 
 PAUSE_HOOK = r"""
 import importlib, os, runpy, sys, time

@@ -1,11 +1,9 @@
 """heads: the dense head, and the train_head stage on hand-made feature files."""
 
-import hashlib
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import h5py
 import numpy as np
@@ -16,65 +14,7 @@ from tlpipe.model import head as heads
 from tlpipe.model import saved as modelio
 from tlpipe.errors import ConfigError, FeatureFileError
 
-REPO = Path(__file__).resolve().parents[1]
-SIZE = 32  # VGG16's smallest input; weights "none" keeps everything offline
-LAYER = "block3_pool"
-
-
-# ---------------------------------------------------------------- helpers (also used by test_evaluation)
-
-def write_features(path, features, labels, paths, attrs):
-    """A feature file in the format of docs/design.md."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with h5py.File(path, "w") as f:
-        f.create_dataset("features", data=np.asarray(features, np.float32))
-        f.create_dataset("labels", data=np.asarray(labels, np.int64))
-        f.create_dataset("paths", data=[p.encode() for p in paths], dtype=h5py.string_dtype("utf-8"))
-        for k, v in attrs.items():
-            f.attrs[k] = v
-
-
-def make_project(root, classes=("cat", "dog"), counts=None, seed=0):
-    """data/images, data/split/*.csv + classes.json and features/*.h5 (VGG16, random weights, 32 px)."""
-    from imagegen import draw_class_image
-
-    from tlpipe.features import backbones
-    from tlpipe.features.inputs import image_dataset
-
-    counts = counts or {"train": 8, "validation": 4, "test": 6}
-    root = Path(root)
-    images, split = root / "data" / "images", root / "data" / "split"
-    images.mkdir(parents=True)
-    split.mkdir(parents=True)
-    (split / "classes.json").write_text(json.dumps({"classes": list(classes)}))
-    rng = np.random.default_rng(seed)
-    base = backbones.build_base("vgg16", "none", SIZE)
-    # Truncated early and averaged: a small model (fast saves) that still exercises the format.
-    fmodel = backbones.feature_model(base, LAYER, "avg")
-    attrs = {"backbone": "vgg16", "weights": "none", "weights_sha256": "", "layer": LAYER,
-             "pooling": "avg", "image_size": SIZE, "preprocessing": "caffe",
-             "class_names": json.dumps(list(classes)), "tlpipe_format": 1}
-    for part, n in counts.items():
-        rows = []
-        for label, name in enumerate(classes):
-            for i in range(n):
-                im = draw_class_image(label, size=SIZE, rng=rng)
-                tmp = images / "tmp.png"
-                im.save(tmp)
-                sha = hashlib.sha256(tmp.read_bytes()).hexdigest()
-                os.replace(tmp, images / f"{sha}.png")
-                rows.append((f"{name}/{part}_{i:03d}.png", name, label, sha, f"{sha}.png"))
-        rows.sort()
-        lines = ["path,class_name,label,sha256,file"] + [",".join(map(str, r)) for r in rows]
-        (split / f"{part}.csv").write_text("\n".join(lines) + "\n")
-        files = [str(images / r[4]) for r in rows]
-        feats = np.concatenate([fmodel(b).numpy() for b in image_dataset(files, SIZE, 16, "caffe")])
-        write_features(root / "features" / f"{part}.h5", feats, [r[2] for r in rows], [r[0] for r in rows], attrs)
-    return root
-
-
-class HeadParams:
-    units, dropout, lr, epochs, batch_size, seed = 16, 0.5, 1e-3, 3, 4, 1
+from helpers import FEATURE_LAYER as LAYER, FEATURE_SIZE as SIZE, REPO, HeadParams, load_stage, make_feature_project
 
 
 # ---------------------------------------------------------------- build_head / compile_head
@@ -140,7 +80,7 @@ def test_check_attrs_agree_names_the_key():
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    return make_project(tmp_path_factory.mktemp("proj"))
+    return make_feature_project(tmp_path_factory.mktemp("proj"))
 
 
 def test_run_train_head_writes_a_complete_model(project, tmp_path):
@@ -200,15 +140,6 @@ def _stage(cwd, *args):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO / "src")}
     return subprocess.run([sys.executable, str(REPO / "stages" / "train_head.py"), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
-
-
-def load_stage(name):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"stage_{name}", REPO / "stages" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_stage_script_clear_error_without_features(tmp_path, monkeypatch, capsys):

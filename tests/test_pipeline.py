@@ -10,7 +10,7 @@ import json
 import h5py
 import pytest
 
-from conftest import dvc, make_project, set_params, sh, stages_run
+from helpers import dvc, make_project, set_params, sh, stages_run
 
 pytestmark = pytest.mark.slow
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import dvc, make_project, set_params, sh, stages_run
+from helpers import dvc, make_project, set_params, sh, stages_run
 
 pytestmark = pytest.mark.slow
 

@@ -13,10 +13,8 @@ run side by side in one module fixture and each test asserts on its own case's r
 
 from __future__ import annotations
 
-import copy
 import json
 import os
-import re
 import struct
 import subprocess
 import sys
@@ -25,43 +23,18 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import h5py
-import numpy as np
 import pytest
-import yaml
 from PIL import Image
 
-from conftest import FAST_PARAMS, deep_update, tool_env
+from helpers import (FEATURES_PARAMS, REPO, TF_NOISE, feature_file, stage_cmd, tool_env, user_lines,
+                     write_params)
 from imagegen import (image_bytes, make_class_folders, write_animated_gif, write_exif_rotated_jpeg, write_image,
                       write_text_as_image, write_truncated_jpeg, write_zero_byte)
 
-REPO = Path(__file__).resolve().parents[1]
-# TensorFlow's C++ start-up lines reach stderr before any Python runs and ignore
-# TF_CPP_MIN_LOG_LEVEL (TF 2.21); they are not ours, so they are left out of "what the user sees".
-TF_NOISE = re.compile(r"^(WARNING: All log messages before absl::InitializeLog\(\)|[IWEF]\d{4} \d\d:\d\d:\d\d)")
 WORKERS = 4  # stage processes at once: most of their time is importing, which overlaps well
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def write_params(folder: Path, updates: dict | None = None, source: Path | None = None) -> None:
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    deep_update(params, copy.deepcopy(FAST_PARAMS))
-    if source is not None:
-        params["data"]["source"] = str(source)
-    deep_update(params, updates or {})
-    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True))
-
-
-def stage_cmd(stage: str, *args: str) -> list[str]:
-    return [sys.executable, str(REPO / "stages" / f"{stage}.py"), *args]
-
-
-def user_lines(stderr: str) -> list[str]:
-    """What stays on the user's terminal: no TensorFlow C++ start-up lines, no erased progress bars."""
-    shown = (line.split("\r")[-1] for line in stderr.split("\n"))  # a bar redraws (and erases) with \r
-    return [line for line in shown if line.strip() and not TF_NOISE.match(line)]
 
 
 def assert_clean_error(proc, *expected: str, first: bool = True) -> str:
@@ -102,27 +75,6 @@ def png_header_only(width: int, height: int) -> bytes:
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * (1 + 3 * width)))
             + chunk(b"IEND", b""))
-
-
-FEATURES_PARAMS = {"backbone": {"layer": "block3_pool", "pooling": "avg"}}  # what feature_file writes
-
-
-def feature_file(path: Path, n: int, classes=("cat", "dog"), image_size: int = 32, backbone: str = "vgg16",
-                 layer: str = "block3_pool", dim: int = 256, seed: int = 0) -> Path:
-    """A small feature file in the format of docs/design.md (random features, weights none)."""
-    rng = np.random.default_rng(seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    labels = np.arange(n) % len(classes)
-    with h5py.File(path, "w") as f:
-        f.create_dataset("features", data=(rng.normal(size=(n, dim)) + labels[:, None]).astype(np.float32))
-        f.create_dataset("labels", data=labels.astype(np.int64))
-        f.create_dataset("paths", data=[f"{classes[l]}/{i}.png" for i, l in enumerate(labels)],
-                         dtype=h5py.string_dtype("utf-8"))
-        for key, value in {"backbone": backbone, "weights": "none", "weights_sha256": "", "layer": layer,
-                           "pooling": "avg", "image_size": image_size, "preprocessing": "caffe",
-                           "class_names": json.dumps(list(classes)), "tlpipe_format": 1}.items():
-            f.attrs[key] = value
-    return path
 
 
 def small_split(project: Path, per_class: int = 8) -> None:

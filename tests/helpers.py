@@ -1,0 +1,227 @@
+"""What the tests share: throw-away projects, running stages and dvc as a user does, small feature files.
+
+Import from any test (tests/ is on sys.path): `from helpers import make_project, dvc, ...`.
+Fixtures live in conftest.py; nothing here is a fixture, and no test imports another test.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+# What a user's clone holds; outputs and caches are left behind.
+PROJECT_FILES = ["dvc.yaml", "params.yaml", ".gitignore", ".dvcignore", "stages", "src", ".dvc/config"]
+
+# Small and fast: 32 px is VGG16's minimum; random weights keep the tests offline.
+FAST_PARAMS = {
+    "backbone": {"weights": "none", "image_size": 32},
+    "compute": {"batch_size": 16},
+    "head": {"units": 16, "epochs": 3, "batch_size": 8, "lr": 1e-3},
+    "augment": {"views": 2},
+    "head_aug": {"epochs": 2, "batch_size": 8, "lr": 1e-3},
+    "finetune": {"epochs": 1, "batch_size": 8},
+    "visualize": {"images": 1, "layers": 2, "filters": 2, "filter_steps": 2,
+                  "filter_layers": ["block1_conv1"], "gradcam_per_class": 1},
+}
+
+# TensorFlow's C++ start-up lines reach stderr before any Python runs and ignore
+# TF_CPP_MIN_LOG_LEVEL (TF 2.21); they are not ours, so they are left out of "what the user sees".
+TF_NOISE = re.compile(r"^(WARNING: All log messages before absl::InitializeLog\(\)|[IWEF]\d{4} \d\d:\d\d:\d\d)")
+
+
+# ---------------------------------------------------------------- commands, as a user runs them
+
+
+def tool_env() -> dict:
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    env["DVC_NO_ANALYTICS"] = "1"
+    env.setdefault("GIT_AUTHOR_NAME", "tlpipe-tests")
+    env.setdefault("GIT_AUTHOR_EMAIL", "tests@example.invalid")
+    env.setdefault("GIT_COMMITTER_NAME", "tlpipe-tests")
+    env.setdefault("GIT_COMMITTER_EMAIL", "tests@example.invalid")
+    return env
+
+
+def sh(args: list[str], cwd: Path, check: bool = True, timeout: int = 900,
+       env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a command in the test repo; on failure show its output, not just the exit status."""
+    proc = subprocess.run(args, cwd=cwd, env={**tool_env(), **(env or {})}, capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} exited {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}")
+    return proc
+
+
+def dvc(repo: Path, *args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    return sh([str(BIN / "dvc"), *args], repo, check=check, env=env)
+
+
+def stages_run(proc: subprocess.CompletedProcess) -> list[str]:
+    """Names of the stages `dvc repro` / `dvc exp run` actually ran (not skipped)."""
+    ran = []
+    for line in proc.stdout.splitlines():
+        line = line.strip()
+        if line.startswith("Running stage '"):
+            ran.append(line.split("'")[1])
+    return ran
+
+
+def stage_cmd(stage: str, *args: str) -> list[str]:
+    return [sys.executable, str(REPO / "stages" / f"{stage}.py"), *args]
+
+
+def user_lines(stderr: str) -> list[str]:
+    """What stays on the user's terminal: no TensorFlow C++ start-up lines, no erased progress bars."""
+    shown = (line.split("\r")[-1] for line in stderr.split("\n"))  # a bar redraws (and erases) with \r
+    return [line for line in shown if line.strip() and not TF_NOISE.match(line)]
+
+
+def load_stage(name: str):
+    """stages/<name>.py as a module, to call its main() in-process."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"stage_{name}", REPO / "stages" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ---------------------------------------------------------------- params and projects
+
+
+def deep_update(base: dict, updates: dict) -> dict:
+    for key, value in updates.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            deep_update(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def set_params(repo: Path, updates: dict) -> None:
+    path = repo / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump(deep_update(params, updates), sort_keys=False))
+
+
+def write_params(folder: Path, updates: dict | None = None, source: Path | None = None) -> None:
+    """folder/params.yaml: the project's, made fast (FAST_PARAMS), then `updates`."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    deep_update(params, copy.deepcopy(FAST_PARAMS))
+    if source is not None:
+        params["data"]["source"] = str(source)
+    deep_update(params, updates or {})
+    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True))
+
+
+def make_project(dst: Path, source: Path, params: dict | None = None) -> Path:
+    """Copy the project into dst, point it at `source`, and commit it as a fresh git + DVC repo."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in PROJECT_FILES:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dst / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        elif src.exists():
+            (dst / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / name)
+    set_params(dst, deep_update(deep_update({}, FAST_PARAMS), {"data": {"source": str(source)}, **(params or {})}))
+    sh(["git", "init", "-q", "-b", "main"], dst)
+    if not (dst / ".dvc" / "config").exists():
+        dvc(dst, "init", "-q")
+    sh(["git", "add", "-A"], dst)
+    sh(["git", "commit", "-q", "-m", "project"], dst)
+    return dst
+
+
+# ---------------------------------------------------------------- feature files
+
+FEATURE_SIZE = 32  # VGG16's smallest input; weights "none" keeps everything offline
+FEATURE_LAYER = "block3_pool"
+FEATURES_PARAMS = {"backbone": {"layer": FEATURE_LAYER, "pooling": "avg"}}  # what feature_file writes
+
+
+class HeadParams:
+    """A small, fast `head` section."""
+    units, dropout, lr, epochs, batch_size, seed = 16, 0.5, 1e-3, 3, 4, 1
+
+
+def write_features(path, features, labels, paths, attrs):
+    """A feature file in the format of docs/design.md."""
+    import h5py
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as f:
+        f.create_dataset("features", data=np.asarray(features, np.float32))
+        f.create_dataset("labels", data=np.asarray(labels, np.int64))
+        f.create_dataset("paths", data=[p.encode() for p in paths], dtype=h5py.string_dtype("utf-8"))
+        for k, v in attrs.items():
+            f.attrs[k] = v
+
+
+def feature_file(path: Path, n: int, classes=("cat", "dog"), image_size: int = FEATURE_SIZE,
+                 backbone: str = "vgg16", layer: str = FEATURE_LAYER, dim: int = 256, seed: int = 0) -> Path:
+    """A small feature file in the format of docs/design.md (random features, weights none)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % len(classes)
+    write_features(path, rng.normal(size=(n, dim)) + labels[:, None], labels,
+                   [f"{classes[l]}/{i}.png" for i, l in enumerate(labels)],
+                   {"backbone": backbone, "weights": "none", "weights_sha256": "", "layer": layer,
+                    "pooling": "avg", "image_size": image_size, "preprocessing": "caffe",
+                    "class_names": json.dumps(list(classes)), "tlpipe_format": 1})
+    return path
+
+
+def make_feature_project(root, classes=("cat", "dog"), counts=None, seed=0):
+    """data/images, data/split/*.csv + classes.json and features/*.h5 (VGG16, random weights, 32 px)."""
+    import numpy as np
+    from imagegen import draw_class_image
+
+    from tlpipe.features import backbones
+    from tlpipe.features.inputs import image_dataset
+
+    counts = counts or {"train": 8, "validation": 4, "test": 6}
+    root = Path(root)
+    images, split = root / "data" / "images", root / "data" / "split"
+    images.mkdir(parents=True)
+    split.mkdir(parents=True)
+    (split / "classes.json").write_text(json.dumps({"classes": list(classes)}))
+    rng = np.random.default_rng(seed)
+    base = backbones.build_base("vgg16", "none", FEATURE_SIZE)
+    # Truncated early and averaged: a small model (fast saves) that still exercises the format.
+    fmodel = backbones.feature_model(base, FEATURE_LAYER, "avg")
+    attrs = {"backbone": "vgg16", "weights": "none", "weights_sha256": "", "layer": FEATURE_LAYER,
+             "pooling": "avg", "image_size": FEATURE_SIZE, "preprocessing": "caffe",
+             "class_names": json.dumps(list(classes)), "tlpipe_format": 1}
+    for part, n in counts.items():
+        rows = []
+        for label, name in enumerate(classes):
+            for i in range(n):
+                im = draw_class_image(label, size=FEATURE_SIZE, rng=rng)
+                tmp = images / "tmp.png"
+                im.save(tmp)
+                sha = hashlib.sha256(tmp.read_bytes()).hexdigest()
+                os.replace(tmp, images / f"{sha}.png")
+                rows.append((f"{name}/{part}_{i:03d}.png", name, label, sha, f"{sha}.png"))
+        rows.sort()
+        lines = ["path,class_name,label,sha256,file"] + [",".join(map(str, r)) for r in rows]
+        (split / f"{part}.csv").write_text("\n".join(lines) + "\n")
+        files = [str(images / r[4]) for r in rows]
+        feats = np.concatenate([fmodel(b).numpy() for b in image_dataset(files, FEATURE_SIZE, 16, "caffe")])
+        write_features(root / "features" / f"{part}.h5", feats, [r[2] for r in rows], [r[0] for r in rows], attrs)
+    return root
