@@ -102,6 +102,12 @@ def load_stage(name: str):
 # ---------------------------------------------------------------- params and projects
 
 
+def dvc_stages(repo: Path = REPO) -> dict:
+    """The stages of a project's dvc.yaml, by name (as written: `${...}` not interpolated)."""
+    return yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+
+
+
 def deep_update(base: dict, updates: dict) -> dict:
     for key, value in updates.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):

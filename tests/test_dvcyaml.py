@@ -1,0 +1,198 @@
+"""dvc.yaml cannot drift from the code: each stage's `deps` list exactly the tlpipe modules its script runs.
+
+A stage's code is its script (stages/<stage>.py) and every tlpipe module that script imports,
+transitively: a static walk of `import` / `from ... import` statements anywhere in a module (inside
+functions too: the stages import TensorFlow-heavy modules lazily). `from tlpipe.x import y` counts
+y's file when y is a submodule, else x's `__init__.py` (the name comes from there). A package passed
+through on the way (`tlpipe.features` for `tlpipe.features.extract`) counts when its `__init__.py`
+runs code; one holding only a docstring and constants cannot change a stage's output unless a
+constant is imported by name, and then it counts.
+
+Each module must be covered by the stage's deps (the file, or a folder holding it), and no src
+file a stage lists (or that a listed folder holds) may be one it does not run: a needless dep
+reruns an expensive stage for nothing. The params half of this check (the keys a stage reads are
+the ones it declares) needs the stages to run: see tests/test_pipeline.py.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from functools import cache
+from pathlib import Path
+
+import pytest
+
+from helpers import REPO, dvc_stages
+
+SRC = REPO / "src"
+PACKAGE = "tlpipe"
+
+
+def module_file(name: str) -> Path | None:
+    """The file of module `name` (a dotted tlpipe name), or None when it is not one of ours."""
+    base = SRC.joinpath(*name.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(SRC).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+@cache
+def runs_code(init: Path) -> bool:
+    """Whether a package's __init__.py does more than hold a docstring and constants."""
+    for node in ast.parse(init.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            continue  # the docstring
+        if isinstance(node, ast.ImportFrom) and node.module == "__future__":
+            continue
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant):
+            continue
+        return True
+    return False
+
+
+def _with_packages(name: str) -> set[Path]:
+    """Module `name` plus each package above it whose __init__.py runs code on the way."""
+    found = set()
+    parts = name.split(".")
+    for i in range(1, len(parts)):
+        init = module_file(".".join(parts[:i]))
+        if init is not None and init.name == "__init__.py" and runs_code(init):
+            found.add(init)
+    path = module_file(name)
+    if path is not None:
+        found.add(path)
+    return found
+
+
+@cache
+def direct_imports(path: Path) -> frozenset[Path]:
+    """The tlpipe files one file's import statements (anywhere in it) make Python run."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    here = module_name(path) if path.is_relative_to(SRC) else ""
+    found: set[Path] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == PACKAGE:
+                    found |= _with_packages(alias.name)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: from the module's own package upwards
+                package = here if path.name == "__init__.py" else here.rpartition(".")[0]
+                anchor = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{anchor}.{node.module}" if node.module else anchor
+            else:
+                base = node.module or ""
+            if base.split(".")[0] != PACKAGE:
+                continue
+            found |= _with_packages(base)
+            for alias in node.names:
+                sub = module_file(f"{base}.{alias.name}")
+                if sub is None:  # a name defined in the package's __init__.py (or a module)
+                    own = module_file(base)
+                    if own is not None:
+                        found.add(own)
+                else:
+                    found.add(sub)
+            if all(module_file(f"{base}.{a.name}") is not None for a in node.names):
+                # `from tlpipe import atomic` reads nothing from tlpipe/__init__.py itself
+                own = module_file(base)
+                if own is not None and own.name == "__init__.py" and not runs_code(own):
+                    found.discard(own)
+    return frozenset(found)
+
+
+def imported_modules(script: Path) -> set[Path]:
+    """Every tlpipe file the script runs, transitively."""
+    seen: set[Path] = set()
+    todo = [script]
+    while todo:
+        for path in direct_imports(todo.pop()):
+            if path not in seen:
+                seen.add(path)
+                todo.append(path)
+    return seen
+
+
+def stage_script(stage: dict) -> Path:
+    scripts = re.findall(r"stages/\w+\.py", stage["cmd"])
+    assert len(scripts) == 1, f"expected one stages/<name>.py in {stage['cmd']!r}"
+    return REPO / scripts[0]
+
+
+def dep_paths(stage: dict) -> list[str]:
+    return [d.rstrip("/") for d in stage.get("deps", []) if isinstance(d, str)]
+
+
+def src_files_listed(deps: list[str]) -> set[Path]:
+    """The .py files under src/ that the deps name, a listed folder standing for every file in it."""
+    files = set()
+    for dep in deps:
+        path = REPO / dep
+        if not path.is_relative_to(SRC):
+            continue
+        if path.is_dir():
+            files |= {p for p in path.rglob("*.py") if "__pycache__" not in p.parts}
+        else:
+            files.add(path)
+    return files
+
+
+STAGES = dvc_stages()
+
+
+def test_every_stage_runs_a_script_it_lists():
+    assert STAGES
+    for name, stage in STAGES.items():
+        script = stage_script(stage)
+        assert script.is_file(), f"{name}: {script} does not exist"
+        assert script.relative_to(REPO).as_posix() in dep_paths(stage), f"{name}: deps lack {script.name}"
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_deps_list_exactly_the_modules_the_stage_runs(name):
+    stage = STAGES[name]
+    deps = dep_paths(stage)
+    for dep in deps:
+        if (REPO / dep).is_relative_to(SRC):
+            assert (REPO / dep).exists(), f"{name}: deps list {dep}, which does not exist"
+    used = imported_modules(stage_script(stage))
+    listed = src_files_listed(deps)
+    missing = sorted(p.relative_to(REPO).as_posix() for p in used - listed)
+    needless = sorted(p.relative_to(REPO).as_posix() for p in listed - used)
+    want = "\n".join(f"      - {p.relative_to(REPO).as_posix()}" for p in sorted(used))
+    assert not missing and not needless, (
+        f"dvc.yaml stage {name!r}: deps lack {missing}, list needlessly {needless}.\n"
+        f"The modules its script runs:\n{want}")
+
+
+# ---------------------------------------------------------------- the walk itself
+
+
+def test_walk_sees_lazy_imports_submodules_and_package_inits(tmp_path):
+    """The walk follows imports inside functions and `from pkg import submodule`, as Python does."""
+    script = tmp_path / "stage.py"
+    script.write_text(
+        "from tlpipe.cli import run_stage\n"
+        "def main():\n"
+        "    from tlpipe.features import backbones\n"
+        "    import tlpipe.evaluate.run as ev\n")
+    got = {p.relative_to(SRC).as_posix() for p in imported_modules(script)}
+    assert {"tlpipe/cli/__init__.py", "tlpipe/features/backbones.py", "tlpipe/evaluate/run.py",
+            "tlpipe/errors.py"} <= got  # errors.py: imported by cli/__init__.py
+    assert "tlpipe/config.py" not in got
+    # Packages that only hold a docstring (and constants) are passed through, not depended on.
+    assert "tlpipe/features/__init__.py" not in got
+    assert "tlpipe/__init__.py" not in got
+
+
+def test_a_constant_imported_from_a_package_counts(tmp_path):
+    script = tmp_path / "stage.py"
+    script.write_text("from tlpipe import __version__\n")
+    assert imported_modules(script) == {SRC / "tlpipe" / "__init__.py"}
