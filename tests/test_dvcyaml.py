@@ -196,3 +196,49 @@ def test_a_constant_imported_from_a_package_counts(tmp_path):
     script = tmp_path / "stage.py"
     script.write_text("from tlpipe import __version__\n")
     assert imported_modules(script) == {SRC / "tlpipe" / "__init__.py"}
+
+
+# ---------------------------------------------------------------- recording the params a stage reads
+
+
+def _recorded(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_recording_notes_each_leaf_read_once_and_only_those(tmp_path, monkeypatch):
+    from tlpipe.config import Params, load_params
+    from tlpipe.features.augment import augment_settings
+
+    log = tmp_path / "read.txt"
+    monkeypatch.setenv("TLPIPE_RECORD_PARAMS", str(log))
+    monkeypatch.setattr("sys.argv", ["stages/train_head.py"])
+    p = load_params(REPO / "params.yaml")
+    plain = Params()
+    assert p.head.lr == plain.head.lr and p.finetune.from_ == plain.finetune.from_
+    assert p.head.lr == plain.head.lr  # a second read adds no line
+    assert _recorded(log) == ["train_head head.lr", "train_head finetune.from"]
+    # A whole section handed to library code: only the fields it reads are recorded.
+    settings = augment_settings(p.augment)
+    assert settings == augment_settings(plain.augment)
+    read = {line.split()[1] for line in _recorded(log)} - {"head.lr", "finetune.from"}
+    assert read and all(k.startswith("augment.") for k in read)
+    assert "augment.views" not in read and "augment.mode" not in read
+
+
+def test_reading_a_section_wholesale_records_all_its_keys(tmp_path, monkeypatch):
+    from tlpipe.config import load_params, param_leaves
+
+    log = tmp_path / "read.txt"
+    monkeypatch.setenv("TLPIPE_RECORD_PARAMS", str(log))
+    monkeypatch.setattr("sys.argv", ["stages/data.py"])
+    dumped = load_params(REPO / "params.yaml").data.model_dump()
+    assert dumped["seed"] == 42
+    assert sorted(_recorded(log)) == sorted(f"data {k}" for k in param_leaves() if k.startswith("data."))
+    assert "data.split" in param_leaves() and "data.split.train" not in param_leaves()
+
+
+def test_without_the_variable_params_are_plain(monkeypatch):
+    from tlpipe.config import Params, load_params
+
+    monkeypatch.delenv("TLPIPE_RECORD_PARAMS", raising=False)
+    assert type(load_params(REPO / "params.yaml")) is Params

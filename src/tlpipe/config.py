@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
+import sys
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -259,7 +261,9 @@ _Loader.add_implicit_resolver(
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> Params:
-    """Read and validate params.yaml; ConfigError for a missing file, bad YAML or bad values."""
+    """Read and validate params.yaml; ConfigError for a missing file, bad YAML or bad values.
+
+    With TLPIPE_RECORD_PARAMS set, the Params come wrapped in `Recorded` (same values, reads noted)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -269,4 +273,88 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
         raw = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    return validate_params(raw, str(path))
+    params = validate_params(raw, str(path))
+    record_to = os.environ.get(RECORD_ENV)
+    return Recorded(params, "", _Recorder(record_to)) if record_to else params
+
+
+# ---------------------------------------------------------------- which keys a stage reads
+
+# TLPIPE_RECORD_PARAMS=<file>: load_params() returns a view that appends "<script> <key>" to the file
+# for each leaf key read, so a test can hold dvc.yaml's `params:` to what each stage really reads.
+RECORD_ENV = "TLPIPE_RECORD_PARAMS"
+
+
+def param_leaves(section: type[BaseModel] = Params, prefix: str = "") -> list[str]:
+    """Every leaf key under a section, dotted as in params.yaml (`finetune.from`, `data.split`)."""
+    keys = []
+    for name, field in section.model_fields.items():
+        key = prefix + (field.alias or name)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys += param_leaves(ann, key + ".")
+        else:
+            keys.append(key)
+    return keys
+
+
+class _Recorder:
+    def __init__(self, path: str):
+        self.path, self.seen = path, set()
+        self.script = Path(sys.argv[0]).stem if sys.argv and sys.argv[0] else "python"
+
+    def __call__(self, *keys: str) -> None:
+        new = [k for k in keys if k not in self.seen]
+        if new:
+            self.seen.update(new)
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write("".join(f"{self.script} {k}\n" for k in new))
+
+
+class Recorded:
+    """A params section that records each leaf key read; code reading it sees the section's values.
+
+    Handing a whole section to a library function records only the fields that function reads.
+    Anything but a field (model_dump, iteration, a property) counts as reading every key below.
+    """
+
+    __slots__ = ("_model", "_prefix", "_note")
+
+    def __init__(self, model: BaseModel, prefix: str, note: _Recorder):
+        object.__setattr__(self, "_model", model)
+        object.__setattr__(self, "_prefix", prefix)
+        object.__setattr__(self, "_note", note)
+
+    def _all(self) -> None:
+        self._note(*param_leaves(type(self._model), self._prefix))
+
+    def __getattr__(self, name: str):
+        if name in Recorded.__slots__:  # not set yet (copy, pickle)
+            raise AttributeError(name)
+        value = getattr(self._model, name)
+        field = type(self._model).model_fields.get(name)
+        if field is None:
+            if not name.startswith("__"):
+                self._all()
+            return value
+        key = self._prefix + (field.alias or name)
+        if isinstance(value, BaseModel):
+            return Recorded(value, key + ".", self._note)
+        self._note(key)
+        return value
+
+    def __setattr__(self, name, value):
+        raise TypeError("params are read-only")
+
+    def __iter__(self):
+        self._all()
+        return iter(self._model)
+
+    def __eq__(self, other):
+        self._all()
+        return self._model == (other._model if isinstance(other, Recorded) else other)
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return f"Recorded({self._model!r})"
