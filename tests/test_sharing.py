@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import dvc, make_project, set_params, sh, stages_run
+from helpers import dvc, dvc_stages, make_project, set_params, sh, stages_run
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +40,7 @@ def _entries(items) -> list[str]:
 
 def downstream(repo: Path, stage: str) -> set[str]:
     """Stages that depend (transitively) on `stage`'s outputs, read from the repo's dvc.yaml."""
-    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    stages = dvc_stages(repo)
     outs = {name: _entries(s.get("outs")) + _entries(s.get("metrics")) + _entries(s.get("plots"))
             for name, s in stages.items()}
     deps = {name: _entries(s.get("deps")) for name, s in stages.items()}
