@@ -364,3 +364,16 @@ def test_a_12000x9000_photo_is_decoded_in_bounded_memory(tmp_path):
     assert peak_mb < 250, f"peak memory {peak_mb:.0f} MB"  # ~45 MB without the photo, ~115 MB with it
     sizes = {Image.open(f).size for f in (tmp_path / "data/images").iterdir()}
     assert (2048, 1536) in sizes  # shrunk to the store's 2048 px limit
+
+
+def test_only_our_error_line_reaches_the_user(tmp_path):
+    """TensorFlow's C++ start-up lines (absl's "All log messages before absl::InitializeLog()",
+    oneDNN, cudart_stub, "failed call to cuInit") ignore TF_CPP_MIN_LOG_LEVEL and look like failures.
+    The viewcache stage imports TensorFlow before it finds its input missing; a user who set nothing
+    sees our one line and nothing else."""
+    write_params(tmp_path)
+    env = {k: v for k, v in tool_env().items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "TLPIPE_VERBOSE")}
+    proc = subprocess.run(stage_cmd("viewcache"), cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=420)
+    assert proc.returncode == 1
+    assert proc.stderr == "error: data/split/classes.json: not found; run the data stage first (`dvc repro data`).\n"

@@ -1,16 +1,77 @@
 """The command line: `run_stage` (the wrapper every stage script runs under), `main` (`tlpipe <command>`)
-and the commands themselves (`predict`)."""
+and the commands themselves (`predict`, `augment-preview`).
+
+Importing this package keeps TensorFlow's start-up lines (oneDNN notes, CUDA stubs, "failed call to
+cuInit" on a machine without a GPU) away from the user, who sees only tlpipe's own messages; set
+TLPIPE_VERBOSE=1 (or TF_CPP_MIN_LOG_LEVEL to 0 or 1) to see them.
+"""
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
 import os
 import sys
+import tempfile
 from typing import Callable
 
 from tlpipe.errors import TlpipeError
 
-# TensorFlow's C++ start-up chatter hides our own messages; users can still set it lower.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+class _QuietTensorFlowImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Runs `import tensorflow` with file descriptor 2 pointed at a temp file.
+
+    TensorFlow's C++ libraries log while they load, before absl reads TF_CPP_MIN_LOG_LEVEL, straight
+    to fd 2 (TF 2.21): no setting silences that. If the import fails, what it wrote is shown after all.
+    """
+
+    def __init__(self):
+        self._busy = False
+        self._loader = None
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "tensorflow" or self._busy:
+            return None
+        self._busy = True
+        try:
+            spec = importlib.util.find_spec(name)  # the finders after this one
+        finally:
+            self._busy = False
+        if spec is not None and spec.loader is not None:
+            self._loader, spec.loader = spec.loader, self
+        return spec
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        module.__loader__ = module.__spec__.loader = self._loader  # as if imported plainly
+        sys.stderr.flush()
+        with tempfile.TemporaryFile() as log:
+            saved = os.dup(2)
+            os.dup2(log.fileno(), 2)
+            try:
+                self._loader.exec_module(module)
+            except BaseException:
+                os.dup2(saved, 2)
+                log.seek(0)
+                sys.stderr.write(log.read().decode("utf-8", "replace"))
+                raise
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+
+
+def quiet_tensorflow() -> None:
+    """Hide TensorFlow's start-up lines unless TLPIPE_VERBOSE or a low TF_CPP_MIN_LOG_LEVEL asks for them."""
+    if os.environ.get("TLPIPE_VERBOSE", "0") not in ("", "0") or os.environ.get("TF_CPP_MIN_LOG_LEVEL") in ("0", "1"):
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # later lines, e.g. cuInit's at the first op
+    if "tensorflow" not in sys.modules and not any(isinstance(f, _QuietTensorFlowImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _QuietTensorFlowImport())
+
+
+quiet_tensorflow()
 
 
 def run_stage(main: Callable[..., object], argv: list[str] | None = None) -> None:
