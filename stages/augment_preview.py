@@ -4,13 +4,8 @@
     python stages/augment_preview.py IMAGE --out x.png [-n 8]        (any image, outside DVC too)
 """
 
-from tlpipe.features.augment import preview_main
 from tlpipe.cli import run_stage
-
-
-def main(argv=None):
-    preview_main(argv)
-
+from tlpipe.cli.augment_preview import main
 
 if __name__ == "__main__":
     run_stage(main)

@@ -9,7 +9,8 @@ import sys
 from tlpipe.cli import run_stage
 from tlpipe.config import load_params
 from tlpipe.data.sources import resolve_source
-from tlpipe.data.split import SPLITS, build_dataset
+from tlpipe.data.manifests import SPLITS
+from tlpipe.data.split import build_dataset
 
 
 def main(argv=None):

@@ -83,3 +83,13 @@ def test_replace_dir_swaps_a_folder_in_with_ordinary_permissions(tmp_path, umask
     assert [p.name for p in dest.iterdir()] == ["new.png"]
     assert mode(dest) == 0o755 and mode(dest / "new.png") == 0o644
     assert [p.name for p in tmp_path.iterdir()] == ["img"]  # no temp or old folder left
+
+
+def test_every_csv_has_one_format(tmp_path):
+    """Manifests, evaluation tables and predictions: "\n" line ends, quotes only where needed, UTF-8
+    (the manifests are DVC outputs: a changed byte reruns every later stage)."""
+    rows = [["cat/a,b.jpg", 'say "hi"', 0], ["NA/é.png", "", 1.5]]
+    text = atomic.csv_text(["path", "note", "n"], rows)
+    assert text == 'path,note,n\n"cat/a,b.jpg","say ""hi""",0\nNA/é.png,,1.5\n'
+    out = atomic.write_csv(tmp_path / "m.csv", ["path", "note", "n"], rows)
+    assert out.read_bytes() == text.encode("utf-8")

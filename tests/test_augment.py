@@ -178,7 +178,7 @@ def test_preview_writes_a_deterministic_grid(tmp_path):
 def test_preview_command_uses_the_first_training_image(tmp_path):
     import yaml
 
-    from tlpipe.features.augment import preview_main
+    from tlpipe.cli.augment_preview import main as preview_main
 
     imgs = tmp_path / "images"
     imgs.mkdir()
@@ -192,10 +192,10 @@ def test_preview_command_uses_the_first_training_image(tmp_path):
                         str(tmp_path / "p.png"), "-n", "3", "--params", str(params)])
     grid = np.asarray(Image.open(out))
     assert grid.shape == (2 * 32 + 3 * 4, 2 * 32 + 3 * 4, 3)  # original + 3 views, 2x2
-    from tlpipe.features.augment import load_image
+    from tlpipe.features.inputs import decode_file
 
     tile = grid[4:36, 4:36].astype(float)  # top-left: the manifest's first row (b.png), unaugmented
-    np.testing.assert_allclose(tile, np.round(load_image(imgs / "b.png", 32)), atol=0.5)
+    np.testing.assert_allclose(tile, np.round(decode_file(imgs / "b.png", 32)), atol=0.5)
     with pytest.raises(SystemExit):
         preview_main(["--out", str(tmp_path / "q.png"), "--params", str(params)])  # no image given
 

@@ -82,7 +82,22 @@ def test_split_needs_all_three_keys(raw):
 
 def test_split_counts_per_class_are_accepted(raw):
     params = validate_params(with_value(raw, "data", "split", {"train": 1000, "validation": 500, "test": 500}))
-    assert params.data.split_is_counts and params.data.split["train"] == 1000
+    assert params.data.split == {"train": 1000, "validation": 500, "test": 500}
+
+
+@pytest.mark.parametrize("split,expected", [
+    ({"train": 5, "validation": 0, "test": 1}, "counts per class must be positive integers"),
+    ({"train": 1.0, "validation": 0.0, "test": 0.0}, "fractions must each lie strictly between 0 and 1"),
+    ({"train": 0.5, "validation": 0.5, "test": float("nan")}, "fractions must each lie strictly between 0 and 1"),
+    ({"train": 0.5, "validation": 0.3, "test": 0.3}, "fractions must add up to 1 (they add up to 1.1)"),
+])
+def test_params_and_the_data_stage_apply_one_split_rule(raw, split, expected):
+    from tlpipe.data.split import parse_split
+
+    assert f"data.split: {expected}" in error_text(with_value(raw, "data", "split", split))
+    with pytest.raises(ConfigError) as err:
+        parse_split(split)  # what build_dataset checks, for callers that skip params.yaml
+    assert str(err.value).startswith(f"data.split: {expected}")
 
 
 def test_hed_weights_need_vgg16(raw):

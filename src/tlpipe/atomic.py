@@ -4,9 +4,12 @@ A reader, or the rerun after a killed run, sees the old file or the new one, nev
 one. Temp names start with "." (`.<name>.<random>.tmp<suffix>`) so globs for outputs skip them.
 Files get the mode a plain open() would give (0o666 & ~umask), folders that of mkdir (0o777 & ~umask):
 mkstemp/mkdtemp make them private (0o600/0o700), which is wrong for shared data and reports.
+Every CSV tlpipe writes (manifests, evaluation tables, predictions) is formatted by `csv_text`.
 """
 from __future__ import annotations
 
+import csv
+import io
 import os
 import shutil
 import tempfile
@@ -60,6 +63,20 @@ def write_bytes(path, data: bytes, fsync: bool = False) -> Path:
 def write_text(path, text: str, fsync: bool = False) -> Path:
     """Write `text` as UTF-8 atomically, newlines as given (no translation)."""
     return write_bytes(path, text.encode("utf-8"), fsync=fsync)
+
+
+def csv_text(header, rows) -> str:
+    """Every CSV tlpipe writes: a header row, then the rows; "\n" line ends, minimal quoting."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def write_csv(path, header, rows) -> Path:
+    """`csv_text(header, rows)` written to `path` atomically, as UTF-8."""
+    return write_text(path, csv_text(header, rows))
 
 
 def temp_dir(dest) -> Path:

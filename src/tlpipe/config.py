@@ -19,10 +19,10 @@ import re
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tlpipe.data.manifests import SPLITS
 from tlpipe.errors import ConfigError
 
 PARAMS_FILE = "params.yaml"
-SPLITS = ("train", "validation", "test")
 BACKBONES = ("vgg16", "vgg19", "resnet50", "inception_v3", "xception", "mobilenet", "mobilenet_v2", "efficientnet_b0")
 
 PosInt = Annotated[int, Field(strict=True, gt=0)]
@@ -64,25 +64,27 @@ class DataParams(Section):
     @field_validator("split")
     @classmethod
     def _split_shape(cls, v: dict) -> dict:
-        if set(v) != set(SPLITS):
-            raise ValueError(f"needs exactly the keys {', '.join(SPLITS)} (got {', '.join(sorted(v)) or 'none'})")
-        values = list(v.values())
-        if all(isinstance(x, int) and not isinstance(x, bool) for x in values):
-            if any(x <= 0 for x in values):
-                raise ValueError(f"counts per class must be positive integers (got {v})")
-            return v
-        if any(isinstance(x, bool) for x in values):
-            raise ValueError("values must be numbers")
-        fractions = [float(x) for x in values]
-        if any(x <= 0 or x >= 1 for x in fractions):
-            raise ValueError(f"fractions must each lie strictly between 0 and 1 (got {v})")
-        if not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
-            raise ValueError(f"fractions must add up to 1 (they add up to {sum(fractions):g})")
-        return {k: float(x) for k, x in v.items()}
+        return check_split(v)[1]
 
-    @property
-    def split_is_counts(self) -> bool:
-        return all(isinstance(x, int) for x in self.split.values())
+
+def check_split(split: dict) -> tuple[str, dict]:
+    """The one rule for data.split: ("counts", {split: positive int}) per class, or ("fractions",
+    {split: float strictly between 0 and 1}) adding up to 1. ValueError says what is wrong."""
+    if set(split) != set(SPLITS):
+        raise ValueError(f"needs exactly the keys {', '.join(SPLITS)} (got {', '.join(sorted(split)) or 'none'})")
+    values = list(split.values())
+    if any(isinstance(x, bool) or not isinstance(x, (int, float)) for x in values):
+        raise ValueError(f"values must be numbers (got {split})")
+    if all(isinstance(x, int) for x in values):
+        if any(x <= 0 for x in values):
+            raise ValueError(f"counts per class must be positive integers (got {split})")
+        return "counts", dict(split)
+    fractions = [float(x) for x in values]
+    if not all(0 < x < 1 for x in fractions):
+        raise ValueError(f"fractions must each lie strictly between 0 and 1 (got {split})")
+    if not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
+        raise ValueError(f"fractions must add up to 1 (they add up to {sum(fractions):g})")
+    return "fractions", {k: float(x) for k, x in split.items()}
 
 
 class BackboneParams(Section):

@@ -8,7 +8,7 @@ from tlpipe.cli import run_stage
 
 COMMANDS: dict[str, tuple[str, str]] = {
     # name: ("module:function", help); imported only when chosen, so `tlpipe --help` stays quick.
-    "augment-preview": ("tlpipe.features.augment:preview_main", "write a PNG grid of an image and augmented versions"),
+    "augment-preview": ("tlpipe.cli.augment_preview:main", "write a PNG grid of an image and augmented versions"),
     "predict": ("tlpipe.cli.predict:main", "classify image files and folders with a saved model"),
 }
 

@@ -15,6 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from tlpipe import atomic
 from tlpipe.errors import DataError
 
 
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
     else:
-        pr.write_text_atomic(args.out, text)
+        atomic.write_text(args.out, text)
         failed = sum(1 for p in preds if p.error)
         print(f"wrote {args.out}: {len(preds) - failed} predicted, {failed} unreadable", file=sys.stderr)
     if truth is not None:

@@ -42,7 +42,6 @@ warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.TiffImageP
 # Plugins we trust to identify a file by its signature (TGA, for one, would "decode" random bytes).
 Image.init()  # register every plugin now: Image.open(formats=...) needs them loaded
 FORMATS = tuple(f for f in ("JPEG", "MPO", "PNG", "GIF", "BMP", "DIB", "TIFF", "WEBP") if f in Image.OPEN)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
 SMALL_SIDE = 32  # below this on a side an image is counted as small in the summary
 _ORIENTATION = 0x0112
 
@@ -151,19 +150,6 @@ def _decode(im: Image.Image, name, max_side: int) -> Image.Image:
         raise ImageDecodeError(name, "too large to decode in memory") from None
     except Exception:
         raise ImageDecodeError(name, "truncated or corrupt image") from None
-
-
-def load_image(path_or_bytes, max_side: int = MAX_SIDE) -> Image.Image:
-    """Decode a file (path) or its bytes to an RGB image no larger than max_side; ImageDecodeError if not."""
-    if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
-        data, name = bytes(path_or_bytes), "<bytes>"
-    else:
-        name = Path(os.fspath(path_or_bytes))
-        data = read_file(name)
-    with _open(data, name) as im:
-        out = _decode(im, name, max_side)
-        # Detach from the source file object before it is closed.
-        return out.copy() if out is im else out
 
 
 def _is_plain_jpeg(im: Image.Image, max_side: int) -> bool:

@@ -11,9 +11,7 @@ under temporary names and renamed when complete; the same files and params give 
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import math
 import os
@@ -28,12 +26,11 @@ from pathlib import Path
 from tqdm import tqdm
 
 from tlpipe import atomic
+from tlpipe.config import check_split
 from tlpipe.errors import ConfigError, DataError, ImageDecodeError
 from tlpipe.data.images import MAX_SIDE, SMALL_SIDE, normalise_bytes, read_file
+from tlpipe.data.manifests import MANIFEST_COLUMNS, SPLITS
 from tlpipe.data.sources import is_hidden
-
-SPLITS = ("train", "validation", "test")
-MANIFEST_COLUMNS = ["path", "class_name", "label", "sha256", "file"]
 
 
 def warn(msg: str) -> None:
@@ -226,20 +223,13 @@ def drop_label_noise(records: list[Record]) -> tuple[list[Record], list[tuple[st
 
 
 def parse_split(split) -> tuple[str, dict[str, float | int]]:
-    """("fractions" | "counts", {split: value}) from data.split; ConfigError if unusable."""
+    """("fractions" | "counts", {split: value}) from data.split (a mapping or the params section's
+    attributes), by the rule params.yaml is checked with; ConfigError if unusable."""
     values = dict(split.items()) if hasattr(split, "items") else {s: getattr(split, s) for s in SPLITS}
-    if set(values) != set(SPLITS):
-        raise ConfigError(f"data.split: needs exactly the keys {', '.join(SPLITS)} (got {', '.join(sorted(values))})")
-    vals = [values[s] for s in SPLITS]
-    if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in vals):
-        raise ConfigError(f"data.split: values must be numbers (got {values})")
-    if all(isinstance(v, int) for v in vals):
-        if any(v < 0 for v in vals):
-            raise ConfigError(f"data.split: counts must not be negative (got {values})")
-        return "counts", {s: values[s] for s in SPLITS}
-    if any(not math.isfinite(v) or v < 0 or v > 1 for v in vals) or abs(sum(vals) - 1) > 1e-6:
-        raise ConfigError(f"data.split: fractions must lie in 0..1 and add up to 1 (got {values}, sum {sum(vals):g})")
-    return "fractions", {s: float(values[s]) for s in SPLITS}
+    try:
+        return check_split(values)
+    except ValueError as exc:
+        raise ConfigError(f"data.split: {exc}") from None
 
 
 def split_sizes(n: int, split, class_name: str = "?") -> dict[str, int]:
@@ -306,14 +296,6 @@ def check_min_per_split(counts: dict[str, dict[str, int]], classes: list[str], m
 # ---------------------------------------------------------------- writing (atomic)
 
 
-def _csv_bytes(header: list[str], rows: list[list]) -> bytes:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
-    w.writerows(rows)
-    return buf.getvalue().encode("utf-8")
-
-
 def _json_bytes(obj) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
 
@@ -326,9 +308,9 @@ def write_split_files(out_dir: Path, records: list[Record], assignment: dict[str
             [r.path, r.class_name, label[r.class_name], r.sha256, r.file]
             for r in records if assignment.get(r.path) == split_name
         )
-        atomic.write_bytes(out_dir / f"{split_name}.csv", _csv_bytes(MANIFEST_COLUMNS, rows))
+        atomic.write_csv(out_dir / f"{split_name}.csv", MANIFEST_COLUMNS, rows)
     atomic.write_bytes(out_dir / "classes.json", _json_bytes({"classes": classes}))
-    atomic.write_bytes(out_dir / "rejected.csv", _csv_bytes(["path", "reason"], sorted(map(list, rejected))))
+    atomic.write_csv(out_dir / "rejected.csv", ["path", "reason"], sorted(map(list, rejected)))
     atomic.write_bytes(out_dir / "summary.json", _json_bytes(summary))
 
 
@@ -416,43 +398,3 @@ def _splits_by_sha(records: list[Record]) -> dict[str, set]:
     for r in records:
         out[(r.class_name, r.sha256)].add(r.given_split)
     return out
-
-
-# ---------------------------------------------------------------- readers for later stages
-
-
-def read_manifest(csv_path) -> "pandas.DataFrame":  # noqa: F821
-    """A split manifest as a DataFrame with columns path, class_name, label (int64), sha256, file."""
-    import pandas as pd
-
-    csv_path = Path(csv_path)
-    if not csv_path.is_file():
-        raise DataError(f"{csv_path}: manifest not found; run the data stage first (`dvc repro data`).")
-    try:
-        # keep_default_na=False: a class called "NA" or "null" stays a string.
-        df = pd.read_csv(csv_path, dtype=str, keep_default_na=False, encoding="utf-8")
-    except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:
-        raise DataError(f"{csv_path}: not a readable manifest ({exc}); rerun the data stage.") from None
-    if list(df.columns) != MANIFEST_COLUMNS:
-        raise DataError(f"{csv_path}: expected columns {','.join(MANIFEST_COLUMNS)}, found {','.join(df.columns)}; "
-                        f"rerun the data stage.")
-    try:
-        df["label"] = df["label"].astype("int64")
-    except ValueError:
-        raise DataError(f"{csv_path}: column label holds non-integers; rerun the data stage.") from None
-    return df
-
-
-def read_classes(json_path) -> list[str]:
-    """The sorted class names from classes.json; label i is classes[i]."""
-    json_path = Path(json_path)
-    try:
-        obj = json.loads(json_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{json_path}: not found; run the data stage first (`dvc repro data`).") from None
-    except (ValueError, OSError) as exc:
-        raise DataError(f"{json_path}: not readable JSON ({exc}); rerun the data stage.") from None
-    classes = obj.get("classes") if isinstance(obj, dict) else None
-    if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) for c in classes):
-        raise DataError(f"{json_path}: expected {{\"classes\": [at least 2 names]}}; rerun the data stage.")
-    return classes

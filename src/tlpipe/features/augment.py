@@ -28,12 +28,9 @@ import numpy as np
 import tensorflow as tf
 
 from tlpipe import atomic
-from tlpipe.errors import ConfigError, DataError
+from tlpipe.errors import ConfigError
 
 FILL_MODES = ("nearest", "reflect", "wrap", "constant")
-# Keys of the augment section that change the pictures (mode/views only change how they are used).
-TRANSFORM_KEYS = ("rotation_range", "width_shift_range", "height_shift_range", "shear_range",
-                  "zoom_range", "horizontal_flip", "fill_mode", "seed")
 _DEFAULTS = dict(rotation_range=0.0, width_shift_range=0.0, height_shift_range=0.0, shear_range=0.0,
                  zoom_range=0.0, horizontal_flip=False, fill_mode="nearest", seed=0)
 
@@ -122,24 +119,6 @@ def augment_images(images, seeds, settings: dict) -> tf.Tensor:
     return apply_transforms(images, transforms, settings["fill_mode"])
 
 
-def augment_dataset(ds: tf.data.Dataset, settings: dict, view) -> tf.data.Dataset:
-    """Map a batched dataset of (images, labels, indices) to augmented (images, labels), view `view`
-    (a Python int or a tf scalar, e.g. the epoch number)."""
-    def fn(images, labels, indices):
-        return augment_images(images, image_seeds(settings["seed"], view, indices), settings), labels
-    return ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-
-
-def load_image(path, image_size: int) -> np.ndarray:
-    """An image file -> float32 [S, S, 3] in 0..255, exactly as the pipeline's inputs see it (a user's
-    EXIF-rotated or CMYK photo is normalised as the data stage would store it)."""
-    from tlpipe.features.inputs import decode_file
-
-    if not Path(path).is_file():
-        raise DataError(f"{path}: no such image file")
-    return decode_file(path, image_size)
-
-
 def preview_grid(image: np.ndarray, settings: dict, n: int = 8, pad: int = 4) -> np.ndarray:
     """uint8 grid of `image` (top-left) followed by its augmented views 0..n-1, near-square."""
     if n < 1:
@@ -171,46 +150,9 @@ def write_png_atomic(array: np.ndarray, out_png) -> Path:
 
 def preview(image_path, out_png, augment_params, n: int = 8, image_size: int = 150) -> Path:
     """Write a PNG grid: the image (resized to image_size) and n augmented versions of it."""
+    from tlpipe.features.inputs import decode_file
+
     settings = augment_settings(augment_params)
-    grid = preview_grid(load_image(image_path, image_size), settings, n)
+    # Normalised as the data stage would store it: a user's EXIF-rotated or CMYK photo shows upright.
+    grid = preview_grid(decode_file(image_path, image_size), settings, n)
     return write_png_atomic(grid, out_png)
-
-
-def first_image(manifest_csv, images_dir) -> Path:
-    """The first image of a split manifest (the preview stage shows the first training image)."""
-    import pandas as pd
-
-    try:
-        df = pd.read_csv(manifest_csv, dtype=str, keep_default_na=False)
-    except FileNotFoundError:
-        raise DataError(f"{manifest_csv}: manifest not found; run the data stage first (`dvc repro data`)") from None
-    if "file" not in df.columns:
-        raise DataError(f"{manifest_csv}: no 'file' column; rerun the data stage (`dvc repro data`)")
-    if not len(df):
-        raise DataError(f"{manifest_csv}: no images; check the data split")
-    return Path(images_dir) / str(df["file"].iloc[0])
-
-
-def preview_main(argv=None, prog: str | None = None) -> Path:
-    """`tlpipe augment-preview IMAGE [--out x.png] [-n 8]` and the preview stage (with --first-of)."""
-    import argparse
-    import sys
-
-    from tlpipe.config import load_params
-
-    ap = argparse.ArgumentParser(prog=prog, description="Write a PNG grid of an image and augmented versions "
-                                 "of it, using the augment section of params.yaml.")
-    ap.add_argument("image", nargs="?", help="image file (or use --first-of)")
-    ap.add_argument("--first-of", metavar="CSV", help="use the first image of this split manifest instead")
-    ap.add_argument("--images", default="data/images", help="image store of the --first-of manifest")
-    ap.add_argument("--out", default="augment_preview.png", help="PNG to write (default augment_preview.png)")
-    ap.add_argument("-n", type=int, default=8, help="augmented versions to show (default 8)")
-    ap.add_argument("--params", default="params.yaml", help="params file (default params.yaml)")
-    args = ap.parse_args(argv)
-    if (args.image is None) == (args.first_of is None):
-        ap.error("give an IMAGE or --first-of CSV (one of them)")
-    p = load_params(args.params)
-    image = args.image or first_image(args.first_of, args.images)
-    out = preview(image, args.out, p.augment, n=args.n, image_size=p.backbone.image_size)
-    print(f"augment preview of {image} -> {out}", file=sys.stderr)
-    return out

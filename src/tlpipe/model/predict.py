@@ -3,14 +3,12 @@
 Every `models/*.keras` maps RGB float 0..255 images of its own `image_size` to probabilities and
 carries its class names (see modelio), so prediction needs nothing from params.yaml. Each file goes
 through the same steps as in training (`inputs.decode_file`): `images.normalise` gives the bytes
-the data stage would store, TensorFlow decodes and resizes them as `inputs.load_image` does. So a
+the data stage would store, TensorFlow decodes and resizes them as `inputs.read_resized` does. So a
 CMYK, EXIF-rotated, 16-bit or GIF file is seen exactly as its twin in the training set was.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,21 +165,14 @@ def predicted_class(pred: Prediction, class_names: Sequence[str]) -> str:
 
 def to_csv(predictions: Sequence[Prediction], class_names: Sequence[str]) -> str:
     """CSV text: path, predicted, p_<class> for each class, error (empty when the file was read)."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["path", "predicted", *(f"p_{c}" for c in class_names), "error"])
+    rows = []
     for pred in predictions:
         if pred.probabilities is None:
             probs = [""] * len(class_names)
         else:
             probs = [PROB_FORMAT.format(p) for p in pred.probabilities]
-        writer.writerow([pred.path, predicted_class(pred, class_names), *probs, pred.error])
-    return buf.getvalue()
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write under a temp name in the same folder, then rename: no half-written file is left."""
-    return atomic.write_text(path, text)
+        rows.append([pred.path, predicted_class(pred, class_names), *probs, pred.error])
+    return atomic.csv_text(["path", "predicted", *(f"p_{c}" for c in class_names), "error"], rows)
 
 
 def true_classes(files: Sequence[str | os.PathLike], root: str | os.PathLike,

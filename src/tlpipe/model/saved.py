@@ -25,6 +25,7 @@ from tlpipe import __version__
 
 from tlpipe import atomic
 from tlpipe.errors import FeatureFileError, ModelFileError
+from tlpipe.features.backbones import POOLINGS, pool_layer
 from tlpipe.model.head import HEAD_LAYERS
 
 # Keys of the metadata dict (model_info); assemble fills tlpipe_version itself.
@@ -36,11 +37,6 @@ INFO_KEYS = (
 FEATURE_KEYS = ("backbone", "weights", "weights_sha256", "layer", "pooling", "image_size", "preprocessing",
                 "class_names")
 _REQUIRED = ("class_names", "image_size", "backbone", "weights", "pooling", "preprocessing")
-POOL_LAYERS = {
-    "flatten": keras.layers.Flatten,
-    "avg": keras.layers.GlobalAveragePooling2D,
-    "max": keras.layers.GlobalMaxPooling2D,
-}
 # Keras stamps the save time into metadata.json and the zip entries; we pin both.
 _FIXED_DATE = "1980-01-01@00:00:00"
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)
@@ -53,10 +49,10 @@ class Preprocess(keras.layers.Layer):
     def __init__(self, mode: str = "none", info: dict | None = None, **kwargs):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
-        from tlpipe.features.backbones import MODES
+        from tlpipe.features.backbones import PREPROCESSING_MODES
 
-        if mode not in MODES:
-            raise ModelFileError(f"unknown preprocessing mode {mode!r}; choose from {', '.join(MODES)}")
+        if mode not in PREPROCESSING_MODES:
+            raise ModelFileError(f"unknown preprocessing mode {mode!r}; choose from {', '.join(PREPROCESSING_MODES)}")
         self.mode = mode
         self.info = dict(info or {})
         self.info["preprocessing"] = mode
@@ -105,8 +101,8 @@ def assemble(base: keras.Model, layer: str | None, pooling: str, head: keras.Mod
     `heads.build_head` whose weights are copied. `info` holds the metadata (see INFO_KEYS);
     `info["trainable_from"]` (default None = frozen base) sets which base layers train.
     """
-    if pooling not in POOL_LAYERS:
-        raise ModelFileError(f"pooling {pooling!r} is not one of {', '.join(POOL_LAYERS)}")
+    if pooling not in POOLINGS:
+        raise ModelFileError(f"pooling {pooling!r} is not one of {', '.join(POOLINGS)}")
     info = _check_info({**info, "layer": info.get("layer", layer), "pooling": pooling})
     size = info["image_size"]
     sub = truncate_base(base, layer)
@@ -115,7 +111,7 @@ def assemble(base: keras.Model, layer: str | None, pooling: str, head: keras.Mod
     x = Preprocess(info["preprocessing"], info, name="preprocess")(images)
     x = sub(x)
     # float32 like backbones.feature_model, so the pooled values equal the stored features.
-    x = POOL_LAYERS[pooling](dtype="float32", name="pool")(x)
+    x = pool_layer(pooling, dtype="float32", name="pool")(x)
     width = int(x.shape[-1])
     want = int(head.get_layer(HEAD_LAYERS[0]).kernel.shape[0])
     if width != want:

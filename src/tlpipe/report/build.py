@@ -84,11 +84,11 @@ def select_images(spec, files: list[str], labels: list[int], paths: list[str], c
 
 
 def _load(files: list[str], size: int) -> np.ndarray:
-    from tlpipe.features.inputs import load_image
+    from tlpipe.features.inputs import read_resized
 
     if not files:
         return np.zeros((0, size, size, 3), np.float32)
-    return np.stack([load_image(str(f), size).numpy() for f in files])
+    return np.stack([read_resized(str(f), size).numpy() for f in files])
 
 
 def _confusion_section(plots_dir, img: Path, metrics, classes) -> rpt.Section:
@@ -162,7 +162,7 @@ def _gradcam_section(model, name, predictions_dir, files, paths, classes, size, 
 def build_report(models_dir, split_dir, images_dir, metrics_path, predictions_dir, live_dir, plots_dir,
                  out_dir, viz, params_text: str) -> Path:
     """Everything the visualize stage writes; `viz` is the params.yaml `visualize` section."""
-    from tlpipe.features.extract import manifest_rows, read_class_names
+    from tlpipe.data.manifests import manifest_rows, read_class_names
     from tlpipe.model.saved import load_model, model_info
     from tlpipe.report.activations import save_activation_grids
     from tlpipe.report.filters import save_filter_grids
