@@ -23,12 +23,15 @@ def _parser(prog: str | None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None, prog: str | None = None) -> Path:
     from tlpipe.config import load_params
     from tlpipe.data.manifests import first_image
+    from tlpipe.errors import DataError
     from tlpipe.features.augment import preview
 
     ap = _parser(prog)
     args = ap.parse_args(argv)
     if (args.image is None) == (args.first_of is None):
         ap.error("give an IMAGE or --first-of CSV (one of them)")
+    if args.image is not None and not Path(args.image).is_file():
+        raise DataError(f"{args.image}: no such image file")
     p = load_params(args.params)
     image = args.image or first_image(args.first_of, args.images)
     out = preview(image, args.out, p.augment, n=args.n, image_size=p.backbone.image_size)
