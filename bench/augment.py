@@ -129,10 +129,10 @@ def test_correct(model_path: Path, images, labels) -> "np.ndarray":
     """Per test image: 1 if the model classifies it right, else 0."""
     import numpy as np
 
-    from tlpipe.evaluate.run import to_probabilities
+    from tlpipe.model.predict import class_probabilities
     from tlpipe.model.saved import load_model
 
-    pred = to_probabilities(load_model(model_path).predict(images, verbose=0, batch_size=32)).argmax(1)
+    pred = class_probabilities(load_model(model_path).predict(images, verbose=0, batch_size=32)).argmax(1)
     return (pred == np.asarray(labels)).astype(np.int8)
 
 

@@ -62,9 +62,10 @@ def main(argv=None) -> None:
     import numpy as np
 
     from tlpipe.config import validate_params
-    from tlpipe.evaluate.run import predict_model, to_probabilities
+    from tlpipe.evaluate.run import predict_model
     from tlpipe.features.extract import BaseSpec, read_features
     from tlpipe.model.head import run_train_head
+    from tlpipe.model.predict import class_probabilities
 
     work = args.work or Path(tempfile.mkdtemp(prefix="tlpipe-bench-precision-"))
     split = make_split(args.source, work, args.train_per_class, args.val_per_class, args.test_per_class)
@@ -87,7 +88,7 @@ def main(argv=None) -> None:
         test = read_features(feats / "test.h5")
         y, _, raw, how = predict_model(work / f"head_{precision}.keras", test, None, test[3]["class_names"])
         assert how == "features"
-        correct = to_probabilities(raw).argmax(1) == y
+        correct = class_probabilities(raw).argmax(1) == y
         result[precision] = {"seconds": seconds, "correct": correct.astype(np.int8),
                              "train": read_features(feats / "train.h5")[0].astype(np.float64)}
         print(f"# {precision}: {n / seconds:.2f} images/s, test accuracy {correct.mean():.3f}", file=sys.stderr)

@@ -7,15 +7,17 @@ from tlpipe.config import load_params
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Evaluate the saved models on the test split: metrics JSON, "
-                                             "confusion/ROC plot data and per-image predictions.")
+    ap = argparse.ArgumentParser(description="Evaluate the saved models on the test split: the DVC metrics "
+                                             "(accuracy, ROC AUC, loss per model), confusion/ROC plot data, "
+                                             "per-image predictions and every score.")
     ap.add_argument("--features", default="features", help="folder of test.h5 (shortcut for frozen-base models)")
     ap.add_argument("--models", default="models", help="folder of <model>.keras")
     ap.add_argument("--split-dir", default="data/split", help="folder of test.csv and classes.json")
     ap.add_argument("--images", default="data/images", help="the image store the manifests point into")
-    ap.add_argument("--metrics", default="metrics/evaluate.json", help="metrics per model (JSON)")
+    ap.add_argument("--metrics", default="metrics/evaluate.json", help="DVC metrics: accuracy, roc_auc, loss per model (JSON)")
     ap.add_argument("--plots", default="plots", help="writes plots/confusion/<model>.csv and plots/roc/<model>.csv")
-    ap.add_argument("--predictions", default="reports/predictions", help="folder of <model>.csv predictions")
+    ap.add_argument("--predictions", default="reports/predictions", help="folder of <model>.csv predictions and "
+                    "scores.json (every score per model and class)")
     args = ap.parse_args(argv)
     params = load_params()
 

@@ -5,6 +5,8 @@ import argparse
 from tlpipe.cli import run_stage
 from tlpipe.config import load_params
 
+TRAIN_METRICS = ("metrics/train_head.json", "metrics/train_head_aug.json", "metrics/finetune.json")
+
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Show what the network learned: one HTML page (reports/index.html) "
@@ -12,7 +14,10 @@ def main(argv=None):
     ap.add_argument("--models", default="models", help="folder of <model>.keras")
     ap.add_argument("--split-dir", default="data/split", help="folder of test.csv and classes.json")
     ap.add_argument("--images", default="data/images", help="the image store the manifests point into")
-    ap.add_argument("--metrics", default="metrics/evaluate.json", help="test metrics per model (JSON)")
+    ap.add_argument("--scores", default="reports/predictions/scores.json",
+                    help="the evaluate stage's test scores per model and class (JSON)")
+    ap.add_argument("--train-metrics", nargs="*", default=list(TRAIN_METRICS),
+                    help="the training stages' metrics files (best epoch, validation accuracy)")
     ap.add_argument("--predictions", default="reports/predictions", help="folder of <model>.csv predictions")
     ap.add_argument("--live", default="dvclive", help="dvclive folder: one sub-folder per training stage")
     ap.add_argument("--plots", default="plots", help="folder holding confusion/<model>.csv")
@@ -23,8 +28,9 @@ def main(argv=None):
 
     from tlpipe.report.build import build_report, load_params_text
 
-    page = build_report(args.models, args.split_dir, args.images, args.metrics, args.predictions, args.live,
-                        args.plots, args.out, params.visualize, load_params_text(args.params))
+    page = build_report(args.models, args.split_dir, args.images, args.scores, args.train_metrics,
+                        args.predictions, args.live, args.plots, args.out, params.visualize,
+                        load_params_text(args.params))
     print(f"wrote {page}")
 
 

@@ -34,6 +34,27 @@ def test_metrics_table_escapes_and_marks_the_best():
     assert "No test metrics" in rpt.metrics_table({})
 
 
+def test_tables_read_the_scores_and_training_files(tmp_path):
+    scores = tmp_path / "scores.json"
+    scores.write_text(json.dumps({"head": {"accuracy": 0.5, "roc_auc": None, "n": 4, "per_class": {
+        "cat": {"precision": 1.0, "recall": 0.25, "f1": 0.4, "n": 2}}}}))
+    assert rpt.read_metrics(scores) == {"head": {"accuracy": 0.5, "n": 4.0}}  # undefined AUC: no cell
+    assert rpt.read_per_class(scores) == {"head · cat": {"precision": 1.0, "recall": 0.25, "f1": 0.4, "n": 2.0}}
+    (tmp_path / "train_head.json").write_text('{"best_epoch": 3, "val_accuracy": 0.75}')
+    got = rpt.read_training([tmp_path / "train_head.json", tmp_path / "finetune.json"])
+    assert got == {"train_head": {"best_epoch": 3.0, "val_accuracy": 0.75}}  # a missing file: no row
+    (tmp_path / "bad.json").write_text("[1]")
+    from tlpipe.errors import DataError
+    with pytest.raises(DataError, match="bad.json: expected a JSON object; rerun the bad stage"):
+        rpt.read_training([tmp_path / "bad.json"])
+    # Epochs are not scores: the later one is not marked best; per-class rows are never marked.
+    html = rpt.metrics_table({"a": {"best_epoch": 3, "val_accuracy": 0.7}, "b": {"best_epoch": 9, "val_accuracy": 0.8}},
+                             first="stage")
+    assert "<th>stage</th>" in html and '<td class="best">0.8000</td>' in html and 'class="best">9' not in html
+    assert "<td>1</td>" in rpt.metrics_table({"a": {"best_epoch": 1, "accuracy": 1.0}})  # accuracy: 1.0000
+    assert 'class="best"' not in rpt.metrics_table({"a": {"f1": 0.1}, "b": {"f1": 0.9}}, mark_best=False)
+
+
 def test_render_html_escapes_every_text():
     sec = rpt.Section("s", "A & B", "intro <i>", [rpt.Group("g\"1", [rpt.Figure("viz/a b.png", "cap <script>")])])
     page = rpt.render_html("T<", "sub>", ["note & more"], {}, [sec], "key: <value>")
@@ -114,10 +135,13 @@ def run_dir(tmp_path_factory) -> Path:
     (root / "reports" / "predictions").mkdir(parents=True)
     (root / "reports" / "predictions" / "head_aug.csv").write_text(
         "path,true,predicted,p_cat,p_dog\n" + "\n".join(preds) + "\n")
+    per_class = {c: {"precision": 0.8, "recall": 0.9, "f1": 0.85, "n": 4} for c in CLASSES}
+    (root / "reports" / "predictions" / "scores.json").write_text(json.dumps({
+        "head": {"accuracy": 0.75, "loss": 0.52, "f1": 0.74, "n": 8, "roc_auc": None, "per_class": per_class},
+        "head_aug": {"accuracy": 0.875, "loss": 0.41, "f1": 0.88, "n": 8, "roc_auc": 0.9, "per_class": per_class}}))
     (root / "metrics").mkdir()
-    (root / "metrics" / "evaluate.json").write_text(json.dumps({
-        "head": {"accuracy": 0.75, "loss": 0.52, "f1": 0.74, "n": 8},
-        "head_aug": {"accuracy": 0.875, "loss": 0.41, "f1": 0.88, "n": 8}}))
+    (root / "metrics" / "train_head.json").write_text(json.dumps({"best_epoch": 4, "val_accuracy": 0.8125}))
+    (root / "metrics" / "train_head_aug.json").write_text(json.dumps({"best_epoch": 2, "val_accuracy": 0.6875}))
     (root / "plots" / "confusion").mkdir(parents=True)
     for m in ("head", "head_aug"):
         (root / "plots" / "confusion" / f"{m}.csv").write_text("actual,predicted\n" + "\n".join(confusion) + "\n")
@@ -191,7 +215,11 @@ def test_report_page_and_images(rendered):
     page = _parse((rendered / "index.html").read_text())
     assert page.ids[:1] == ["metrics"] and {"confusion", "curves", "gradcam", "activations", "filters",
                                             "params"} <= set(page.ids)
-    assert page.tables == 1 and {"head", "head_aug", "0.8750", "0.4100"} <= set(page.cells)
+    # test scores, per class, training: finetune.json is absent, so two training stages
+    assert page.tables == 3 and {"head", "head_aug", "0.8750", "0.4100", "0.8800"} <= set(page.cells)
+    assert {"head_aug · cat", "head · dog", "0.8500"} <= set(page.cells)
+    assert {"train_head", "train_head_aug", "0.8125", "0.6875", "4", "2"} <= set(page.cells)
+    assert "finetune" not in page.cells
     text = " ".join(page.text)
     # visualize.model is "finetuned", absent: the best model present is shown, with a note
     assert "showing 'head_aug' instead, the best test accuracy" in text and "true cat, predicted" in text
@@ -270,7 +298,7 @@ def test_page_loads_in_a_browser(rendered, tmp_path):
         check.unlink()
     assert dom.returncode == 0, dom.stderr[-2000:]
     page = _parse(dom.stdout)
-    assert page.tables == 1 and "head_aug" in page.cells
+    assert page.tables == 3 and "head_aug" in page.cells
     assert 'data-broken=""' in dom.stdout and f'data-images="{len(page.imgs)}"' in dom.stdout
     shot = tmp_path / "shot.png"
     res = _chromium(f"--screenshot={shot}", "--window-size=1280,2400", (rendered / "index.html").as_uri(),

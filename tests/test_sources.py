@@ -157,6 +157,30 @@ def test_sha256_mismatch_names_both_hashes(tmp_path, cache, server):
     assert not (cache / "extracted").exists()  # nothing unpacked from an unverified file
 
 
+def test_a_cut_download_is_never_kept(cache):
+    """The server promises 100000 bytes and hangs up after 10: an error, and no file in the cache
+    that a later run could take for the archive."""
+    class Cut(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            self.wfile.write(b"PK\x03\x04 cut")
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Cut)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(DataError, match="Point data.source at a local folder"):
+            resolve_source(f"http://127.0.0.1:{httpd.server_address[1]}/set.zip", timeout=5.0)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert not list((cache / "downloads").iterdir())
+
+
 def test_http_error_is_reported(cache, server):
     with pytest.raises(DataError, match="HTTP 404"):
         resolve_source(f"{server.url}/missing.zip")

@@ -1,16 +1,14 @@
-"""Test-split evaluation of saved models: metrics, confusion/ROC plot data and per-image predictions.
+"""The evaluate stage: every saved model on the test split, written as DVC metrics, plot data and
+predictions.
 
-Pure functions compute from (labels, probabilities); `run_evaluate` does the I/O. A model whose base
-is frozen and whose metadata matches features/test.h5 is evaluated on the stored features through its
-head (seconds); any other model runs on the test images (it preprocesses inside).
-
-Binary: positive class = index 1; precision/recall/F1/ROC AUC of that class; ROC curve of P(class 1).
-More classes: macro averages, ROC AUC one-vs-rest macro; the ROC curve is the micro-average
-(every (image, class) pair as one binary decision).
+A model whose base is frozen and whose metadata matches features/test.h5 is evaluated on the stored
+features through its head (seconds); any other model runs on the test images (it preprocesses inside).
+The scores themselves are computed in `metrics`, the CSV tables in `tables`.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -18,112 +16,22 @@ from pathlib import Path
 import numpy as np
 
 from tlpipe import atomic
-from tlpipe.errors import DataError, ModelFileError
+from tlpipe.errors import ModelFileError
+from tlpipe.evaluate.metrics import headline, roc_points, scores
+from tlpipe.evaluate.tables import confusion_rows, prediction_rows, roc_rows
+from tlpipe.model.predict import class_probabilities
+from tlpipe.model.saved import FEATURE_KEYS
 
-# Metadata that must match the test feature file for the features shortcut to be valid.
-MATCH_KEYS = ("backbone", "weights", "weights_sha256", "layer", "pooling", "image_size", "preprocessing",
-              "class_names")
 REQUIRED_MODELS = ("head",)
-EPS = 1e-7  # Keras' epsilon: log loss clips probabilities the same way training did
 BATCH_SIZE = 32
-
-
-# ---------------------------------------------------------------- pure computations
-
-def to_probabilities(raw) -> np.ndarray:
-    """Model outputs -> (N, K) class probabilities: one sigmoid column p becomes [1 - p, p]."""
-    raw = np.asarray(raw, dtype=np.float64)
-    if raw.ndim == 1:
-        raw = raw[:, None]
-    if raw.shape[1] == 1:
-        return np.concatenate([1.0 - raw, raw], axis=1)
-    return raw
-
-
-def log_loss(y_true, proba) -> float:
-    """Mean negative log-probability of the true class (clipped at EPS)."""
-    y_true = np.asarray(y_true, dtype=np.int64)
-    p = np.clip(np.asarray(proba, dtype=np.float64)[np.arange(len(y_true)), y_true], EPS, 1.0)
-    return float(-np.mean(np.log(p)))
-
-
-def classification_metrics(y_true, proba) -> dict:
-    """accuracy, loss, precision, recall, f1, roc_auc (None when only one class is present), n."""
-    from sklearn.metrics import accuracy_score, precision_recall_fscore_support, roc_auc_score
-
-    y_true = np.asarray(y_true, dtype=np.int64)
-    proba = to_probabilities(proba)
-    n, k = proba.shape
-    if len(y_true) != n:
-        raise ValueError(f"{len(y_true)} labels for {n} predictions")
-    if n == 0:
-        raise DataError("the test split is empty: nothing to evaluate; give data.split a test share")
-    if y_true.min() < 0 or y_true.max() >= k:
-        raise DataError(f"labels outside 0..{k - 1} for a {k}-class model")
-    y_pred = proba.argmax(axis=1)
-    binary = k == 2
-    avg = {"average": "binary", "pos_label": 1} if binary else {"average": "macro"}
-    prec, rec, f1, _ = precision_recall_fscore_support(y_true, y_pred, labels=list(range(k)), zero_division=0,
-                                                       **avg)
-    present = np.unique(y_true)
-    auc = None
-    if binary and len(present) == 2:
-        auc = float(roc_auc_score(y_true, proba[:, 1]))
-    elif not binary and len(present) == k:
-        auc = float(roc_auc_score(y_true, proba, multi_class="ovr", average="macro", labels=list(range(k))))
-    return {
-        "accuracy": float(accuracy_score(y_true, y_pred)),
-        "loss": log_loss(y_true, proba),
-        "precision": float(prec),
-        "recall": float(rec),
-        "f1": float(f1),
-        "roc_auc": auc,
-        "n": int(n),
-    }
-
-
-def roc_points(y_true, proba) -> tuple[np.ndarray, np.ndarray]:
-    """(fpr, tpr): of P(class 1) for two classes, the micro-average for more. Empty if undefined."""
-    from sklearn.metrics import roc_curve
-
-    y_true = np.asarray(y_true, dtype=np.int64)
-    proba = to_probabilities(proba)
-    if proba.shape[1] == 2:
-        truth, score = (y_true == 1).astype(int), proba[:, 1]
-    else:
-        truth = np.eye(proba.shape[1], dtype=int)[y_true].ravel()
-        score = proba.ravel()
-    if len(np.unique(truth)) < 2:  # one class only: no curve
-        return np.zeros(0), np.zeros(0)
-    fpr, tpr, _ = roc_curve(truth, score)
-    return fpr, tpr
-
-
-def confusion_rows(y_true, y_pred, class_names) -> list[list[str]]:
-    """One [actual, predicted] row of class names per image (DVC's confusion template counts them)."""
-    return [[class_names[int(t)], class_names[int(p)]] for t, p in zip(y_true, y_pred)]
-
-
-def prediction_rows(paths, y_true, proba, class_names) -> tuple[list[str], list[list]]:
-    """(header, rows): path, true, predicted, p_<class> for every class, in the given order."""
-    proba = to_probabilities(proba)
-    header = ["path", "true", "predicted"] + [f"p_{c}" for c in class_names]
-    rows = []
-    for path, t, p in zip(paths, y_true, proba):
-        rows.append([path, class_names[int(t)], class_names[int(p.argmax())]] + [_num(v) for v in p])
-    return header, rows
-
-
-def _num(v: float) -> str:
-    # Fixed precision: the CSVs stay byte-identical and readable.
-    return f"{float(v):.6f}"
+SCORES_FILE = "scores.json"  # in the predictions folder: every test score, for the report
 
 
 def can_use_features(info: dict, attrs: dict | None) -> bool:
     """The stored test features equal what this model's base computes: frozen base, same extraction."""
     if attrs is None or info.get("trainable_from") is not None:
         return False
-    return all(_norm(info.get(k)) == _norm(attrs.get(k)) for k in MATCH_KEYS)
+    return all(_norm(info.get(k)) == _norm(attrs.get(k)) for k in FEATURE_KEYS)
 
 
 def _norm(v):
@@ -131,19 +39,6 @@ def _norm(v):
     if isinstance(v, (list, tuple)):
         return [str(x) for x in v]
     return None if v == "" else v
-
-
-# ---------------------------------------------------------------- I/O
-
-def _csv_text(header, rows) -> str:
-    import csv
-    import io
-
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    return buf.getvalue()
 
 
 class _FreshDir:
@@ -201,16 +96,14 @@ def predict_model(model_path, test_features, test_rows, classes) -> tuple[np.nda
 
 
 def evaluate_predictions(y, paths, raw, classes) -> dict:
-    """Everything written for one model, from its predictions: metrics and the three CSV texts."""
-    proba = to_probabilities(raw)
-    metrics = classification_metrics(y, proba)
-    fpr, tpr = roc_points(y, proba)
+    """Everything written for one model, from its predictions: its scores and the three CSV texts."""
+    proba = class_probabilities(raw, len(classes))
     header, rows = prediction_rows(paths, y, proba, classes)
     return {
-        "metrics": metrics,
-        "confusion": _csv_text(["actual", "predicted"], confusion_rows(y, proba.argmax(axis=1), classes)),
-        "roc": _csv_text(["fpr", "tpr"], [[_num(a), _num(b)] for a, b in zip(fpr, tpr)]),
-        "predictions": _csv_text(header, rows),
+        "scores": scores(y, proba, classes),
+        "confusion": atomic.csv_text(["actual", "predicted"], confusion_rows(y, proba.argmax(axis=1), classes)),
+        "roc": atomic.csv_text(["fpr", "tpr"], roc_rows(*roc_points(y, proba))),
+        "predictions": atomic.csv_text(header, rows),
     }
 
 
@@ -218,12 +111,15 @@ def run_evaluate(features_dir, models_dir, split_dir, images_dir, metrics_out, p
                  model_names) -> dict:
     """evaluate stage: every model of `model_names` (params.evaluate.models) present in `models_dir`.
 
-    A missing `head` model is an error, other missing models a warning. Writes metrics JSON
-    {model: {accuracy, loss, precision, recall, f1, roc_auc, n}}, plots/confusion/<model>.csv,
-    plots/roc/<model>.csv and predictions/<model>.csv; the three folders are rebuilt each run.
+    A missing `head` model is an error, other missing models a warning. Writes the metrics JSON
+    {model: {accuracy, roc_auc, loss}} (what `dvc exp show` compares), plots/confusion/<model>.csv,
+    plots/roc/<model>.csv, and predictions/<model>.csv beside predictions/scores.json (every score
+    of every model: also n, precision, recall, F1, and each per class); the three folders are
+    rebuilt each run. Returns the scores.
     """
-    from tlpipe.features.extract import manifest_rows, read_class_names, read_features
-    from tlpipe.train.loop import write_json
+    from tlpipe.data.manifests import manifest_rows, read_class_names
+    from tlpipe.features.extract import read_features
+    from tlpipe.train.loop import rounded, write_json
 
     features_dir, models_dir, split_dir = Path(features_dir), Path(models_dir), Path(split_dir)
     classes = read_class_names(split_dir / "classes.json")
@@ -258,15 +154,15 @@ def run_evaluate(features_dir, models_dir, split_dir, images_dir, metrics_out, p
             for key, d in dirs.items():
                 if key != "roc" or out["roc"].count("\n") > 1:
                     d.write(f"{name}.csv", out[key])
-            results[name] = out["metrics"]
-            m = out["metrics"]
-            print(f"{name}: accuracy {m['accuracy']:.4f}, loss {m['loss']:.4f} on {m['n']} test images "
+            results[name] = s = out["scores"]
+            print(f"{name}: accuracy {s['accuracy']:.4f}, loss {s['loss']:.4f} on {s['n']} test images "
                   f"(via {route})", file=sys.stderr)
+        dirs["predictions"].write(SCORES_FILE, json.dumps(rounded(results), sort_keys=True, indent=2) + "\n")
     except BaseException:
         for d in dirs.values():
             d.discard()
         raise
     for d in dirs.values():
         d.commit()
-    write_json(metrics_out, results)
+    write_json(metrics_out, {name: headline(s) for name, s in results.items()})
     return results

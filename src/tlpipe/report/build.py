@@ -107,17 +107,20 @@ def _confusion_section(plots_dir, img: Path, metrics, classes) -> rpt.Section:
                        [rpt.Group("", figs)], empty=f"No confusion data in {plots_dir}/confusion/.")
 
 
-def _curves_section(live_dir, img: Path) -> rpt.Section:
+def _curves_section(live_dir, train_metrics, img: Path) -> rpt.Section:
     from tlpipe.report.curves import save_curves
 
     recs = save_curves(live_dir, img, order=STAGE_ORDER)
     figs = [rpt.Figure(f"{IMG_DIR}/{r['file']}", f"{r['stage']}: {', '.join(r['metrics'])} over "
                                                  f"{r['epochs']} epochs, train vs validation.", wide=True)
             for r in recs]
-    return rpt.Section("curves", "Training curves",
-                       "Per epoch, for every training stage: a validation curve that turns up while the "
+    table = rpt.metrics_table(rpt.read_training(train_metrics), first="stage",
+                              empty="No training metrics files.")
+    return rpt.Section("curves", "Training",
+                       "Per training stage: the kept model's epoch (lowest validation loss) and its validation "
+                       "accuracy; then each epoch's figures. A validation curve that turns up while the "
                        "training one keeps falling is overfitting.",
-                       [rpt.Group("", figs)], empty=f"No dvclive metrics under {live_dir}/.")
+                       [rpt.Group("", figs)], empty=f"No dvclive metrics under {live_dir}/.", table=table)
 
 
 def _gradcam_section(model, name, predictions_dir, files, paths, classes, size, viz, img: Path):
@@ -159,16 +162,20 @@ def _gradcam_section(model, name, predictions_dir, files, paths, classes, size, 
     return section
 
 
-def build_report(models_dir, split_dir, images_dir, metrics_path, predictions_dir, live_dir, plots_dir,
-                 out_dir, viz, params_text: str) -> Path:
-    """Everything the visualize stage writes; `viz` is the params.yaml `visualize` section."""
+def build_report(models_dir, split_dir, images_dir, scores_path, train_metrics, predictions_dir, live_dir,
+                 plots_dir, out_dir, viz, params_text: str) -> Path:
+    """Everything the visualize stage writes; `viz` is the params.yaml `visualize` section.
+
+    scores_path: the evaluate stage's scores of every model (overall and per class);
+    train_metrics: the training stages' metrics files (best epoch, validation accuracy).
+    """
     from tlpipe.data.manifests import manifest_rows, read_class_names
     from tlpipe.model.saved import load_model, model_info
     from tlpipe.report.activations import save_activation_grids
     from tlpipe.report.filters import save_filter_grids
 
     out_dir = Path(out_dir)
-    metrics = rpt.read_metrics(metrics_path)
+    metrics = rpt.read_metrics(scores_path)
     name, model_path, fallback = choose_model(models_dir, viz.model, metrics)
     notes = [fallback] if fallback else []
     if fallback:
@@ -185,7 +192,8 @@ def build_report(models_dir, split_dir, images_dir, metrics_path, predictions_di
     out_dir.mkdir(parents=True, exist_ok=True)
     img = atomic.temp_dir(out_dir / IMG_DIR)
     try:
-        sections = [_confusion_section(plots_dir, img, metrics, classes), _curves_section(live_dir, img),
+        sections = [_confusion_section(plots_dir, img, metrics, classes),
+                    _curves_section(live_dir, train_metrics, img),
                     _gradcam_section(model, name, predictions_dir, files, paths, classes, size, viz, img)]
 
         chosen = select_images(viz.images, files, labels, paths, classes, images_dir)
@@ -214,7 +222,8 @@ def build_report(models_dir, split_dir, images_dir, metrics_path, predictions_di
 
         subtitle = (f"model {name} · backbone {info.get('backbone')} ({info.get('weights')}) · "
                     f"{size} px · classes: {', '.join(classes)}")
-        html = rpt.render_html("tlpipe: what the network learned", subtitle, notes, metrics, sections, params_text)
+        html = rpt.render_html("tlpipe: what the network learned", subtitle, notes, metrics, sections, params_text,
+                               rpt.read_per_class(scores_path))
     except BaseException:
         shutil.rmtree(img, ignore_errors=True)
         raise

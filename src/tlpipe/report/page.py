@@ -43,26 +43,58 @@ class Section:
     intro: str = ""
     groups: list[Group] = field(default_factory=list)
     empty: str = "Nothing to show."
+    table: str = ""         # HTML from `metrics_table`, shown above the figures
 
 
 # -- data ---------------------------------------------------------------------------------------
 
-def read_metrics(path) -> dict[str, dict[str, float]]:
-    """metrics/evaluate.json -> {model: {metric: number}}; nested or non-numeric values are skipped."""
+def _read_json(path, stage: str):
+    """The parsed file, or None when it does not exist."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        return {}
+        return None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not valid JSON ({e}); rerun the evaluate stage") from None
+        raise DataError(f"{path}: not valid JSON ({e}); rerun the {stage} stage") from None
     if not isinstance(data, dict):
-        raise DataError(f"{path}: expected {{model: {{metric: value}}}}; rerun the evaluate stage")
+        raise DataError(f"{path}: expected a JSON object; rerun the {stage} stage")
+    return data
+
+
+def _numbers(d: dict, prefix: str = "") -> dict[str, float]:
+    """The numeric leaves of a JSON object, nested keys joined by '.' (as `dvc metrics show` names them)."""
     out = {}
-    for model, metrics in data.items():
-        if isinstance(metrics, dict):
-            out[str(model)] = {str(k): float(v) for k, v in metrics.items()
-                               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_numbers(v, f"{prefix}{k}."))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"{prefix}{k}"] = float(v)
+    return out
+
+
+def read_metrics(path) -> dict[str, dict[str, float]]:
+    """The evaluate stage's scores file -> {model: {metric: number}} (per-class figures left out)."""
+    data = _read_json(path, "evaluate") or {}
+    return {str(model): _numbers({k: v for k, v in m.items() if k != "per_class"})
+            for model, m in data.items() if isinstance(m, dict)}
+
+
+def read_per_class(path) -> dict[str, dict[str, float]]:
+    """The evaluate stage's scores file -> {"model · class": {precision, recall, f1, n}}."""
+    data = _read_json(path, "evaluate") or {}
+    return {f"{model} · {cls}": _numbers(v) for model, m in data.items() if isinstance(m, dict)
+            for cls, v in (m.get("per_class") or {}).items() if isinstance(v, dict)}
+
+
+def read_training(paths) -> dict[str, dict[str, float]]:
+    """{stage (the file's name): {best_epoch, val_accuracy, ...}} of the training stages' metrics
+    files that exist, in the given order."""
+    out = {}
+    for path in paths:
+        data = _read_json(path, Path(path).stem)
+        if data is not None:
+            out[Path(path).stem] = _numbers(data)
     return out
 
 
@@ -134,40 +166,43 @@ pre { background:var(--bg); border:1px solid var(--line); border-radius:6px; pad
 """
 
 
-def _fmt(v: float) -> str:
+def _fmt(v: float, count: bool = False) -> str:
     if math.isnan(v):
         return "–"
-    return str(int(v)) if float(v).is_integer() and abs(v) >= 2 else f"{v:.4f}"
+    # A score of exactly 1 stays "1.0000"; counts (an epoch, a number of images) are whole numbers.
+    return str(int(v)) if float(v).is_integer() and (count or abs(v) >= 2) else f"{v:.4f}"
 
 
-COUNTS = {"n", "count", "support", "samples"}  # sizes, not scores: no "best" mark
+NOT_SCORES = {"n", "count", "support", "samples", "epochs", "best_epoch"}  # no "best" mark
 
 
-def metrics_table(metrics: dict[str, dict[str, float]]) -> str:
-    """An HTML table, one row per model; the best value of each column is highlighted."""
+def metrics_table(metrics: dict[str, dict[str, float]], first: str = "model", mark_best: bool = True,
+                  empty: str = "No test metrics (metrics file missing or empty).") -> str:
+    """An HTML table, one row per key of `metrics` (a model, say); with `mark_best`, the best value
+    of each score column is highlighted (lowest for a loss, else highest)."""
     if not metrics:
-        return '<p class="empty">No test metrics (metrics file missing or empty).</p>'
+        return f'<p class="empty">{escape(empty)}</p>'
     cols: list[str] = []
     for m in metrics.values():
         cols += [c for c in m if c not in cols]
     first_seen = list(cols)
     cols = sorted(cols, key=lambda c: (c != "accuracy", first_seen.index(c)))
     best = {}
-    if len(metrics) > 1:
+    if mark_best and len(metrics) > 1:
         for c in cols:
-            if c in COUNTS:
+            if c in NOT_SCORES:
                 continue
             vals = [m[c] for m in metrics.values() if c in m and not math.isnan(m[c])]
             if vals:
                 best[c] = min(vals) if "loss" in c.lower() else max(vals)
-    head = "".join(f"<th>{escape(c)}</th>" for c in ["model"] + cols)
+    head = "".join(f"<th>{escape(c)}</th>" for c in [first] + cols)
     rows = []
     for model, m in metrics.items():
         cells = [f"<td>{escape(model)}</td>"]
         for c in cols:
             v = m.get(c)
             cls = ' class="best"' if v is not None and c in best and v == best[c] else ""
-            cells.append(f"<td{cls}>{escape(_fmt(v)) if v is not None else ''}</td>")
+            cells.append(f"<td{cls}>{escape(_fmt(v, c in NOT_SCORES)) if v is not None else ''}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
     return f'<table class="metrics"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
 
@@ -186,6 +221,8 @@ def _section(s: Section) -> str:
     parts = [f'<section id="{escape(s.id, quote=True)}"><h2>{escape(s.title)}</h2>']
     if s.intro:
         parts.append(f'<p class="intro">{escape(s.intro)}</p>')
+    if s.table:
+        parts.append(s.table)
     if not any(g.figures for g in s.groups):
         parts.append(f'<p class="empty">{escape(s.empty)}</p>')
     for g in s.groups:
@@ -200,8 +237,9 @@ def _section(s: Section) -> str:
 
 
 def render_html(title: str, subtitle: str, notes: list[str], metrics: dict[str, dict[str, float]],
-                sections: list[Section], params_text: str) -> str:
-    """The whole page: header, notes, test metrics, the figure sections, then the parameters."""
+                sections: list[Section], params_text: str,
+                per_class: dict[str, dict[str, float]] | None = None) -> str:
+    """The whole page: header, notes, test metrics (and per class), the figure sections, the parameters."""
     nav = [("metrics", "Metrics")] + [(s.id, s.title.split(":")[0]) for s in sections] + [("params", "Parameters")]
     notes_html = "".join(f"<div>{escape(n)}</div>" for n in notes)
     body = [
@@ -211,7 +249,10 @@ def render_html(title: str, subtitle: str, notes: list[str], metrics: dict[str, 
         f'<div class="notes">{notes_html}</div>' if notes else "",
         '<section id="metrics"><h2>Test metrics</h2>'
         '<p class="intro">Every evaluated model on the held-out test split.</p>'
-        f"{metrics_table(metrics)}</section>",
+        f"{metrics_table(metrics)}",
+        ('<h3>Per class</h3><p class="intro">Each class against the rest; n: its test images.</p>'
+         f'{metrics_table(per_class, first="model · class", mark_best=False)}' if per_class else ""),
+        "</section>",
         *(_section(s) for s in sections),
         '<section id="params"><h2>Parameters</h2><p class="intro">params.yaml of this run.</p>'
         f"<pre>{escape(params_text)}</pre></section>",
