@@ -7,24 +7,20 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tlpipe.evaluate import metrics as em
 from tlpipe.evaluate import run as ev
-from tlpipe.model import head as heads
+from tlpipe.evaluate import tables
 from tlpipe.model import saved as modelio
 from tlpipe.errors import DataError, ModelFileError
+from tlpipe.model.head import run_train_head
 
 # ---------------------------------------------------------------- pure functions
 
 
-def test_to_probabilities_expands_a_sigmoid_column():
-    np.testing.assert_allclose(ev.to_probabilities([[0.2], [0.9]]), [[0.8, 0.2], [0.1, 0.9]])
-    soft = np.array([[0.1, 0.7, 0.2]])
-    np.testing.assert_array_equal(ev.to_probabilities(soft), soft)
-
-
-def test_binary_metrics_by_hand():
+def test_binary_scores_by_hand():
     y = [0, 0, 1, 1]
     p = [[0.1], [0.6], [0.8], [0.4]]  # predictions 0, 1, 1, 0
-    m = ev.classification_metrics(y, p)
+    m = em.scores(y, p, ["cat", "dog"])
     assert m["accuracy"] == pytest.approx(0.5)
     assert m["precision"] == pytest.approx(0.5)  # 1 true positive of 2 predicted positives
     assert m["recall"] == pytest.approx(0.5)  # 1 of 2 positives found
@@ -32,26 +28,32 @@ def test_binary_metrics_by_hand():
     assert m["roc_auc"] == pytest.approx(0.75)  # 3 of 4 (positive, negative) pairs ranked right
     assert m["loss"] == pytest.approx(-(math.log(0.9) + math.log(0.4) + math.log(0.8) + math.log(0.4)) / 4)
     assert m["n"] == 4
+    assert m["per_class"]["dog"] == {"precision": 0.5, "recall": 0.5, "f1": 0.5, "n": 2}
+    assert em.headline(m) == {"accuracy": m["accuracy"], "roc_auc": m["roc_auc"], "loss": m["loss"]}
 
 
 def test_positive_class_is_index_one():
     # All predicted positive: precision = share of positives, recall = 1.
-    m = ev.classification_metrics([0, 1, 1], [[0.9], [0.9], [0.9]])
+    m = em.scores([0, 1, 1], [[0.9], [0.9], [0.9]])
     assert m["precision"] == pytest.approx(2 / 3) and m["recall"] == 1.0
+    assert m["per_class"]["0"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "n": 1}  # never predicted
 
 
-def test_multiclass_macro_metrics_by_hand():
+def test_multiclass_macro_scores_by_hand():
     y = [0, 1, 2, 2]
     p = np.array([[0.7, 0.2, 0.1],   # 0 right
                   [0.6, 0.3, 0.1],   # 1 predicted 0
                   [0.1, 0.1, 0.8],   # 2 right
                   [0.2, 0.5, 0.3]])  # 2 predicted 1
-    m = ev.classification_metrics(y, p)
+    m = em.scores(y, p, ["a", "b", "c"])
     assert m["accuracy"] == pytest.approx(0.5)
     # per class precision: 0: 1/2, 1: 0/1, 2: 1/1; recall: 0: 1, 1: 0, 2: 1/2
     assert m["precision"] == pytest.approx((0.5 + 0 + 1) / 3)
     assert m["recall"] == pytest.approx((1 + 0 + 0.5) / 3)
     assert m["f1"] == pytest.approx((2 / 3 + 0 + 2 / 3) / 3)
+    assert [m["per_class"][c]["precision"] for c in "abc"] == pytest.approx([0.5, 0, 1])
+    assert [m["per_class"][c]["recall"] for c in "abc"] == pytest.approx([1, 0, 0.5])
+    assert [m["per_class"][c]["n"] for c in "abc"] == [1, 1, 2]
     assert m["loss"] == pytest.approx(-np.mean(np.log([0.7, 0.3, 0.8, 0.3])))
     from sklearn.metrics import roc_auc_score
 
@@ -59,43 +61,43 @@ def test_multiclass_macro_metrics_by_hand():
 
 
 def test_log_loss_clips_zero_probability():
-    assert ev.log_loss([1], [[1.0, 0.0]]) == pytest.approx(-math.log(ev.EPS))
+    assert em.log_loss([1], [[1.0, 0.0]]) == pytest.approx(-math.log(em.EPS))
 
 
 def test_auc_undefined_with_one_class_present():
-    assert ev.classification_metrics([1, 1], [[0.3], [0.8]])["roc_auc"] is None
-    fpr, tpr = ev.roc_points([1, 1], [[0.3], [0.8]])
+    assert em.scores([1, 1], [[0.3], [0.8]])["roc_auc"] is None
+    fpr, tpr = em.roc_points([1, 1], [[0.3], [0.8]])
     assert len(fpr) == len(tpr) == 0
 
 
 def test_bad_inputs():
     with pytest.raises(DataError, match="empty"):
-        ev.classification_metrics([], np.zeros((0, 1)))
+        em.scores([], np.zeros((0, 1)))
     with pytest.raises(DataError, match="labels outside"):
-        ev.classification_metrics([0, 3], [[0.1], [0.2]])
+        em.scores([0, 3], [[0.1], [0.2]])
 
 
 def test_roc_points_binary_and_micro():
-    fpr, tpr = ev.roc_points([0, 0, 1, 1], [[0.1], [0.6], [0.8], [0.4]])
+    fpr, tpr = em.roc_points([0, 0, 1, 1], [[0.1], [0.6], [0.8], [0.4]])
     assert fpr[0] == 0 and tpr[0] == 0 and fpr[-1] == 1 and tpr[-1] == 1
     assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(tpr) >= 0)
     # Area under the returned curve equals the AUC.
     assert np.trapezoid(tpr, fpr) == pytest.approx(0.75)
     p = np.array([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.1, 0.8]])
-    fpr, tpr = ev.roc_points([0, 1, 2], p)  # perfect ranking over all (image, class) pairs
+    fpr, tpr = em.roc_points([0, 1, 2], p)  # perfect ranking over all (image, class) pairs
     assert np.trapezoid(tpr, fpr) == pytest.approx(1.0)
 
 
 def test_confusion_and_prediction_rows():
     names = ["cat", "dog"]
-    assert ev.confusion_rows([0, 1, 1], [0, 0, 1], names) == [["cat", "cat"], ["dog", "cat"], ["dog", "dog"]]
-    header, rows = ev.prediction_rows(["a.jpg", "b.jpg"], [0, 1], [[0.25], [0.75]], names)
+    assert tables.confusion_rows([0, 1, 1], [0, 0, 1], names) == [["cat", "cat"], ["dog", "cat"], ["dog", "dog"]]
+    header, rows = tables.prediction_rows(["a.jpg", "b.jpg"], [0, 1], [[0.25], [0.75]], names)
     assert header == ["path", "true", "predicted", "p_cat", "p_dog"]
     assert rows == [["a.jpg", "cat", "cat", "0.750000", "0.250000"], ["b.jpg", "dog", "dog", "0.250000", "0.750000"]]
 
 
 def test_can_use_features():
-    attrs = {k: "x" for k in ev.MATCH_KEYS}
+    attrs = {k: "x" for k in modelio.FEATURE_KEYS}
     attrs.update(class_names=["a", "b"], weights_sha256="", image_size=32)
     info = {**attrs, "weights_sha256": None, "trainable_from": None}
     assert ev.can_use_features(info, attrs)
@@ -114,8 +116,8 @@ def project(tmp_path_factory):
     from helpers import HeadParams, make_feature_project
 
     root = make_feature_project(tmp_path_factory.mktemp("evalproj"), counts={"train": 6, "validation": 3, "test": 5})
-    heads.run_train_head(root / "features", root / "models" / "head.keras", root / "metrics" / "th.json",
-                         root / "dvclive", HeadParams)
+    run_train_head(root / "features", root / "models" / "head.keras", root / "metrics" / "th.json",
+                   root / "dvclive", HeadParams)
     model = modelio.load_model(root / "models" / "head.keras")
     modelio.set_trainable_from(model, "block3_conv1")
     modelio.save_model(model, root / "models" / "finetuned.keras")
@@ -133,10 +135,16 @@ def test_evaluate_writes_metrics_plots_and_predictions(project, tmp_path, capsys
     assert "head_aug.keras not found, skipped" in err
     assert "head: accuracy" in err and "(via features)" in err and "(via images)" in err
 
+    # The DVC metrics file holds what `dvc exp show` compares; every score goes beside the predictions.
     metrics = json.loads((tmp_path / "metrics" / "evaluate.json").read_text())
     assert set(metrics) == {"head", "finetuned"}
-    assert set(metrics["head"]) == {"accuracy", "loss", "precision", "recall", "f1", "roc_auc", "n"}
-    assert metrics["head"]["n"] == 10
+    assert set(metrics["head"]) == {"accuracy", "roc_auc", "loss"}
+    every = json.loads((tmp_path / "reports" / "predictions" / "scores.json").read_text())
+    assert set(every) == {"head", "finetuned"} and every["head"]["n"] == 10
+    assert {k: every["head"][k] for k in metrics["head"]} == metrics["head"]
+    assert set(every["head"]["per_class"]) == {"cat", "dog"}
+    assert sum(c["n"] for c in every["head"]["per_class"].values()) == 10
+    assert results["head"]["f1"] == pytest.approx(every["head"]["f1"], abs=1e-6)
 
     pred = pd.read_csv(tmp_path / "reports" / "predictions" / "head.csv")
     test = pd.read_csv(project / "data" / "split" / "test.csv")
@@ -164,6 +172,7 @@ def test_rerun_is_identical_and_drops_stale_files(project, tmp_path):
     assert not (tmp_path / "plots" / "confusion" / "finetuned.csv").exists()
     assert not (tmp_path / "reports" / "predictions" / "finetuned.csv").exists()
     assert list(json.loads((tmp_path / "metrics" / "evaluate.json").read_text())) == ["head"]
+    assert list(json.loads((tmp_path / "reports" / "predictions" / "scores.json").read_text())) == ["head"]
     for p in (tmp_path / "plots" / "confusion" / "head.csv", tmp_path / "reports" / "predictions" / "head.csv"):
         assert p.read_bytes() == first[p]
 
@@ -204,6 +213,7 @@ def test_stage_script(project, tmp_path, monkeypatch, capsys):
     run_stage(load_stage("evaluate").main,
               ["--features", str(project / "features"), "--models", str(project / "models"),
                "--split-dir", str(project / "data" / "split"), "--images", str(project / "data" / "images")])
-    assert json.loads((tmp_path / "metrics" / "evaluate.json").read_text())["head"]["n"] == 10
+    assert set(json.loads((tmp_path / "metrics" / "evaluate.json").read_text())) == {"head"}
+    assert json.loads((tmp_path / "reports" / "predictions" / "scores.json").read_text())["head"]["n"] == 10
     assert (tmp_path / "plots" / "roc" / "head.csv").is_file()
     assert (tmp_path / "reports" / "predictions" / "head.csv").is_file()
