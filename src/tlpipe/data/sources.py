@@ -53,6 +53,16 @@ def file_sha256(path: Path) -> str:
     return pooch.file_hash(str(path), alg="sha256")
 
 
+def has_hash(path: Path, known_hash: str | None) -> bool:
+    """Whether `path` is a file with `known_hash` ("sha256:..." or "md5:..."; None: any file)."""
+    import pooch
+
+    if not Path(path).is_file():
+        return False
+    alg, _, digest = (known_hash or ":").partition(":")
+    return known_hash is None or pooch.file_hash(str(path), alg=alg) == digest.lower()
+
+
 def _cache_name(url: str) -> str:
     # The URL's own file name keeps the cache readable; a hash of the URL keeps two URLs apart.
     base = PurePosixPath(urllib.parse.urlsplit(url).path).name or "download"
@@ -92,10 +102,8 @@ def fetch(url: str, dest: Path, known_hash: str | None, timeout: float, *, what:
     import requests
 
     dest = Path(dest)
-    if dest.is_file():
-        alg, _, digest = (known_hash or ":").partition(":")
-        if known_hash is None or pooch.file_hash(str(dest), alg=alg) == digest.lower():
-            return dest
+    if has_hash(dest, known_hash):
+        return dest
     why = _resolve_host(url, timeout)
     if why is None:
         pooch.get_logger().setLevel("WARNING")  # we say what matters ourselves

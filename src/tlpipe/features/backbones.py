@@ -15,7 +15,6 @@ square `image_size`. Weights come from one of four sources (`backbone.weights` i
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import re
 from dataclasses import dataclass
@@ -134,27 +133,16 @@ def _offline_hint(name: str) -> str:
     )
 
 
-def _md5(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "md5").hexdigest()
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def imagenet_weights_path(name: str, image_size: int, download: bool = True) -> Path:
     """The cached Keras ImageNet file for `name`, downloading it when `download` (WeightsError offline)."""
+    from tlpipe.data.sources import fetch, has_hash
+
     fname, url, md5 = arch(name).imagenet_file(image_size)
     target = keras_cache_dir() / "models" / fname
-    if target.exists() and (md5 is None or _md5(target) == md5):
-        return target
-    if not download:
+    known_hash = f"md5:{md5}" if md5 else None
+    if not download and not has_hash(target, known_hash):
         raise WeightsError(f"ImageNet weights for {name} are not in {target.parent}/. {_offline_hint(name)}")
-    from tlpipe.data.sources import fetch
-
-    return fetch(url, target, f"md5:{md5}" if md5 else None, DOWNLOAD_TIMEOUT_S, what=f"ImageNet weights for {name}",
+    return fetch(url, target, known_hash, DOWNLOAD_TIMEOUT_S, what=f"ImageNet weights for {name}",
                  hint=_offline_hint(name), error=WeightsError)
 
 
@@ -176,7 +164,9 @@ def weights_sha256(name: str, weights: str, image_size: int = 224) -> str | None
         return None
     if not path.is_file():
         raise WeightsError(f"weights file {path} not found; set backbone.weights to an existing file")
-    return _sha256(path)
+    from tlpipe.data.sources import file_sha256
+
+    return file_sha256(path)
 
 
 def preprocessing_name(name: str, weights: str) -> str:
