@@ -34,24 +34,13 @@ from common import DEFAULT_SOURCE, add_model_args, make_split, paired_difference
 
 
 class EpochClock:
-    """Wall time of each finished epoch, from training.fit's per-epoch logging hook."""
+    """Wall time of each finished epoch, from training.fit's on_epoch_end hook."""
 
     def __init__(self):
-        from tlpipe.train import loop as training
-
-        self.training, self.real, self.ends = training, training._log_epoch, []
-
-    def __enter__(self):
         self.ends = [time.perf_counter()]
 
-        def log(live, row):
-            self.ends.append(time.perf_counter())
-            self.real(live, row)
-        self.training._log_epoch = log
-        return self
-
-    def __exit__(self, *exc):
-        self.training._log_epoch = self.real
+    def __call__(self, epoch: int, row: dict) -> None:
+        self.ends.append(time.perf_counter())
 
     def steady(self) -> float:
         """Median seconds of the epochs after the first (which also traces the graphs): one epoch
@@ -61,15 +50,32 @@ class EpochClock:
         return statistics.median(b - a for a, b in zip(self.ends[1:], self.ends[2:]))
 
 
-def cached_draws(online_epochs, views: int, run_seed: int):
-    """A stand-in for finetune.online_epochs whose epoch e shows each image the view cached training
-    shows it (viewcache.epoch_views) instead of view e: online training on the very images cached
-    training sees, so the two differ only by the cache's float16 rounding."""
+def train_stage(full, run, p, d: Path, split: Path, images: Path, name: str, expect: dict,
+                draws: str = "fresh") -> tuple[dict, float]:
+    """What the train_head_aug and finetune stages do with `full`: choose the data, fit (timing each
+    epoch), save to d/<name>.keras. draws="cached" (online mode): each image shows the view cached
+    training would show it (viewcache.epoch_views) instead of view = epoch, so the two modes differ
+    only by the cache's float16 rounding. Returns (fit's summary + "epoch_s", frozen-suffix seconds)."""
+    from tlpipe.features.augment import augment_settings
     from tlpipe.features.viewcache import epoch_views
+    from tlpipe.model.saved import model_info
+    from tlpipe.train.augmented import choose_data, fit_and_save
+    from tlpipe.train.online import OnlineAugmented
 
-    def same_views(images, labels, settings):
-        return online_epochs(images, labels, settings, views=lambda e: epoch_views(len(images), views, run_seed, e))
-    return same_views
+    if draws == "cached":
+        info = model_info(full)
+        model, data = full, OnlineAugmented.from_manifests(split, images, info["class_names"], info["image_size"],
+                                                           augment_settings(p.augment))
+        data.views = lambda e: epoch_views(len(data.labels), p.augment.views, run.seed, e)
+    else:
+        model, data = choose_data(full, p.augment, run.seed, cache=d / "views.h5", split_dir=split,
+                                  images_dir=images, expect=expect)
+    clock = EpochClock()
+    with data:
+        result = fit_and_save(full, model, data, run, live_dir=d / f"live_{name}", model_path=d / f"{name}.keras",
+                              on_epoch_end=clock)
+    result["epoch_s"] = clock.steady()
+    return result, getattr(data, "seconds", 0.0)
 
 
 def run_mode(args, work: Path, split: Path, mode: str, tag: str, views=None, augment=None,
@@ -78,8 +84,10 @@ def run_mode(args, work: Path, split: Path, mode: str, tag: str, views=None, aug
     draws="cached" (online mode): train on the cached views' augmentations, not fresh ones."""
     import keras
 
-    from tlpipe.train.finetune import run_finetune, run_head_aug
+    from tlpipe.features.extract import read_class_names
     from tlpipe.features.viewcache import build_from_manifests
+    from tlpipe.train.augmented import RunSettings, cache_expect
+    from tlpipe.train.models import finetune_model, new_model
 
     p = params_for(args, mode, views, augment)
     d = work / tag
@@ -90,37 +98,19 @@ def run_mode(args, work: Path, split: Path, mode: str, tag: str, views=None, aug
     build_from_manifests(split, args.source, d / "views.h5", backbone=p.backbone, augment=p.augment,
                          compute=p.compute, unfreeze_from=p.finetune.unfreeze_from)
     out["cache_s"] = time.perf_counter() - t0
-    common = dict(cache=d / "views.h5", split_dir=split, images_dir=args.source, backbone=p.backbone,
-                  compute=p.compute, augment=p.augment)
+    classes = read_class_names(split / "classes.json")
+    expect = cache_expect(p.backbone, p.augment, p.compute, classes)
     keras.backend.clear_session()
-    import tlpipe.train.finetune as ft
-
-    real_frozen, frozen_s = ft._frozen_suffix_data, []
-
-    def timed_frozen(*a, **kw):  # the one-time pass of the frozen suffix over every view
-        t = time.perf_counter()
-        r = real_frozen(*a, **kw)
-        frozen_s.append(time.perf_counter() - t)
-        return r
-    ft._frozen_suffix_data = timed_frozen
-    real_online = ft.online_epochs
-    if draws == "cached":
-        ft.online_epochs = cached_draws(real_online, p.augment.views, p.head_aug.seed)
-    with EpochClock() as clock:
-        m = run_head_aug(model_out=d / "head_aug.keras", metrics_out=d / "head_aug.json", live_dir=d / "live_h",
-                         head=p.head, head_aug=p.head_aug, **common)
-    ft._frozen_suffix_data = real_frozen
-    out["head_aug_epoch_s"], out["head_aug_val_acc"] = clock.steady(), m["last"]["val_accuracy"]
-    out["frozen_suffix_s"] = sum(frozen_s)
+    run = RunSettings.from_params(p.head_aug)
+    full = new_model(p.backbone, p.compute.precision, p.head.units, p.head.dropout, run.seed, classes)
+    m, out["frozen_suffix_s"] = train_stage(full, run, p, d, split, args.source, "head_aug", expect, draws)
+    out["head_aug_epoch_s"], out["head_aug_val_acc"] = m["epoch_s"], m["last"]["val_accuracy"]
     if finetune:
         keras.backend.clear_session()
-        if draws == "cached":
-            ft.online_epochs = cached_draws(real_online, p.augment.views, p.finetune.seed)
-        with EpochClock() as clock:
-            m = run_finetune(model_in=d / "head_aug.keras", model_out=d / "finetuned.keras",
-                             metrics_out=d / "finetune.json", live_dir=d / "live_f", finetune=p.finetune, **common)
-        out["finetune_epoch_s"], out["finetune_val_acc"] = clock.steady(), m["last"]["val_accuracy"]
-    ft.online_epochs = real_online
+        full = finetune_model(d / "head_aug.keras", p.backbone, p.compute.precision, p.finetune.unfreeze_from)
+        m, _ = train_stage(full, RunSettings.from_params(p.finetune), p, d, split, args.source, "finetuned",
+                           {**expect, "unfreeze_from": p.finetune.unfreeze_from}, draws)
+        out["finetune_epoch_s"], out["finetune_val_acc"] = m["epoch_s"], m["last"]["val_accuracy"]
     print(f"# {tag}: " + json.dumps({k: round(v, 3) for k, v in out.items()}), file=sys.stderr, flush=True)
     return out
 
@@ -191,7 +181,7 @@ def main(argv=None) -> None:
                          augment={k: 0.0 for k in ("rotation_range", "width_shift_range", "height_shift_range",
                                                    "shear_range", "zoom_range")} | {"horizontal_flip": False})
         from tlpipe.features.extract import manifest_rows, read_class_names
-        from tlpipe.train.finetune import load_images
+        from tlpipe.train.online import load_images
 
         modes = ("cached", "online")
         if args.same_draws:

@@ -64,7 +64,7 @@ def main(argv=None) -> None:
     from tlpipe.config import validate_params
     from tlpipe.evaluate.run import predict_model
     from tlpipe.features.extract import BaseSpec, read_features
-    from tlpipe.model.head import run_train_head
+    from tlpipe.train.head import run_train_head
     from tlpipe.model.predict import class_probabilities
 
     work = args.work or Path(tempfile.mkdtemp(prefix="tlpipe-bench-precision-"))

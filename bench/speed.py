@@ -3,8 +3,8 @@
 This machine's throughput swings by up to 2x from one minute to the next (the same work takes
 26 or 52 ms, as if a core came and went; docs/benchmarks.md). Timing one mode's whole run and
 then the other's can be off by that factor. Here both modes train the models their stages build
-(finetune.cached_training_model or the full model, compiled by heads.compile_head) on the data
-their stages read (views from a real view cache; images augmented afresh), in alternating rounds
+(train.models.cached_training_model or the full model, compiled by train.compile.compile_classifier)
+on the data their stages read (train.data.CachedViews, FrozenSuffix and OnlineAugmented), in alternating rounds
 of about --round-seconds each, the order flipping every round: each round's ratio compares two
 neighbours in time.
 
@@ -135,15 +135,14 @@ def main(argv=None) -> None:
     if not args.source.is_dir():
         raise SystemExit(f"{args.source}: not found; pass --source (a folder with train/ and validation/)")
 
-    import numpy as np
-
     from tlpipe.features import viewcache
-    from tlpipe.features.augment import augment_images, augment_settings, image_seeds
-    from tlpipe.features.extract import manifest_rows, read_class_names
-    from tlpipe.train.finetune import (_frozen_suffix_data, cached_training_model, detached, finetune_model,
-                                 load_images, new_model)
-    from tlpipe.model.head import compile_head
-    from tlpipe.model.saved import save_model
+    from tlpipe.features.augment import augment_settings
+    from tlpipe.features.extract import read_class_names
+    from tlpipe.model.saved import head_submodel, save_model
+    from tlpipe.train.compile import compile_classifier
+    from tlpipe.train.online import OnlineAugmented
+    from tlpipe.train.views import CachedViews, FrozenSuffix
+    from tlpipe.train.models import cached_training_model, detached, finetune_model, new_model
 
     work = args.work or Path(tempfile.mkdtemp(prefix="tlpipe-bench-speed-"))
     split = make_split(args.source, work, args.train_per_class, args.val_per_class, 1)
@@ -157,24 +156,21 @@ def main(argv=None) -> None:
     viewcache.build_from_manifests(split, args.source, cache, backbone=p.backbone, augment=p.augment,
                                    compute=p.compute, unfreeze_from=p.finetune.unfreeze_from)
     build_s = time.perf_counter() - t
-    boundary = viewcache.read_attrs(cache)["boundary"]
-    reader = viewcache.ViewReader(cache)
-    n = reader.n
+    views = CachedViews(cache, seed=0)  # the stages' data sources: cached views, images augmented online
+    boundary, n = views.attrs["boundary"], views.reader.n
     reads = []
     for e in range(3):
         t = time.perf_counter()
-        acts, labels = reader.epoch(0, e)
+        acts, labels = views.epoch(e)
         reads.append(time.perf_counter() - t)
     read_per_image = statistics.median(reads) / n
-    val_acts, val_labels = viewcache.load_part(cache, "validation")
-    val_acts = val_acts.astype(np.float32)
-    files, _, _ = manifest_rows(split / "train.csv", args.source, classes)
-    val_files, _, _ = manifest_rows(split / "validation.csv", args.source, classes)
-    images, val_images = load_images(files, args.size), load_images(val_files, args.size)
-    settings = augment_settings(p.augment)
+    val_acts, val_labels = views.validation()
+    online_data = OnlineAugmented.from_manifests(split, args.source, classes, args.size, augment_settings(p.augment))
+    images, val_images = online_data.images, online_data.validation()[0]
 
-    def augmented(e, rows):  # finetune.online_epochs' work, for these rows
-        return augment_images(images[rows], image_seeds(settings["seed"], e, rows), settings).numpy(), labels[rows]
+    def augmented(e, rows):  # an online epoch's work, for these rows
+        rows_data = OnlineAugmented(images[rows], labels[rows], val_images, val_labels, online_data.settings)
+        return rows_data.epoch(e)
 
     lines = [f"cache build (one-time): {build_s:.1f} s for {n} images x 1 view + {len(val_labels) + 2} plain; "
              f"reading an epoch's views: {read_per_image * 1e3:.2f} ms per image (counted in cached finetune)"]
@@ -182,13 +178,12 @@ def main(argv=None) -> None:
     full = new_model(p.backbone, args.precision, head.units, head.dropout, 0, classes)
     if "head_aug" in stages:
         t = time.perf_counter()
-        head_model, epoch_feats, val_feats = _frozen_suffix_data(full, cached_training_model(full, boundary), reader,
-                                                                 (val_acts, val_labels), 0)
+        frozen = FrozenSuffix(views, cached_training_model(full, boundary))
         frozen_s = time.perf_counter() - t
-        feats = epoch_feats(0)[0]
+        head_model, feats, val_feats = head_submodel(full), frozen.epoch(0)[0], frozen.validation()
         online = new_model(p.backbone, args.precision, head.units, head.dropout, 0, classes)
         for m in (head_model, online):
-            compile_head(m, len(classes), args.head_lr)
+            compile_classifier(m, len(classes), args.head_lr)
         lines.append(compare("train_head_aug",
                              Side("cached", head_model, lambda e, rows: (feats[rows], labels[rows]), val_feats, n),
                              Side("online", online, augmented, (val_images, val_labels), n), args))
@@ -201,12 +196,12 @@ def main(argv=None) -> None:
         cached_model = cached_training_model(cached, boundary)
         online = finetune_model(start, p.backbone, args.precision, p.finetune.unfreeze_from)
         for m in (cached_model, online):
-            compile_head(m, len(classes), args.finetune_lr)
+            compile_classifier(m, len(classes), args.finetune_lr)
         lines.append(compare("finetune",
                              Side("cached", cached_model, lambda e, rows: (acts[rows], labels[rows]),
                                   (val_acts, val_labels), n, extra_per_image=read_per_image),
                              Side("online", online, augmented, (val_images, val_labels), n), args))
-    reader.close()
+    views.close()
     print("\n".join(lines))
 
 

@@ -16,7 +16,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     params = load_params()
 
-    from tlpipe.model.head import run_train_head
+    from tlpipe.train.head import run_train_head
 
     run_train_head(args.features, args.model, args.metrics, args.live, params.head, resume=params.train.resume,
                    backbone=params.backbone)

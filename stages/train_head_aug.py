@@ -21,7 +21,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     p = load_params()
 
-    from tlpipe.train.finetune import run_head_aug
+    from tlpipe.train.head_aug import run_head_aug
 
     run_head_aug(cache=args.cache, split_dir=args.split_dir, images_dir=args.images, model_out=args.model,
                  metrics_out=args.metrics, live_dir=args.live, backbone=p.backbone, compute=p.compute,

@@ -11,8 +11,12 @@ from imagegen import make_class_folders
 from tlpipe.features import viewcache
 from tlpipe.config import validate_params
 from tlpipe.errors import ConfigError, FeatureFileError
-from tlpipe.train.finetune import freeze_batchnorm, run_finetune, run_head_aug
 from tlpipe.model.saved import load_model, model_info
+from tlpipe.train.compile import compile_classifier
+from tlpipe.train.views import CachedViews
+from tlpipe.train.finetune import run_finetune
+from tlpipe.train.head_aug import run_head_aug
+from tlpipe.train.models import cached_training_model, freeze_batchnorm
 
 SIZE = 32
 
@@ -89,11 +93,30 @@ def test_head_aug_cached_trains_only_the_head(cached_run):
     for name, ws in base_weights(model).items():  # prefix AND suffix unchanged
         for a, b in zip(ws, want[name]):
             np.testing.assert_array_equal(a, b)
-    metrics = json.loads((tmp / "m_a.json").read_text())
-    assert metrics["mode"] == "cached" and metrics["epochs"] == 2
-    assert (tmp / "live_a" / "metrics.json").exists() or list((tmp / "live_a").rglob("*.tsv"))
-    probs = model.predict(np.zeros((2, SIZE, SIZE, 3), "float32"), verbose=0)
-    assert probs.shape == (2, 1) and np.all((probs >= 0) & (probs <= 1))
+    history = result["history"]
+    assert [row["epoch"] for row in history] == [1, 2]
+    best = min(history, key=lambda row: row["val_loss"])
+    assert json.loads((tmp / "m_a.json").read_text()) == {
+        "best_epoch": best["epoch"], "val_accuracy": pytest.approx(best["val_accuracy"], abs=1e-6)}
+    val_loss = (tmp / "live_a" / "plots" / "metrics" / "val" / "loss.tsv").read_text().splitlines()
+    assert [float(line.split("\t")[1]) for line in val_loss[1:]] == pytest.approx(
+        [row["val_loss"] for row in history], abs=1e-6)
+
+
+def test_saved_model_is_the_trained_one_validated_on_the_cached_plain_images(cached_run):
+    """The saved model, run from the cache's boundary on its plain validation activations, scores what
+    the last epoch logged: it is the model after training, and the head trained on the frozen suffix's
+    output is the head of the full model."""
+    tmp, p, split, images, result = cached_run
+    model = load_model(tmp / "head_aug_a.keras")
+    with CachedViews(tmp / "views.h5", seed=p.head_aug.seed) as views:
+        x, y = views.validation()
+        boundary = views.attrs["boundary"]
+    scored = compile_classifier(cached_training_model(model, boundary), 2, 1e-3).evaluate(
+        x, y, batch_size=4, verbose=0, return_dict=True)
+    last = result["history"][-1]
+    assert scored["loss"] == pytest.approx(last["val_loss"], rel=1e-5)
+    assert scored["accuracy"] == pytest.approx(last["val_accuracy"])
 
 
 def test_head_aug_is_deterministic(cached_run):
@@ -108,7 +131,9 @@ def test_finetune_cached_trains_block5_only(cached_run):
     start = base_weights(load_model(tmp / "head_aug_a.keras"))
     result = fine(tmp, p, split, images, tmp / "head_aug_a.keras")
     model = load_model(tmp / "finetuned_f.keras")
-    assert model_info(model)["trainable_from"] == "block5_conv1" and result["trainable_from"] == "block5_conv1"
+    assert model_info(model)["trainable_from"] == "block5_conv1"
+    assert set(json.loads((tmp / "mf_f.json").read_text())) == {"best_epoch", "val_accuracy"}
+    assert len(result["history"]) == p.finetune.epochs
     after = base_weights(model)
     for name in after:
         same = all(np.array_equal(a, b) for a, b in zip(after[name], start[name]))
@@ -130,12 +155,12 @@ def test_online_mode_trains_the_full_model(tmp_path):
                                                "head_aug": {"epochs": 1}})
     build_cache(tmp_path, p, split, images)  # only a marker in online mode
     result = head_aug(tmp_path, p, split, images)
-    assert result["mode"] == "online" and result["epochs"] == 1
+    assert result["epochs"] == 1
     model = load_model(tmp_path / "head_aug_a.keras")
     assert model_info(model)["trainable_from"] is None
     # validation ran on the plain images through the saved model: same accuracy when recomputed
     from tlpipe.features.extract import manifest_rows
-    from tlpipe.train.finetune import load_images
+    from tlpipe.train.online import load_images
 
     files, labels, _ = manifest_rows(split / "validation.csv", images, ["cat", "dog"])
     pred = (model.predict(load_images(files, SIZE), verbose=0)[:, 0] > 0.5).astype(int)
@@ -153,18 +178,83 @@ def test_batchnorm_stays_in_inference_mode():
     np.testing.assert_allclose(outer(x, training=True), outer(x, training=False), rtol=1e-6)
 
 
+# ---------------------------------------------------------------- the training data sources
+
+def test_cached_views_give_the_readers_epochs_and_the_plain_validation(cached_run):
+    tmp, p, *_ = cached_run
+    with CachedViews(tmp / "views.h5", seed=5) as data, viewcache.ViewReader(tmp / "views.h5") as reader:
+        assert data.fingerprint == {"mode": "cached", "cache": viewcache.read_attrs(tmp / "views.h5")}
+        for e in range(3):
+            x, y = data.epoch(e)
+            want_x, want_y = reader.epoch(5, e)
+            np.testing.assert_array_equal(x, want_x)
+            np.testing.assert_array_equal(y, want_y)
+        assert not np.array_equal(data.epoch(0)[0], data.epoch(1)[0])  # epochs show other views
+        val_x, val_y = viewcache.load_part(tmp / "views.h5", "validation")
+        np.testing.assert_array_equal(data.validation()[0], val_x.astype(np.float32))
+        assert data.validation()[0].dtype == np.float32
+        np.testing.assert_array_equal(data.validation()[1], val_y)
+
+
+def test_cached_views_refuse_a_cache_of_other_settings(cached_run):
+    tmp, *_ = cached_run
+    with pytest.raises(FeatureFileError, match="views: file has 2, params say 3"):
+        CachedViews(tmp / "views.h5", seed=0, expect={"views": 3})
+
+
+def test_frozen_suffix_training_equals_running_the_suffix_every_epoch(cached_run):
+    """train_head_aug trains the head on the suffix's output computed once per view; training the
+    model from the boundary (suffix frozen, run every epoch) on the same views gives the same head."""
+    from tlpipe.model.saved import head_submodel
+    from tlpipe.train.augmented import choose_data
+    from tlpipe.train.views import FrozenSuffix
+    from tlpipe.train.loop import fit
+    from tlpipe.train.models import frozen_features_model, new_model
+
+    tmp, p, split, images, _ = cached_run
+    classes = ["cat", "dog"]
+
+    def full():
+        keras.backend.clear_session()
+        return new_model(p.backbone, "float32", p.head.units, p.head.dropout, 3, classes)
+
+    fast_full = full()
+    head, frozen = choose_data(fast_full, p.augment, 4, cache=tmp / "views.h5", split_dir=split,
+                               images_dir=images, expect={})
+    assert isinstance(frozen, FrozenSuffix)
+    slow_full = full()
+    suffix_model = cached_training_model(slow_full, frozen.fingerprint["cache"]["boundary"])
+    with CachedViews(tmp / "views.h5", seed=4) as views:
+        running = frozen_features_model(suffix_model)
+        for e in range(3):  # each epoch's inputs are the suffix run on that epoch's views
+            x, y = views.epoch(e)
+            np.testing.assert_allclose(frozen.epoch(e)[0], running.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
+            np.testing.assert_array_equal(frozen.epoch(e)[1], y)
+        fast = fit(compile_classifier(head, 2, 1e-2), frozen, 3, 4, 4, tmp / "live_fast")
+        slow = fit(compile_classifier(suffix_model, 2, 1e-2), views, 3, 4, 4, tmp / "live_slow")
+    for a, b in zip(fast["history"], slow["history"]):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-6)
+    assert fast["history"][0]["train_loss"] != fast["history"][-1]["train_loss"]  # the head did train
+    for a, b in zip(head_submodel(fast_full).get_weights(), head_submodel(slow_full).get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_online_epochs_show_view_epoch_or_the_views_asked_for():
     """By default epoch e augments every image as view e; `views` picks each image's view instead."""
     from tlpipe.features.augment import augment_settings
-    from tlpipe.train.finetune import online_epochs
+    from tlpipe.train.online import OnlineAugmented
 
     images = np.random.default_rng(0).uniform(0, 255, (3, 16, 16, 3)).astype(np.float32)
+    val = np.zeros((1, 16, 16, 3), np.float32)
     settings = augment_settings({"rotation_range": 40.0, "zoom_range": 0.2, "horizontal_flip": True, "seed": 7})
-    plain = online_epochs(images, [0, 1, 0], settings)
-    by_epoch = {e: plain(e)[0] for e in range(3)}
+    plain = OnlineAugmented(images, [0, 1, 0], val, [1], settings)
+    by_epoch = {e: plain.epoch(e)[0] for e in range(3)}
     assert not np.allclose(by_epoch[0], by_epoch[1])  # views differ, so the checks below can fail
-    chosen = online_epochs(images, [0, 1, 0], settings, views=lambda e: [2, 0, 1])
-    x, y = chosen(5)
+    np.testing.assert_array_equal(plain.epoch(1)[0], by_epoch[1])  # an epoch depends on e alone
+    chosen = OnlineAugmented(images, [0, 1, 0], val, [1], settings, views=lambda e: [2, 0, 1])
+    x, y = chosen.epoch(5)
     for i, v in enumerate([2, 0, 1]):
         np.testing.assert_array_equal(x[i], by_epoch[v][i])
     np.testing.assert_array_equal(y, [0, 1, 0])
+    assert plain.validation()[0] is val and plain.validation()[1].tolist() == [1]
+    assert plain.fingerprint == {"mode": "online", "augment": settings}

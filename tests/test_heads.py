@@ -1,4 +1,4 @@
-"""heads: the dense head, and the train_head stage on hand-made feature files."""
+"""The dense head, its compilation, and the train_head stage on hand-made feature files."""
 
 import json
 import os
@@ -9,23 +9,24 @@ import h5py
 import numpy as np
 import pytest
 
-from tlpipe.model import head as heads
-
-from tlpipe.model import saved as modelio
 from tlpipe.errors import ConfigError, FeatureFileError
+from tlpipe.model import head as heads
+from tlpipe.model import saved as modelio
+from tlpipe.train.compile import compile_classifier
+from tlpipe.train.head import check_attrs_agree, run_train_head
 
 from helpers import FEATURE_LAYER as LAYER, FEATURE_SIZE as SIZE, REPO, HeadParams, load_stage, make_feature_project
 
 
-# ---------------------------------------------------------------- build_head / compile_head
+# ---------------------------------------------------------------- build_head / compile_classifier
 
 def test_binary_head_is_the_books():
-    m = heads.compile_head(heads.build_head(20, 2, units=8, dropout=0.3), 2, 1e-4)
+    m = compile_classifier(heads.build_head(20, 2, units=8, dropout=0.3), 2, 1e-4)
     assert [lyr.name for lyr in m.layers[1:]] == list(heads.HEAD_LAYERS)
     assert m.get_layer("head_dense").units == 8 and m.get_layer("head_dense").activation.__name__ == "relu"
     assert m.get_layer("head_dropout").rate == pytest.approx(0.3)
     out = m.get_layer("head_out")
-    assert out.units == 1 and out.activation.__name__ == "sigmoid" and heads.is_binary(m)
+    assert out.units == 1 and out.activation.__name__ == "sigmoid"
     assert m.loss == "binary_crossentropy"
     assert m.optimizer.__class__.__name__ == "RMSprop"
     assert float(m.optimizer.learning_rate.numpy()) == pytest.approx(1e-4)
@@ -34,7 +35,7 @@ def test_binary_head_is_the_books():
 
 
 def test_multiclass_head_uses_softmax_and_sparse_labels():
-    m = heads.compile_head(heads.build_head(10, 4, units=8), 4, 1e-3)
+    m = compile_classifier(heads.build_head(10, 4, units=8), 4, 1e-3)
     assert m.get_layer("head_out").units == 4 and m.get_layer("head_out").activation.__name__ == "softmax"
     assert m.loss == "sparse_categorical_crossentropy"
     x = np.random.default_rng(0).normal(size=(16, 10)).astype("float32")
@@ -45,7 +46,7 @@ def test_multiclass_head_uses_softmax_and_sparse_labels():
 
 
 def test_binary_accuracy_on_int_labels_is_thresholded():
-    m = heads.compile_head(heads.build_head(4, 2, units=4), 2, 1e-3)
+    m = compile_classifier(heads.build_head(4, 2, units=4), 2, 1e-3)
     x = np.random.default_rng(1).normal(size=(10, 4)).astype("float32")
     p = m.predict(x, verbose=0)[:, 0]
     y = (np.arange(10) % 2).astype("int64")
@@ -70,10 +71,10 @@ def test_bad_head_arguments(kw, match):
 
 
 def test_check_attrs_agree_names_the_key():
-    a = {k: 1 for k in heads.AGREE_KEYS}
-    assert heads.check_attrs_agree({"t.h5": a, "v.h5": dict(a)}) == a
+    a = {k: 1 for k in modelio.FEATURE_KEYS}
+    assert check_attrs_agree({"t.h5": a, "v.h5": dict(a)}) == a
     with pytest.raises(FeatureFileError, match="v.h5 has pooling=2 but t.h5 has 1"):
-        heads.check_attrs_agree({"t.h5": a, "v.h5": {**a, "pooling": 2}})
+        check_attrs_agree({"t.h5": a, "v.h5": {**a, "pooling": 2}})
 
 
 # ---------------------------------------------------------------- the train_head stage
@@ -85,12 +86,15 @@ def project(tmp_path_factory):
 
 def test_run_train_head_writes_a_complete_model(project, tmp_path):
     out = tmp_path / "models" / "head.keras"
-    metrics = heads.run_train_head(project / "features", out, tmp_path / "metrics" / "train_head.json",
-                                   tmp_path / "dvclive", HeadParams)
-    assert metrics["epochs"] == 3 and set(metrics) == {"epochs", "best_epoch", "best", "last"}
+    result = run_train_head(project / "features", out, tmp_path / "metrics" / "train_head.json",
+                            tmp_path / "dvclive", HeadParams)
+    assert result["epochs"] == 3 and len(result["history"]) == 3
+    # The metrics file is flat: the best epoch (lowest val loss) and its val accuracy, as dvclive logged it.
     on_disk = json.loads((tmp_path / "metrics" / "train_head.json").read_text())
-    assert on_disk["last"]["val_loss"] == pytest.approx(metrics["last"]["val_loss"], abs=1e-6)
-    assert (tmp_path / "dvclive" / "plots" / "metrics" / "val" / "loss.tsv").is_file()
+    best = min(result["history"], key=lambda row: row["val_loss"])
+    assert on_disk == {"best_epoch": best["epoch"], "val_accuracy": pytest.approx(best["val_accuracy"], abs=1e-6)}
+    val_acc = (tmp_path / "dvclive" / "plots" / "metrics" / "val" / "accuracy.tsv").read_text().splitlines()
+    assert float(val_acc[best["epoch"]].split("\t")[1]) == pytest.approx(on_disk["val_accuracy"], abs=1e-6)
     assert sorted(p.name for p in out.parent.iterdir()) == ["head.keras"]  # checkpoints removed
 
     model = modelio.load_model(out)
@@ -118,7 +122,7 @@ def test_mismatched_feature_files_are_refused(project, tmp_path):
     with h5py.File(feats / "validation.h5", "a") as f:
         f.attrs["pooling"] = "max"
     with pytest.raises(FeatureFileError, match="pooling"):
-        heads.run_train_head(feats, tmp_path / "h.keras", tmp_path / "m.json", tmp_path / "l", HeadParams)
+        run_train_head(feats, tmp_path / "h.keras", tmp_path / "m.json", tmp_path / "l", HeadParams)
     assert not (tmp_path / "h.keras").exists()
 
 
@@ -128,11 +132,11 @@ def test_features_of_other_backbone_params_are_refused(project, tmp_path):
 
     with pytest.raises(FeatureFileError, match=r"train.h5: made with image_size=32 but params.yaml has "
                                                r"backbone.image_size=64; rerun the extract stage"):
-        heads.run_train_head(project / "features", tmp_path / "h.keras", tmp_path / "m.json", tmp_path / "l",
+        run_train_head(project / "features", tmp_path / "h.keras", tmp_path / "m.json", tmp_path / "l",
                              HeadParams, backbone=Backbone)
     Backbone.image_size, Backbone.layer = SIZE, None  # null: the backbone's default layer, block5_pool
     with pytest.raises(FeatureFileError, match="layer='block3_pool' but params.yaml has backbone.layer='block5_pool'"):
-        heads.run_train_head(project / "features", tmp_path / "h.keras", tmp_path / "m.json", tmp_path / "l",
+        run_train_head(project / "features", tmp_path / "h.keras", tmp_path / "m.json", tmp_path / "l",
                              HeadParams, backbone=Backbone)
 
 
@@ -175,5 +179,6 @@ def test_stage_script_trains_and_reruns_give_identical_files(project, tmp_path):
     assert got[0] == got[1]
     cwd = tmp_path / "a"
     assert modelio.read_info(cwd / "models" / "head.keras")["backbone"] == "vgg16"
-    assert json.loads((cwd / "metrics" / "train_head.json").read_text())["epochs"] == 2
+    assert set(json.loads((cwd / "metrics" / "train_head.json").read_text())) == {"best_epoch", "val_accuracy"}
+    assert len((cwd / "dvclive" / "train_head" / "plots" / "metrics" / "val" / "loss.tsv").read_text().splitlines()) == 3
     assert not (cwd / "dvc.yaml").exists() and not (cwd / "dvclive" / "train_head" / "dvc.yaml").exists()

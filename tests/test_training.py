@@ -5,10 +5,11 @@ import json
 import numpy as np
 import pytest
 
-from tlpipe.model import head as heads
-
-from tlpipe.train import loop as training
 from tlpipe.errors import ConfigError
+from tlpipe.model.head import build_head
+from tlpipe.train import loop as training
+from tlpipe.train.compile import compile_classifier
+from tlpipe.train.data import StoredFeatures
 
 
 def _data(n, dim=12, seed=0):
@@ -20,13 +21,16 @@ def _data(n, dim=12, seed=0):
 
 
 def _model(dim=12, n_classes=2, seed=3):
-    return heads.compile_head(heads.build_head(dim, n_classes, units=16, dropout=0.5, seed=seed), n_classes, 1e-2)
+    return compile_classifier(build_head(dim, n_classes, units=16, dropout=0.5, seed=seed), n_classes, 1e-2)
+
+
+def _stored(n_train, n_val):
+    return StoredFeatures(_data(n_train), _data(n_val, seed=1))
 
 
 def _run(tmp_path, name, epochs=4, **kw):
-    train, val = _data(60), _data(20, seed=1)
     model = _model()
-    res = training.fit(model, train, val, epochs=epochs, batch_size=8, seed=7,
+    res = training.fit(model, _stored(60, 20), epochs=epochs, batch_size=8, seed=7,
                        live_dir=tmp_path / name / "live", **kw)
     return model, res
 
@@ -49,8 +53,7 @@ def test_same_params_give_identical_history_and_weights(tmp_path):
 
 
 def test_other_seed_changes_history(tmp_path):
-    train, val = _data(60), _data(20, seed=1)
-    r = [training.fit(_model(), train, val, epochs=2, batch_size=8, seed=s, live_dir=tmp_path / str(s))["history"]
+    r = [training.fit(_model(), _stored(60, 20), epochs=2, batch_size=8, seed=s, live_dir=tmp_path / str(s))["history"]
          for s in (1, 2)]
     assert r[0] != r[1]
 
@@ -76,24 +79,24 @@ class Interrupt(Exception):
 
 
 def test_resume_after_interruption_equals_uninterrupted_run(tmp_path):
-    train, val = _data(60), _data(20, seed=1)
+    data = _stored(60, 20)
     work = tmp_path / "work"
     full_model = _model()
-    full = training.fit(full_model, train, val, epochs=5, batch_size=8, seed=7, live_dir=tmp_path / "full")
+    full = training.fit(full_model, data, epochs=5, batch_size=8, seed=7, live_dir=tmp_path / "full")
 
     def stop(epoch, row):
         if epoch == 2:
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        training.fit(_model(), train, val, epochs=5, batch_size=8, seed=7, live_dir=tmp_path / "part",
+        training.fit(_model(), data, epochs=5, batch_size=8, seed=7, live_dir=tmp_path / "part",
                      work_dir=work, on_epoch_end=stop)
     state = json.loads((work / "state.json").read_text())
     assert state["epoch"] == 2 and [p.name for p in work.glob("*.npz")] == ["epoch-0002.npz"]
 
     # A fresh process would build a fresh model: use another init seed to prove the checkpoint wins.
     resumed_model = _model(seed=99)
-    resumed = training.fit(resumed_model, train, val, epochs=5, batch_size=8, seed=7, live_dir=tmp_path / "part",
+    resumed = training.fit(resumed_model, data, epochs=5, batch_size=8, seed=7, live_dir=tmp_path / "part",
                            work_dir=work, resume=True)
     assert resumed["history"] == full["history"]
     for a, b in zip(full_model.get_weights(), resumed_model.get_weights()):
@@ -104,34 +107,34 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path):
 
 
 def test_resume_false_discards_stale_checkpoint(tmp_path):
-    train, val = _data(40), _data(10, seed=1)
+    data = _stored(40, 10)
     work = tmp_path / "work"
     work.mkdir()
     (work / "state.json").write_text("{}")
     (work / "epoch-0009.npz").write_bytes(b"junk")
-    res = training.fit(_model(), train, val, epochs=2, batch_size=8, seed=7, live_dir=tmp_path / "l",
+    res = training.fit(_model(), data, epochs=2, batch_size=8, seed=7, live_dir=tmp_path / "l",
                        work_dir=work, resume=False, keep_work=True)
     assert res["epochs"] == 2
     assert sorted(p.name for p in work.iterdir()) == ["epoch-0002.npz", "state.json"]
 
 
 def test_resume_with_checkpoint_of_other_settings_starts_again(tmp_path):
-    train, val = _data(40), _data(10, seed=1)
+    data = _stored(40, 10)
     work = tmp_path / "work"
-    training.fit(_model(), train, val, epochs=2, batch_size=8, seed=7, live_dir=tmp_path / "l",
+    training.fit(_model(), data, epochs=2, batch_size=8, seed=7, live_dir=tmp_path / "l",
                  work_dir=work, keep_work=True)
     with pytest.warns(UserWarning, match="other settings"):
-        res = training.fit(_model(), train, val, epochs=2, batch_size=4, seed=7, live_dir=tmp_path / "l",
+        res = training.fit(_model(), data, epochs=2, batch_size=4, seed=7, live_dir=tmp_path / "l",
                            work_dir=work, resume=True)
     assert [r["epoch"] for r in res["history"]] == [1, 2]
 
 
 def test_bad_arguments(tmp_path):
-    train = _data(10)
+    data = StoredFeatures(_data(10), _data(10))
     with pytest.raises(ConfigError, match="epochs"):
-        training.fit(_model(), train, train, epochs=0, batch_size=4, seed=1, live_dir=tmp_path)
+        training.fit(_model(), data, epochs=0, batch_size=4, seed=1, live_dir=tmp_path)
     with pytest.raises(ConfigError, match="compiled"):
-        training.fit(heads.build_head(12, 2), train, train, epochs=1, batch_size=4, seed=1, live_dir=tmp_path)
+        training.fit(build_head(12, 2), data, epochs=1, batch_size=4, seed=1, live_dir=tmp_path)
 
 
 def test_write_json_sorted_rounded_atomic(tmp_path):
@@ -146,3 +149,61 @@ def test_epoch_order_depends_on_seed_and_epoch_only():
     assert sorted(a) == list(range(50))
     assert not np.array_equal(a, training.epoch_order(50, 1, 4))
     assert not np.array_equal(a, training.epoch_order(50, 2, 3))
+
+
+def test_metrics_of_is_the_best_epoch_flat():
+    """The training stages' metrics file: the best epoch (lowest val loss, earliest on ties), not the last."""
+    rows = [{"epoch": 1, "val_loss": 0.9, "val_accuracy": 0.5}, {"epoch": 2, "val_loss": 0.4, "val_accuracy": 0.75},
+            {"epoch": 3, "val_loss": 0.4, "val_accuracy": 0.8}, {"epoch": 4, "val_loss": 0.6, "val_accuracy": 0.9}]
+    assert training.metrics_of(training.summarize(rows)) == {"best_epoch": 2, "val_accuracy": 0.75}
+
+
+class Recording:
+    """A data source that records which epochs fit asks for; its data differ by epoch."""
+
+    def __init__(self, tag="a"):
+        self.asked, self.fingerprint = [], {"data": tag}
+
+    def epoch(self, e):
+        self.asked.append(e)
+        return _data(24, seed=10 + e)
+
+    def validation(self):
+        return _data(8, seed=1)
+
+
+def test_fit_asks_each_epoch_once_and_a_resumed_run_only_the_rest(tmp_path):
+    data = Recording()
+
+    def stop(epoch, row):
+        if epoch == 2:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        training.fit(_model(), data, epochs=4, batch_size=8, seed=7, live_dir=tmp_path / "l", work_dir=tmp_path / "w",
+                     on_epoch_end=stop)
+    assert data.asked == [0, 1]
+    resumed = Recording()
+    training.fit(_model(), resumed, epochs=4, batch_size=8, seed=7, live_dir=tmp_path / "l", work_dir=tmp_path / "w",
+                 resume=True)
+    assert resumed.asked == [2, 3]
+
+
+def test_checkpoint_of_other_data_is_not_resumed(tmp_path):
+    training.fit(_model(), Recording("a"), epochs=2, batch_size=8, seed=7, live_dir=tmp_path / "l",
+                 work_dir=tmp_path / "w", keep_work=True)
+    other = Recording("b")
+    with pytest.warns(UserWarning, match="other settings"):
+        training.fit(_model(), other, epochs=2, batch_size=8, seed=7, live_dir=tmp_path / "l",
+                     work_dir=tmp_path / "w", resume=True)
+    assert other.asked == [0, 1]
+
+
+def test_stored_features_are_the_same_every_epoch_and_fingerprinted_by_content():
+    train, val = _data(10), _data(4, seed=1)
+    data = StoredFeatures(train, val)
+    assert data.epoch(0) is train and data.epoch(7) is train and data.validation() is val
+    changed = (train[0].copy(), train[1])
+    changed[0][3, 2] += 1
+    assert StoredFeatures(changed, val).fingerprint != data.fingerprint
+    assert StoredFeatures((train[0].copy(), train[1].copy()), val).fingerprint == data.fingerprint

@@ -7,9 +7,9 @@ history, and an epoch's batches do not depend on whether earlier epochs ran in t
 
 Resume: after each epoch the model's variables (weights and RNG layer states, which Keras' own
 `.keras` files do not keep), the optimizer's variables and the history so far go to `work_dir`.
-`resume=True` restores the last finished epoch and continues; with array data (or a per-epoch
-dataset callable) the result is bit-for-bit that of an uninterrupted run on the same machine.
-Not exact: a plain tf.data.Dataset whose shuffling depends on how often it was iterated.
+`resume=True` restores the last finished epoch and continues; the result is bit-for-bit that of an
+uninterrupted run on the same machine, as long as `data.epoch(e)` depends on e alone (every source in
+tlpipe.train.data does; a tf.data.Dataset whose shuffling depends on how often it was iterated does not).
 """
 
 from __future__ import annotations
@@ -142,6 +142,8 @@ def _log_epoch(live, row: dict) -> None:
 
 
 def _batch_bar(total: int | None, desc: str):
+    # Ours, not tqdm.keras.TqdmCallback: that one opens an epoch bar of its own in every model.fit call
+    # (one per epoch here, beside the run's epoch bar) and counts batches as scaled floats ("1.00/4.00").
     import keras
     from tqdm.auto import tqdm
 
@@ -158,19 +160,17 @@ def _batch_bar(total: int | None, desc: str):
     return BatchBar()
 
 
-def _resolve(data, epoch: int):
-    return data(epoch) if callable(data) else data
+def fit(model, data, epochs: int, batch_size: int, seed: int, live_dir, work_dir=None, resume: bool = False,
+        fingerprint: dict | None = None, keep_work: bool = False,
+        on_epoch_end: Callable[[int, dict], None] | None = None) -> dict:
+    """Train a compiled model for `epochs` on `data` (a tlpipe.train.data.TrainingData); log per-epoch
+    metrics to dvclive at `live_dir`.
 
-
-def fit(model, train_data, val_data, epochs: int, batch_size: int, seed: int, live_dir,
-        work_dir=None, resume: bool = False, fingerprint: dict | None = None,
-        keep_work: bool = False, on_epoch_end: Callable[[int, dict], None] | None = None) -> dict:
-    """Train a compiled model for `epochs`; log per-epoch metrics to dvclive at `live_dir`.
-
-    train_data: (x, y) arrays (shuffled per epoch by `epoch_order`), a batched tf.data.Dataset, or a
-    callable epoch -> batched Dataset. val_data: (x, y) arrays or a batched Dataset.
+    data.epoch(e): (x, y) arrays (shuffled here by `epoch_order`) or a batched tf.data.Dataset;
+    data.validation(): (x, y) arrays or a batched Dataset.
     work_dir: checkpoint folder (None: no checkpoints). resume=False removes stale checkpoints.
-    fingerprint: caller's settings a checkpoint must match (e.g. lr, data identity).
+    fingerprint: the caller's settings a checkpoint must match (e.g. lr), besides data.fingerprint.
+    on_epoch_end(epoch, row): called after each epoch is logged and checkpointed (1-based epoch).
     Returns `summarize(history)` plus "history" (a list of per-epoch dicts).
     """
     from tqdm.auto import tqdm
@@ -180,12 +180,14 @@ def fit(model, train_data, val_data, epochs: int, batch_size: int, seed: int, li
     if int(batch_size) < 1:
         raise ConfigError(f"batch_size must be a positive integer, got {batch_size}")
     if getattr(model, "optimizer", None) is None or not getattr(model, "compiled", True):
-        raise ConfigError("fit() needs a compiled model (heads.compile_head)")
+        raise ConfigError("fit() needs a compiled model (tlpipe.train.compile.compile_classifier)")
     set_determinism(seed)
     reseed_layers(model, seed)
 
+    # Ours, not keras.callbacks.BackupAndRestore: each epoch is its own model.fit call (its data comes
+    # from data.epoch(e)), and that callback neither writes atomically nor checks a fingerprint.
     work = Path(work_dir) if work_dir is not None else None
-    finger = _fingerprint(model, seed, batch_size, fingerprint)
+    finger = _fingerprint(model, seed, batch_size, rounded({**(fingerprint or {}), **data.fingerprint}))
     history: list[dict] = []
     if work is not None and not resume and work.exists():
         shutil.rmtree(work)
@@ -198,27 +200,28 @@ def fit(model, train_data, val_data, epochs: int, batch_size: int, seed: int, li
             shutil.rmtree(work, ignore_errors=True)
     start = len(history)
 
-    xv = val_data
+    xv = data.validation()
+    val_kwargs = {"validation_data": xv}
+    if isinstance(xv, tuple):
+        val_kwargs["validation_batch_size"] = int(batch_size)
+    # Ours, not dvclive.keras.DVCLiveCallback: that one names validation metrics eval/* (dvc.yaml plots
+    # read val/*), ends the Live at each model.fit's end, and cannot replay a resumed run's epochs.
     live = _open_live(live_dir)
     for row in history:  # rebuild dvclive's files so they equal an uninterrupted run's
         _log_epoch(live, row)
     bar = tqdm(total=int(epochs), initial=start, desc="epochs", unit="epoch", file=sys.stderr)
     try:
         for epoch in range(start, int(epochs)):
-            data = _resolve(train_data, epoch)
+            train = data.epoch(epoch)
             kwargs = {}
-            if isinstance(data, tuple):
-                x, y = data
+            if isinstance(train, tuple):
+                x, y = train
                 order = epoch_order(len(y), seed, epoch)
                 data_args = (x[order], y[order])
                 kwargs.update(batch_size=int(batch_size), shuffle=False)
                 steps = -(-len(y) // int(batch_size))
             else:
-                data_args = (data,)
-                steps = None
-            val_kwargs = {"validation_data": xv}
-            if isinstance(xv, tuple):
-                val_kwargs["validation_batch_size"] = int(batch_size)
+                data_args, steps = (train,), None
             hist = model.fit(*data_args, epochs=1, verbose=0, callbacks=[_batch_bar(steps, f"epoch {epoch + 1}")],
                              **kwargs, **val_kwargs)
             h = hist.history
@@ -243,6 +246,12 @@ def fit(model, train_data, val_data, epochs: int, batch_size: int, seed: int, li
     result = summarize(history)
     result["history"] = history
     return result
+
+
+def metrics_of(summary: dict) -> dict:
+    """What a training stage's metrics file holds: the best epoch (lowest val loss) and its val accuracy.
+    The per-epoch history is in dvclive's files."""
+    return {"best_epoch": int(summary["best_epoch"]), "val_accuracy": float(summary["best"]["val_accuracy"])}
 
 
 def work_dir_for(model_path) -> Path:

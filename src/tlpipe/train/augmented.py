@@ -1,0 +1,91 @@
+"""What train_head_aug and finetune share: a full model trained on augmented images, in one of two
+modes (`augment.mode`):
+
+- cached: only the part after the view cache's boundary runs (models.cached_training_model, built
+  from the SAME layer objects as the full model, so training it trains the full model in place) on
+  data.CachedViews; when that part is frozen too (train_head_aug), the head alone trains on
+  data.FrozenSuffix.
+- online (the book's way): the full model on data.OnlineAugmented.
+
+Either way the full model is what gets saved; in cached mode its prefix (frozen) is untouched.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tlpipe.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """One training run's `lr, epochs, batch_size, seed` (params.head_aug or params.finetune)."""
+    lr: float
+    epochs: int
+    batch_size: int
+    seed: int
+
+    @classmethod
+    def from_params(cls, section) -> "RunSettings":
+        return cls(float(section.lr), int(section.epochs), int(section.batch_size), int(section.seed))
+
+
+def cache_expect(backbone, augment, compute, class_names) -> dict:
+    """The view cache attrs the current params imply (the caller adds unfreeze_from where it matters)."""
+    from tlpipe.features import backbones
+    from tlpipe.features.augment import augment_settings
+
+    return {"backbone": backbone.name, "weights": backbone.weights, "image_size": backbone.image_size,
+            "preprocessing": backbones.preprocessing_name(backbone.name, backbone.weights),
+            "precision": compute.precision, "views": int(augment.views),
+            "augment": augment_settings(augment), "class_names": list(class_names)}
+
+
+def choose_data(full, augment, seed: int, *, cache, split_dir, images_dir, expect: dict):
+    """(the model to train, its training data) for `full` in augment.mode. The model shares its
+    layers with `full`, so training it trains `full`. Close the data when done (it is a context manager)."""
+    from tlpipe.features.augment import augment_settings
+    from tlpipe.model.saved import head_submodel, model_info
+    from tlpipe.train.online import OnlineAugmented
+    from tlpipe.train.views import CachedViews, FrozenSuffix
+    from tlpipe.train.models import cached_training_model
+
+    if augment.mode == "cached":
+        views = CachedViews(cache, seed, expect)
+        try:
+            model = cached_training_model(full, views.attrs["boundary"])
+        except BaseException:
+            views.close()
+            raise
+        if model.get_layer("suffix").trainable_variables:
+            return model, views
+        with views:  # frozen suffix (train_head_aug): its pooled output per view never changes
+            return head_submodel(full), FrozenSuffix(views, model)
+    if augment.mode == "online":
+        info = model_info(full)
+        return full, OnlineAugmented.from_manifests(split_dir, images_dir, info["class_names"], info["image_size"],
+                                                    augment_settings(augment))
+    raise ConfigError(f"augment.mode: must be cached or online, got {augment.mode!r}")
+
+
+def fit_and_save(full, model, data, run: RunSettings, *, live_dir, model_path, resume: bool = False,
+                 on_epoch_end=None) -> dict:
+    """Compile and fit `model` (choose_data's) on `data`, then save `full` atomically to `model_path`;
+    returns fit's summary with the per-epoch history."""
+    from tlpipe.model.saved import model_info, save_model
+    from tlpipe.train.compile import compile_classifier
+    from tlpipe.train.loop import fit, work_dir_for
+    from tlpipe.train.models import detached
+
+    compile_classifier(model, len(model_info(full)["class_names"]), run.lr)
+    t0 = time.perf_counter()
+    result = fit(model, data, run.epochs, run.batch_size, run.seed, live_dir, work_dir=work_dir_for(model_path),
+                 resume=resume, fingerprint={"lr": run.lr}, on_epoch_end=on_epoch_end)
+    seconds = time.perf_counter() - t0
+    print(f"{Path(model_path).name}: {data.fingerprint['mode']} mode, {seconds / run.epochs:.1f} s/epoch",
+          file=sys.stderr)
+    save_model(detached(full), model_path)
+    return result

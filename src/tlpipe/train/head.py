@@ -1,0 +1,104 @@
+"""The train_head stage: the dense head on the extract stage's stored features, saved as a full model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tlpipe.errors import FeatureFileError
+from tlpipe.model.saved import FEATURE_KEYS
+
+
+def check_attrs_agree(files_attrs: dict) -> dict:
+    """{path: attrs} -> the shared FEATURE_KEYS attrs; FeatureFileError naming the key and both files if
+    they differ."""
+    (first, ref), *rest = files_attrs.items()
+    for path, attrs in rest:
+        for key in FEATURE_KEYS:
+            if attrs.get(key) != ref.get(key):
+                raise FeatureFileError(
+                    f"{path} has {key}={attrs.get(key)!r} but {first} has {ref.get(key)!r}: they come from "
+                    f"different extract runs; rerun the extract stage (`dvc repro extract`)"
+                )
+    return {k: ref.get(k) for k in FEATURE_KEYS}
+
+
+def check_backbone(path, attrs: dict, backbone) -> None:
+    """FeatureFileError listing every attr of `path` that differs from params.backbone."""
+    from tlpipe.features.backbones import default_layer
+
+    want = {"name": ("backbone", backbone.name), "weights": ("weights", backbone.weights),
+            "layer": ("layer", backbone.layer or default_layer(backbone.name)),
+            "pooling": ("pooling", backbone.pooling), "image_size": ("image_size", int(backbone.image_size))}
+    diffs = [(key, attr, attrs.get(attr), value) for key, (attr, value) in want.items() if attrs.get(attr) != value]
+    if diffs:
+        made = ", ".join(f"{attr}={got!r}" for _, attr, got, _ in diffs)
+        asked = ", ".join(f"backbone.{key}={value!r}" for key, _, _, value in diffs)
+        raise FeatureFileError(f"{path}: made with {made} but params.yaml has {asked}; "
+                               f"rerun the extract stage (`dvc repro extract`)")
+
+
+def base_for(attrs: dict, precision: str = "float32"):
+    """The convolutional base the features came from, rebuilt, its weights file checked unchanged."""
+    from tlpipe.features import backbones
+
+    base = backbones.build_base(attrs["backbone"], attrs["weights"], int(attrs["image_size"]), precision)
+    now = backbones.weights_sha256(attrs["backbone"], attrs["weights"], int(attrs["image_size"]))
+    if (now or None) != (attrs.get("weights_sha256") or None):
+        raise FeatureFileError(
+            f"backbone weights {attrs['weights']!r} changed since the features were extracted (SHA-256 "
+            f"{attrs.get('weights_sha256')} then, {now} now); rerun the extract stage (`dvc repro extract`)"
+        )
+    return base
+
+
+def read_stored_features(features_dir, backbone=None):
+    """features_dir/{train,validation}.h5 checked against each other and params.backbone (None: not
+    checked) -> (StoredFeatures, their shared attrs)."""
+    from tlpipe.features.extract import read_features
+    from tlpipe.train.data import StoredFeatures
+
+    features_dir = Path(features_dir)
+    paths = {part: features_dir / f"{part}.h5" for part in ("train", "validation")}
+    data = {part: read_features(p) for part, p in paths.items()}
+    if backbone is not None:
+        for part, p in paths.items():
+            check_backbone(p, data[part][3], backbone)
+    attrs = check_attrs_agree({str(paths[part]): data[part][3] for part in paths})
+    n_classes = len(attrs["class_names"])
+    for part, (x, y, _, _) in data.items():
+        if len(y) == 0:
+            raise FeatureFileError(f"{paths[part]}: holds no samples; check the data split (data.split)")
+        if y.min() < 0 or y.max() >= n_classes:
+            raise FeatureFileError(f"{paths[part]}: labels outside 0..{n_classes - 1}; rerun the extract stage")
+    (xt, yt, _, _), (xv, yv, _, _) = data["train"], data["validation"]
+    if xt.shape[1] != xv.shape[1]:
+        raise FeatureFileError(f"{paths['train']} has {xt.shape[1]} features per image, {paths['validation']} "
+                               f"{xv.shape[1]}; rerun the extract stage (`dvc repro extract`)")
+    return StoredFeatures((xt, yt), (xv, yv)), attrs
+
+
+def run_train_head(features_dir, model_out, metrics_out, live_dir, head, resume: bool = False,
+                   backbone=None, on_epoch_end=None) -> dict:
+    """train_head: the dense head on stored features, saved as a full model (model.saved format).
+
+    `head`: params.head (units, dropout, lr, epochs, batch_size, seed); `backbone`: params.backbone,
+    which the feature files must match (None: not checked). Writes `model_out` and the metrics file
+    (loop.metrics_of); returns fit's summary with the per-epoch history.
+    """
+    from tlpipe.model.head import build_head
+    from tlpipe.model.saved import assemble, save_model
+    from tlpipe.train.compile import compile_classifier
+    from tlpipe.train.loop import fit, metrics_of, work_dir_for, write_json
+
+    data, attrs = read_stored_features(features_dir, backbone)
+    n_classes = len(attrs["class_names"])
+    model = compile_classifier(build_head(data.train[0].shape[1], n_classes, head.units, head.dropout,
+                                          seed=head.seed), n_classes, head.lr)
+    settings = {"lr": float(head.lr), "units": int(head.units), "dropout": float(head.dropout)}
+    result = fit(model, data, head.epochs, head.batch_size, head.seed, live_dir, work_dir=work_dir_for(model_out),
+                 resume=resume, fingerprint=settings, on_epoch_end=on_epoch_end)
+
+    info = {**attrs, "trainable_from": None}
+    save_model(assemble(base_for(attrs), attrs["layer"], attrs["pooling"], model, info, name="head"), model_out)
+    write_json(metrics_out, metrics_of(result))
+    return result

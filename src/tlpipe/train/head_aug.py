@@ -1,0 +1,26 @@
+"""The train_head_aug stage: a fresh head on the frozen base, trained on augmented images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def run_head_aug(*, cache, split_dir, images_dir, model_out, metrics_out, live_dir, backbone, compute,
+                 head, head_aug, augment, resume: bool = False, on_epoch_end=None) -> dict:
+    """Build the model, choose the data (augment.mode), fit, save the full model and the metrics file;
+    returns fit's summary with the per-epoch history."""
+    from tlpipe.features.extract import read_class_names
+    from tlpipe.train.augmented import RunSettings, cache_expect, choose_data, fit_and_save
+    from tlpipe.train.loop import metrics_of, write_json
+    from tlpipe.train.models import new_model
+
+    classes = read_class_names(Path(split_dir) / "classes.json")
+    run = RunSettings.from_params(head_aug)
+    full = new_model(backbone, compute.precision, head.units, head.dropout, run.seed, classes)
+    model, data = choose_data(full, augment, run.seed, cache=cache, split_dir=split_dir, images_dir=images_dir,
+                              expect=cache_expect(backbone, augment, compute, classes))
+    with data:
+        result = fit_and_save(full, model, data, run, live_dir=live_dir, model_path=model_out, resume=resume,
+                              on_epoch_end=on_epoch_end)
+    write_json(metrics_out, metrics_of(result))
+    return result
