@@ -138,21 +138,14 @@ def preview_grid(image: np.ndarray, settings: dict, n: int = 8, pad: int = 4) ->
     return grid
 
 
-def write_png_atomic(array: np.ndarray, out_png) -> Path:
-    """Write a uint8 RGB array as PNG via a temp file in the same folder + rename."""
-    from PIL import Image
-
-    out = Path(out_png)
-    with atomic.target(out) as tmp:
-        Image.fromarray(array, "RGB").save(tmp, format="PNG")
-    return out
-
-
 def preview(image_path, out_png, augment_params, n: int = 8, image_size: int = 150) -> Path:
     """Write a PNG grid: the image (resized to image_size) and n augmented versions of it."""
+    from PIL import Image
+
+    from tlpipe.data.images import encode_png
     from tlpipe.features.inputs import decode_file
 
     settings = augment_settings(augment_params)
     # Normalised as the data stage would store it: a user's EXIF-rotated or CMYK photo shows upright.
     grid = preview_grid(decode_file(image_path, image_size), settings, n)
-    return write_png_atomic(grid, out_png)
+    return atomic.write_bytes(out_png, encode_png(Image.fromarray(grid, "RGB")))

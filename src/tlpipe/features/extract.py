@@ -331,6 +331,14 @@ def _expected_value(key: str, value, attrs: dict):
     return value
 
 
+def plain_attrs(attrs) -> dict:
+    """HDF5 attributes as plain Python (str, int, float), so they compare and serialise simply."""
+    def plain(v):
+        return v.decode() if isinstance(v, bytes) else v.item() if isinstance(v, np.generic) else v
+
+    return {k: plain(v) for k, v in attrs.items()}
+
+
 def read_features(path, expect: dict | None = None):
     """(features float32 N x D, labels int64 N, paths list[str], attrs dict) of a feature file.
 
@@ -348,8 +356,7 @@ def read_features(path, expect: dict | None = None):
             missing = [k for k in ("features", "labels", "paths") if k not in f]
             if missing:
                 raise FeatureFileError(f"{path}: datasets {', '.join(missing)} missing; {RERUN}")
-            attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
-            attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in attrs.items()}
+            attrs = plain_attrs(f.attrs)
             features = f["features"][()]
             labels = f["labels"][()]
             paths = [p.decode() if isinstance(p, bytes) else str(p) for p in f["paths"][()]]

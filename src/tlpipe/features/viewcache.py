@@ -232,23 +232,18 @@ def _run_jobs(jobs, work, parts, spec, settings, images_of, run_prefix, progress
 
 # ---------------------------------------------------------------- reading
 
-def _plain(v):
-    """h5py attr -> plain Python (str, int, float), so attrs compare and serialise simply."""
-    if isinstance(v, bytes):
-        return v.decode()
-    return v.item() if isinstance(v, np.generic) else v
-
-
 def read_attrs(path) -> dict:
     """The cache's attrs (decoded); FeatureFileError when missing or not a view cache."""
     import h5py
+
+    from tlpipe.features.extract import plain_attrs
 
     path = Path(path)
     if not path.is_file():
         raise FeatureFileError(f"{path}: view cache not found; run the viewcache stage (dvc repro viewcache)")
     try:
         with h5py.File(path, "r") as f:
-            attrs = {k: _plain(v) for k, v in f.attrs.items()}
+            attrs = plain_attrs(f.attrs)
     except OSError as e:
         raise FeatureFileError(f"{path}: not a readable HDF5 view cache ({e}); delete it and rerun "
                                f"the viewcache stage") from None
