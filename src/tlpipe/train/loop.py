@@ -250,7 +250,7 @@ def fit(model, data, epochs: int, batch_size: int, seed: int, live_dir, work_dir
 
 def metrics_of(summary: dict) -> dict:
     """What a training stage's metrics file holds: the best epoch (lowest val loss) and its val accuracy.
-    The per-epoch history is in dvclive's files."""
+    The saved model is the last epoch's; the per-epoch history is in dvclive's files."""
     return {"best_epoch": int(summary["best_epoch"]), "val_accuracy": float(summary["best"]["val_accuracy"])}
 
 
