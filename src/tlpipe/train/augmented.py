@@ -49,9 +49,9 @@ def choose_data(full, augment, seed: int, *, cache, split_dir, images_dir, expec
     layers with `full`, so training it trains `full`. Close the data when done (it is a context manager)."""
     from tlpipe.features.augment import augment_settings
     from tlpipe.model.saved import head_submodel, model_info
+    from tlpipe.train.models import cached_training_model
     from tlpipe.train.online import OnlineAugmented
     from tlpipe.train.views import CachedViews, FrozenSuffix
-    from tlpipe.train.models import cached_training_model
 
     if augment.mode == "cached":
         views = CachedViews(cache, seed, expect)

@@ -21,9 +21,9 @@ class CachedViews(Closing):
         self.path, self.seed = path, int(seed)
         self.attrs = viewcache.read_attrs(path)
         viewcache.check_attrs(path, self.attrs, {"mode": "cached", **(expect or {})})
-        self.reader = viewcache.ViewReader(path)
         x, y = viewcache.load_part(path, "validation")
         self.val = (x.astype(np.float32), y)
+        self.reader = viewcache.ViewReader(path)
         self.fingerprint = {"mode": "cached", "cache": self.attrs}
 
     def epoch(self, e: int) -> tuple:
