@@ -1,16 +1,30 @@
-"""DVC experiments: queue two learning rates, run the queue, compare them in `dvc exp show`."""
+"""DVC experiments: queue two learning rates, run the queue, compare them in `dvc exp show`.
+
+`dvc exp show` must read like a results table: per model the test accuracy, ROC AUC and loss, per
+training stage the best epoch and its validation accuracy, each figure once, and the README's
+command narrow enough for a terminal of about 200 columns."""
 
 from __future__ import annotations
 
 import json
+import re
+from collections import Counter
 
 import pytest
 
-from helpers import dvc, make_project, sh
+from helpers import REPO, dvc, make_project, sh
 
 pytestmark = pytest.mark.slow
 
 RATES = {"lr-high": 1e-2, "lr-low": 1e-4}
+MODELS = ("head", "head_aug", "finetuned")
+TEST_METRICS = {"accuracy", "roc_auc", "loss"}
+TRAINING = ("train_head", "train_head_aug", "finetune")
+# The README's command: columns named by a path are dependencies' hashes (metrics are `key` or `file:key`).
+DROP_DEPS = "[^:]*/[^:]*$"
+NARROW = ["exp", "show", "--only-changed", "--drop", DROP_DEPS]
+# Experiment, Created, State, Executor, head.lr, head's 3 test metrics, train_head's 2: 10.
+MAX_NARROW_COLUMNS = 10
 
 
 def experiments(show: list) -> dict[str, dict]:
@@ -25,6 +39,19 @@ def experiments(show: list) -> dict[str, dict]:
     return found
 
 
+def leaf_names(d: dict, prefix: str = "") -> list[str]:
+    """Metric names as DVC flattens them: nested keys joined by '.'."""
+    out = []
+    for k, v in d.items():
+        out += leaf_names(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"]
+    return out
+
+
+def md_header(md: str) -> list[str]:
+    line = next(line for line in md.splitlines() if line.startswith("|"))
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, class_images):
     repo = make_project(tmp_path_factory.mktemp("exps"), class_images)
@@ -35,16 +62,21 @@ def project(tmp_path_factory, class_images):
     return repo
 
 
-def test_two_queued_learning_rates_run_and_differ(project):
+@pytest.fixture(scope="module")
+def ran(project):
+    """The two queued experiments, run: (`dvc exp run --run-all` output, `dvc exp show --json` by name)."""
     for name, lr in RATES.items():
         dvc(project, "exp", "run", "--queue", "-n", name, "-S", f"head.lr={lr}")
-    # --run-all starts a queue worker and waits for every queued experiment (conftest's timeout applies).
+    # --run-all starts a queue worker and waits for every queued experiment (the helper's timeout applies).
     proc = dvc(project, "exp", "run", "--run-all")
+    return proc, experiments(json.loads(dvc(project, "exp", "show", "--json").stdout))
+
+
+def test_two_queued_learning_rates_run_and_differ(project, ran):
+    proc, exps = ran
     # The baseline's data and features were reused, not recomputed.
     assert "Running stage 'extract'" not in proc.stdout and "Running stage 'data'" not in proc.stdout
     assert "Running stage 'train_head'" in proc.stdout
-
-    exps = experiments(json.loads(dvc(project, "exp", "show", "--json").stdout))
     assert set(RATES) <= set(exps), f"missing experiments: {sorted(exps)}\n{proc.stdout}"
     results = {}
     for name, lr in RATES.items():
@@ -57,16 +89,63 @@ def test_two_queued_learning_rates_run_and_differ(project):
     assert "up to date" in dvc(project, "status").stdout
 
 
-def test_exp_show_only_changed_markdown_table(project):
-    md = dvc(project, "exp", "show", "--only-changed", "--md").stdout
-    lines = [line for line in md.splitlines() if line.startswith("|")]
-    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
-    assert "head.lr" in header and "Experiment" in header
-    # Only what differs between experiments: data and backbone settings are the same everywhere.
-    assert not any(h.startswith(("data.", "backbone.", "compute.")) for h in header), header
-    rows = {name: line for line in lines[2:] for name in RATES if f"[{name}]" in line}
+def test_exp_show_has_each_figure_once(ran):
+    _, exps = ran
+    for name in RATES:
+        metrics = exps[name]["data"]["metrics"]
+        # Only the short files: dvclive's summaries repeat the training figures and are not metrics.
+        assert set(metrics) == {"metrics/evaluate.json", *(f"metrics/{s}.json" for s in TRAINING)}, sorted(metrics)
+        test = metrics["metrics/evaluate.json"]["data"]
+        assert set(test) == set(MODELS)
+        for model in MODELS:
+            assert set(test[model]) == TEST_METRICS, test[model]
+            assert 0.0 <= test[model]["accuracy"] <= 1.0 and test[model]["loss"] > 0.0
+        for stage in TRAINING:
+            figures = metrics[f"metrics/{stage}.json"]["data"]
+            assert sorted(leaf_names(figures)) in (["best_epoch", "val_accuracy"],
+                                                   sorted(f"{k}.{m}" for k in figures
+                                                          for m in ("best_epoch", "val_accuracy"))), figures
+        # 3 figures per model, 2 per training stage: nothing else reaches the table.
+        assert sum(len(leaf_names(m["data"])) for m in metrics.values()) == 3 * len(MODELS) + 2 * len(TRAINING)
+
+
+@pytest.mark.xfail(strict=True, reason="the training stages' metrics files all use the keys best_epoch and "
+                                       "val_accuracy, so DVC names those columns by path "
+                                       "(metrics/train_head.json:best_epoch): unique keys would drop the prefix")
+def test_metric_names_are_unique_across_files(ran):
+    _, exps = ran
+    for name in RATES:
+        names = Counter(n for m in exps[name]["data"]["metrics"].values() for n in leaf_names(m["data"]))
+        assert [n for n, c in names.items() if c > 1] == []
+
+
+def test_readme_command_is_a_narrow_table(project, ran):
+    readme = (REPO / "README.md").read_text()
+    assert f"dvc exp show --only-changed --drop '{DROP_DEPS}'" in readme
+    md = dvc(project, *NARROW, "--md").stdout
+    header = md_header(md)
+    assert len(header) <= MAX_NARROW_COLUMNS, header
+    assert "head.lr" in header and {f"head.{m}" for m in TEST_METRICS} <= set(header), header
+    assert any(h.endswith("best_epoch") for h in header) and any(h.endswith("val_accuracy") for h in header)
+    # No dependency hash, no unchanged param (data, backbone...), no unchanged model (finetune.from is head_aug).
+    assert not any(h.startswith(("data.", "backbone.", "compute.", "head_aug.", "finetuned.")) for h in header)
+    assert not [h for h in header if re.fullmatch(DROP_DEPS, h)], header
+    rows = {name: line for line in md.splitlines() for name in RATES if f"[{name}]" in line}
     assert set(rows) == set(RATES), md
     lr_col = header.index("head.lr")
     for name, lr in RATES.items():
-        cells = [cell.strip() for cell in rows[name].strip("|").split("|")]
-        assert float(cells[lr_col]) == lr
+        assert float([c.strip() for c in rows[name].strip("|").split("|")][lr_col]) == lr
+    # In a terminal of 200 columns nothing is folded into DVC's "…".
+    table = dvc(project, *NARROW, "--no-pager", env={"COLUMNS": "200"}).stdout
+    assert "…" not in table and max(len(line.rstrip()) for line in table.splitlines()) <= 200, table
+
+
+def test_plain_exp_show_lists_every_column(project, ran):
+    """The documented way to see everything: every param and dependency, and still each metric once."""
+    md = dvc(project, "exp", "show", "--md").stdout
+    header = md_header(md)
+    assert len(header) == len(set(header))
+    metric_cols = [h for h in header if h.split(":")[-1].split(".")[-1] in TEST_METRICS | {"best_epoch",
+                                                                                          "val_accuracy"}]
+    assert len(metric_cols) == 3 * len(MODELS) + 2 * len(TRAINING), metric_cols
+    assert {"head_aug.lr", "backbone.name", "models/head.keras"} <= set(header)

@@ -30,7 +30,10 @@ def test_metrics_table_escapes_and_marks_the_best():
     assert "&lt;b&gt;x&lt;/b&gt;" in html and "<b>x</b>" not in html
     assert '<td class="best">0.9000</td>' in html    # higher accuracy is better
     assert '<td class="best">0.5000</td>' in html    # lower loss is better
-    assert html.index("<th>accuracy</th>") < html.index("<th>loss</th>")
+    assert html.index("<th>accuracy</th>") < html.index("<th>loss</th>") < html.index("<th>n</th>")
+    cols = rpt.metrics_table({"m": {"f1": 0.5, "n": 4, "zeta": 1.5, "loss": 0.3, "roc_auc": 0.7, "accuracy": 0.6}})
+    assert [c.split("</th>")[0] for c in cols.split("<th>")[1:]] == ["model", "accuracy", "roc_auc", "loss", "f1",
+                                                                       "n", "zeta"]
     assert "No test metrics" in rpt.metrics_table({})
 
 

@@ -173,6 +173,8 @@ def _fmt(v: float, count: bool = False) -> str:
     return str(int(v)) if float(v).is_integer() and (count or abs(v) >= 2) else f"{v:.4f}"
 
 
+# The headline figures first (as `dvc exp show` has them), then the rest; unknown columns last.
+COLUMN_ORDER = ["best_epoch", "val_accuracy", "accuracy", "roc_auc", "loss", "precision", "recall", "f1", "n"]
 NOT_SCORES = {"n", "count", "support", "samples", "epochs", "best_epoch"}  # no "best" mark
 
 
@@ -186,7 +188,8 @@ def metrics_table(metrics: dict[str, dict[str, float]], first: str = "model", ma
     for m in metrics.values():
         cols += [c for c in m if c not in cols]
     first_seen = list(cols)
-    cols = sorted(cols, key=lambda c: (c != "accuracy", first_seen.index(c)))
+    cols = sorted(cols, key=lambda c: (COLUMN_ORDER.index(c) if c in COLUMN_ORDER else len(COLUMN_ORDER),
+                                       first_seen.index(c)))
     best = {}
     if mark_best and len(metrics) > 1:
         for c in cols:
