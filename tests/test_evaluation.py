@@ -12,7 +12,7 @@ from tlpipe.evaluate import run as ev
 from tlpipe.evaluate import tables
 from tlpipe.model import saved as modelio
 from tlpipe.errors import DataError, ModelFileError
-from tlpipe.model.head import run_train_head
+from tlpipe.train.head import run_train_head
 
 # ---------------------------------------------------------------- pure functions
 
