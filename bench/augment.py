@@ -84,7 +84,7 @@ def run_mode(args, work: Path, split: Path, mode: str, tag: str, views=None, aug
     draws="cached" (online mode): train on the cached views' augmentations, not fresh ones."""
     import keras
 
-    from tlpipe.features.extract import read_class_names
+    from tlpipe.data.manifests import read_class_names
     from tlpipe.features.viewcache import build_from_manifests
     from tlpipe.train.augmented import RunSettings, cache_expect
     from tlpipe.train.models import finetune_model, new_model
@@ -180,7 +180,7 @@ def main(argv=None) -> None:
         plain = run_mode(args, work, split, "cached", "head", views=1, finetune=False,
                          augment={k: 0.0 for k in ("rotation_range", "width_shift_range", "height_shift_range",
                                                    "shear_range", "zoom_range")} | {"horizontal_flip": False})
-        from tlpipe.features.extract import manifest_rows, read_class_names
+        from tlpipe.data.manifests import manifest_rows, read_class_names
         from tlpipe.train.online import load_images
 
         modes = ("cached", "online")

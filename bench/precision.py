@@ -29,7 +29,8 @@ def extract(split: Path, source: Path, out: Path, spec, precision: str, batch_si
     """Seconds to extract every split in `precision` (model built and traced beforehand)."""
     import numpy as np
 
-    from tlpipe.features.extract import SPLITS, Extractor, extract_split, read_class_names
+    from tlpipe.data.manifests import SPLITS, read_class_names
+    from tlpipe.features.extract import Extractor, extract_split
 
     classes = read_class_names(split / "classes.json")
     extractor = Extractor(spec, precision)

@@ -137,7 +137,7 @@ def main(argv=None) -> None:
 
     from tlpipe.features import viewcache
     from tlpipe.features.augment import augment_settings
-    from tlpipe.features.extract import read_class_names
+    from tlpipe.data.manifests import read_class_names
     from tlpipe.model.saved import head_submodel, save_model
     from tlpipe.train.compile import compile_classifier
     from tlpipe.train.online import OnlineAugmented

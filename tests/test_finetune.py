@@ -159,7 +159,7 @@ def test_online_mode_trains_the_full_model(tmp_path):
     model = load_model(tmp_path / "head_aug_a.keras")
     assert model_info(model)["trainable_from"] is None
     # validation ran on the plain images through the saved model: same accuracy when recomputed
-    from tlpipe.features.extract import manifest_rows
+    from tlpipe.data.manifests import manifest_rows
     from tlpipe.train.online import load_images
 
     files, labels, _ = manifest_rows(split / "validation.csv", images, ["cat", "dog"])

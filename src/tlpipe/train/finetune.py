@@ -12,7 +12,7 @@ def run_finetune(*, cache, split_dir, images_dir, model_in, model_out, metrics_o
                  compute, augment, finetune, resume: bool = False, on_epoch_end=None) -> dict:
     """Load and unfreeze the model, choose the data (augment.mode), fit, save the full model and the
     metrics file; returns fit's summary with the per-epoch history."""
-    from tlpipe.features.extract import read_class_names
+    from tlpipe.data.manifests import read_class_names
     from tlpipe.model.saved import model_info
     from tlpipe.train.augmented import RunSettings, cache_expect, choose_data, fit_and_save
     from tlpipe.train.loop import metrics_of, write_json

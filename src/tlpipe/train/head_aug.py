@@ -9,7 +9,7 @@ def run_head_aug(*, cache, split_dir, images_dir, model_out, metrics_out, live_d
                  head, head_aug, augment, resume: bool = False, on_epoch_end=None) -> dict:
     """Build the model, choose the data (augment.mode), fit, save the full model and the metrics file;
     returns fit's summary with the per-epoch history."""
-    from tlpipe.features.extract import read_class_names
+    from tlpipe.data.manifests import read_class_names
     from tlpipe.train.augmented import RunSettings, cache_expect, choose_data, fit_and_save
     from tlpipe.train.loop import metrics_of, write_json
     from tlpipe.train.models import new_model

@@ -36,7 +36,7 @@ class OnlineAugmented(Closing):
         """The split's train and validation images, decoded once."""
         from pathlib import Path
 
-        from tlpipe.features.extract import manifest_rows
+        from tlpipe.data.manifests import manifest_rows
 
         files, labels, _ = manifest_rows(Path(split_dir) / "train.csv", images_dir, classes)
         train = load_images(files, image_size)
