@@ -27,9 +27,10 @@ from pathlib import Path
 
 import yaml
 
+from tlpipe.data.manifests import SPLITS
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SOURCE = REPO.parent / "shared" / "datasets" / "cats_and_dogs_filtered"
-SPLITS = ("train", "validation", "test")
 
 
 def env() -> dict:
