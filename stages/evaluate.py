@@ -14,7 +14,8 @@ def main(argv=None):
     ap.add_argument("--models", default="models", help="folder of <model>.keras")
     ap.add_argument("--split-dir", default="data/split", help="folder of test.csv and classes.json")
     ap.add_argument("--images", default="data/images", help="the image store the manifests point into")
-    ap.add_argument("--metrics", default="metrics/evaluate.json", help="DVC metrics: accuracy, roc_auc, loss per model (JSON)")
+    ap.add_argument("--metrics", default="metrics/evaluate.json",
+                    help="DVC metrics: accuracy, roc_auc, loss per model (JSON)")
     ap.add_argument("--plots", default="plots", help="writes plots/confusion/<model>.csv and plots/roc/<model>.csv")
     ap.add_argument("--predictions", default="reports/predictions", help="folder of <model>.csv predictions and "
                     "scores.json (every score per model and class)")

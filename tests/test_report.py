@@ -51,8 +51,8 @@ def test_tables_read_the_scores_and_training_files(tmp_path):
     with pytest.raises(DataError, match="bad.json: expected a JSON object; rerun the bad stage"):
         rpt.read_training([tmp_path / "bad.json"])
     # Epochs are not scores: the later one is not marked best; per-class rows are never marked.
-    html = rpt.metrics_table({"a": {"best_epoch": 3, "val_accuracy": 0.7}, "b": {"best_epoch": 9, "val_accuracy": 0.8}},
-                             first="stage")
+    html = rpt.metrics_table({"a": {"best_epoch": 3, "val_accuracy": 0.7},
+                              "b": {"best_epoch": 9, "val_accuracy": 0.8}}, first="stage")
     assert "<th>stage</th>" in html and '<td class="best">0.8000</td>' in html and 'class="best">9' not in html
     assert "<td>1</td>" in rpt.metrics_table({"a": {"best_epoch": 1, "accuracy": 1.0}})  # accuracy: 1.0000
     assert 'class="best"' not in rpt.metrics_table({"a": {"f1": 0.1}, "b": {"f1": 0.9}}, mark_best=False)
