@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
 from functools import cache
 from pathlib import Path
 
 import pytest
 
-from helpers import REPO, dvc_stages
+from helpers import BIN, REPO, dvc_stages, tool_env
 
 SRC = REPO / "src"
 PACKAGE = "tlpipe"
@@ -174,6 +175,14 @@ def test_deps_list_exactly_the_modules_the_stage_runs(name):
     assert not missing and not needless, (
         f"dvc.yaml stage {name!r}: deps lack {missing}, list needlessly {needless}.\n"
         f"The modules its script runs:\n{want}")
+
+
+def test_the_readme_shows_the_real_graph():
+    proc = subprocess.run([str(BIN / "dvc"), "dag", "--md"], cwd=REPO, env=tool_env(), capture_output=True,
+                          text=True, timeout=120, check=True)
+    graph = proc.stdout.strip()
+    assert graph.startswith("```mermaid") and "node" in graph
+    assert graph in (REPO / "README.md").read_text(encoding="utf-8"), f"paste into README.md:\n{graph}"
 
 
 # ---------------------------------------------------------------- the walk itself
