@@ -154,9 +154,11 @@ def test_random_dicts_either_validate_or_raise_config_error(candidate):
         assert str(exc).startswith("params.yaml: invalid parameters")
 
 
-def test_backbone_names_match_the_registry():
-    # config keeps its own list so validating params never imports TensorFlow; keep the two in step.
-    from tlpipe.features.backbones import ARCHS
-    from tlpipe.config import BACKBONES
+def test_every_choice_is_implemented():
+    # choices.py holds the names so validating params never imports TensorFlow; the implementations
+    # must offer exactly those.
+    from tlpipe.choices import BACKBONES, POOLINGS
+    from tlpipe.features.backbones import ARCHS, POOL_CLASSES
 
-    assert set(BACKBONES) == set(ARCHS)
+    assert list(BACKBONES) == list(ARCHS)
+    assert list(POOLINGS) == list(POOL_CLASSES)

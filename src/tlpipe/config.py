@@ -19,11 +19,12 @@ import re
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tlpipe.choices import (AUGMENT_MODES, BACKBONES, FILL_MODES, FINETUNE_FROM, MODEL_NAMES, POOLINGS,
+                            PRECISIONS)
 from tlpipe.data.manifests import SPLITS
 from tlpipe.errors import ConfigError
 
 PARAMS_FILE = "params.yaml"
-BACKBONES = ("vgg16", "vgg19", "resnet50", "inception_v3", "xception", "mobilenet", "mobilenet_v2", "efficientnet_b0")
 
 PosInt = Annotated[int, Field(strict=True, gt=0)]
 NonNegInt = Annotated[int, Field(strict=True, ge=0)]
@@ -91,7 +92,7 @@ class BackboneParams(Section):
     name: Literal[BACKBONES] = "vgg16"  # type: ignore[valid-type]
     weights: str = "imagenet"
     layer: str | None = None
-    pooling: Literal["flatten", "avg", "max"] = "flatten"
+    pooling: Literal[POOLINGS] = "flatten"  # type: ignore[valid-type]
     image_size: Annotated[int, Field(strict=True, ge=32, le=1024)] = 150
 
     @field_validator("weights")
@@ -103,7 +104,7 @@ class BackboneParams(Section):
 
 
 class ComputeParams(Section):
-    precision: Literal["float32", "bfloat16"] = "float32"
+    precision: Literal[PRECISIONS] = "float32"  # type: ignore[valid-type]
     batch_size: PosInt = 32
 
 
@@ -123,8 +124,8 @@ class AugmentParams(Section):
     shear_range: Annotated[float, Field(ge=0, le=1)] = 0.2
     zoom_range: Annotated[float, Field(ge=0, lt=1)] = 0.2
     horizontal_flip: bool = True
-    fill_mode: Literal["nearest", "reflect", "wrap", "constant"] = "nearest"
-    mode: Literal["cached", "online"] = "cached"
+    fill_mode: Literal[FILL_MODES] = "nearest"  # type: ignore[valid-type]
+    mode: Literal[AUGMENT_MODES] = "cached"  # type: ignore[valid-type]
     views: PosInt = 10
     seed: NonNegInt = 42
 
@@ -137,7 +138,7 @@ class TrainRunParams(Section):
 
 
 class FinetuneParams(TrainRunParams):
-    from_: Literal["head_aug", "head"] = Field("head_aug", alias="from")
+    from_: Literal[FINETUNE_FROM] = Field("head_aug", alias="from")  # type: ignore[valid-type]
     unfreeze_from: str = "block5_conv1"
     lr: LearningRate = 1e-5
     epochs: PosInt = 20
@@ -147,7 +148,6 @@ class TrainParams(Section):
     resume: bool = False
 
 
-MODEL_NAMES = ("head", "head_aug", "finetuned")
 
 
 class EvaluateParams(Section):

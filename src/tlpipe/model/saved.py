@@ -25,7 +25,8 @@ from tlpipe import __version__
 
 from tlpipe import atomic
 from tlpipe.errors import FeatureFileError, ModelFileError
-from tlpipe.features.backbones import POOLINGS, pool_layer
+from tlpipe.choices import POOLINGS
+from tlpipe.features.backbones import pool_layer
 from tlpipe.model.head import HEAD_LAYERS
 
 # Keys of the metadata dict (model_info); assemble fills tlpipe_version itself.
