@@ -96,8 +96,8 @@ def test_head_aug_cached_trains_only_the_head(cached_run):
     history = result["history"]
     assert [row["epoch"] for row in history] == [1, 2]
     best = min(history, key=lambda row: row["val_loss"])
-    assert json.loads((tmp / "m_a.json").read_text()) == {
-        "best_epoch": best["epoch"], "val_accuracy": pytest.approx(best["val_accuracy"], abs=1e-6)}
+    assert json.loads((tmp / "m_a.json").read_text()) == {"head_aug_a": {
+        "best_epoch": best["epoch"], "val_accuracy": pytest.approx(best["val_accuracy"], abs=1e-6)}}
     val_loss = (tmp / "live_a" / "plots" / "metrics" / "val" / "loss.tsv").read_text().splitlines()
     assert [float(line.split("\t")[1]) for line in val_loss[1:]] == pytest.approx(
         [row["val_loss"] for row in history], abs=1e-6)
@@ -123,7 +123,7 @@ def test_head_aug_is_deterministic(cached_run):
     tmp, p, split, images, _ = cached_run
     head_aug(tmp, p, split, images, tag="b")
     assert (tmp / "head_aug_a.keras").read_bytes() == (tmp / "head_aug_b.keras").read_bytes()
-    assert (tmp / "m_a.json").read_text() == (tmp / "m_b.json").read_text()
+    assert json.loads((tmp / "m_a.json").read_text())["head_aug_a"] == json.loads((tmp / "m_b.json").read_text())["head_aug_b"]
 
 
 def test_finetune_cached_trains_block5_only(cached_run):
@@ -132,7 +132,7 @@ def test_finetune_cached_trains_block5_only(cached_run):
     result = fine(tmp, p, split, images, tmp / "head_aug_a.keras")
     model = load_model(tmp / "finetuned_f.keras")
     assert model_info(model)["trainable_from"] == "block5_conv1"
-    assert set(json.loads((tmp / "mf_f.json").read_text())) == {"best_epoch", "val_accuracy"}
+    assert set(json.loads((tmp / "mf_f.json").read_text())["finetuned_f"]) == {"best_epoch", "val_accuracy"}
     assert len(result["history"]) == p.finetune.epochs
     after = base_weights(model)
     for name in after:

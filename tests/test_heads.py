@@ -89,8 +89,8 @@ def test_run_train_head_writes_a_complete_model(project, tmp_path):
     result = run_train_head(project / "features", out, tmp_path / "metrics" / "train_head.json",
                             tmp_path / "dvclive", HeadParams)
     assert result["epochs"] == 3 and len(result["history"]) == 3
-    # The metrics file is flat: the best epoch (lowest val loss) and its val accuracy, as dvclive logged it.
-    on_disk = json.loads((tmp_path / "metrics" / "train_head.json").read_text())
+    # The metrics file: the best epoch (lowest val loss) and its val accuracy, as dvclive logged it.
+    on_disk = json.loads((tmp_path / "metrics" / "train_head.json").read_text())["head"]
     best = min(result["history"], key=lambda row: row["val_loss"])
     assert on_disk == {"best_epoch": best["epoch"], "val_accuracy": pytest.approx(best["val_accuracy"], abs=1e-6)}
     val_acc = (tmp_path / "dvclive" / "plots" / "metrics" / "val" / "accuracy.tsv").read_text().splitlines()
@@ -179,6 +179,6 @@ def test_stage_script_trains_and_reruns_give_identical_files(project, tmp_path):
     assert got[0] == got[1]
     cwd = tmp_path / "a"
     assert modelio.read_info(cwd / "models" / "head.keras")["backbone"] == "vgg16"
-    assert set(json.loads((cwd / "metrics" / "train_head.json").read_text())) == {"best_epoch", "val_accuracy"}
+    assert set(json.loads((cwd / "metrics" / "train_head.json").read_text())["head"]) == {"best_epoch", "val_accuracy"}
     assert len((cwd / "dvclive" / "train_head" / "plots" / "metrics" / "val" / "loss.tsv").read_text().splitlines()) == 3
     assert not (cwd / "dvc.yaml").exists() and not (cwd / "dvclive" / "train_head" / "dvc.yaml").exists()

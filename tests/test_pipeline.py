@@ -110,7 +110,8 @@ def test_metrics_agree_with_the_predictions_and_the_curves(repo):
         assert confusion == [(r["true"], r["predicted"]) for r in rows]
     # Training: the best epoch is the one of lowest validation loss, and its accuracy is the one reported.
     for stage in TRAINING:
-        m = json.loads((repo / "metrics" / f"{stage}.json").read_text())
+        model = {"train_head": "head", "train_head_aug": "head_aug", "finetune": "finetuned"}[stage]
+        m = json.loads((repo / "metrics" / f"{stage}.json").read_text())[model]
         assert set(m) == {"best_epoch", "val_accuracy"}, m
         curves = {}
         for key in ("loss", "accuracy"):

@@ -43,7 +43,7 @@ def test_tables_read_the_scores_and_training_files(tmp_path):
         "cat": {"precision": 1.0, "recall": 0.25, "f1": 0.4, "n": 2}}}}))
     assert rpt.read_metrics(scores) == {"head": {"accuracy": 0.5, "n": 4.0}}  # undefined AUC: no cell
     assert rpt.read_per_class(scores) == {"head · cat": {"precision": 1.0, "recall": 0.25, "f1": 0.4, "n": 2.0}}
-    (tmp_path / "train_head.json").write_text('{"best_epoch": 3, "val_accuracy": 0.75}')
+    (tmp_path / "train_head.json").write_text('{"head": {"best_epoch": 3, "val_accuracy": 0.75}}')
     got = rpt.read_training([tmp_path / "train_head.json", tmp_path / "finetune.json"])
     assert got == {"train_head": {"best_epoch": 3.0, "val_accuracy": 0.75}}  # a missing file: no row
     (tmp_path / "bad.json").write_text("[1]")
@@ -143,8 +143,8 @@ def run_dir(tmp_path_factory) -> Path:
         "head": {"accuracy": 0.75, "loss": 0.52, "f1": 0.74, "n": 8, "roc_auc": None, "per_class": per_class},
         "head_aug": {"accuracy": 0.875, "loss": 0.41, "f1": 0.88, "n": 8, "roc_auc": 0.9, "per_class": per_class}}))
     (root / "metrics").mkdir()
-    (root / "metrics" / "train_head.json").write_text(json.dumps({"best_epoch": 4, "val_accuracy": 0.8125}))
-    (root / "metrics" / "train_head_aug.json").write_text(json.dumps({"best_epoch": 2, "val_accuracy": 0.6875}))
+    (root / "metrics" / "train_head.json").write_text(json.dumps({"head": {"best_epoch": 4, "val_accuracy": 0.8125}}))
+    (root / "metrics" / "train_head_aug.json").write_text(json.dumps({"head_aug": {"best_epoch": 2, "val_accuracy": 0.6875}}))
     (root / "plots" / "confusion").mkdir(parents=True)
     for m in ("head", "head_aug"):
         (root / "plots" / "confusion" / f"{m}.csv").write_text("actual,predicted\n" + "\n".join(confusion) + "\n")

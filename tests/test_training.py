@@ -151,11 +151,13 @@ def test_epoch_order_depends_on_seed_and_epoch_only():
     assert not np.array_equal(a, training.epoch_order(50, 2, 3))
 
 
-def test_metrics_of_is_the_best_epoch_flat():
-    """The training stages' metrics file: the best epoch (lowest val loss, earliest on ties), not the last."""
+def test_metrics_of_is_the_best_epoch_under_the_model_name():
+    """The training stages' metrics file: the best epoch (lowest val loss, earliest on ties), not the last,
+    under the model file's name."""
     rows = [{"epoch": 1, "val_loss": 0.9, "val_accuracy": 0.5}, {"epoch": 2, "val_loss": 0.4, "val_accuracy": 0.75},
             {"epoch": 3, "val_loss": 0.4, "val_accuracy": 0.8}, {"epoch": 4, "val_loss": 0.6, "val_accuracy": 0.9}]
-    assert training.metrics_of(training.summarize(rows)) == {"best_epoch": 2, "val_accuracy": 0.75}
+    assert training.metrics_of(training.summarize(rows), "models/head_aug.keras") == {
+        "head_aug": {"best_epoch": 2, "val_accuracy": 0.75}}
 
 
 class Recording:

@@ -89,11 +89,14 @@ def read_per_class(path) -> dict[str, dict[str, float]]:
 
 def read_training(paths) -> dict[str, dict[str, float]]:
     """{stage (the file's name): {best_epoch, val_accuracy, ...}} of the training stages' metrics
-    files that exist, in the given order."""
+    files that exist, in the given order. A file holds its figures under the model's name
+    ({"head": {...}}, see train.loop.metrics_of); that one level is unwrapped."""
     out = {}
     for path in paths:
         data = _read_json(path, Path(path).stem)
         if data is not None:
+            if len(data) == 1 and isinstance(next(iter(data.values())), dict):
+                data = next(iter(data.values()))
             out[Path(path).stem] = _numbers(data)
     return out
 

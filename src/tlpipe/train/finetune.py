@@ -30,5 +30,5 @@ def run_finetune(*, cache, split_dir, images_dir, model_in, model_out, metrics_o
     with data:
         result = fit_and_save(full, model, data, run, live_dir=live_dir, model_path=model_out, resume=resume,
                               on_epoch_end=on_epoch_end)
-    write_json(metrics_out, metrics_of(result))
+    write_json(metrics_out, metrics_of(result, model_out))
     return result

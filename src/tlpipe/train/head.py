@@ -100,5 +100,5 @@ def run_train_head(features_dir, model_out, metrics_out, live_dir, head, resume:
 
     info = {**attrs, "trainable_from": None}
     save_model(assemble(base_for(attrs), attrs["layer"], attrs["pooling"], model, info, name="head"), model_out)
-    write_json(metrics_out, metrics_of(result))
+    write_json(metrics_out, metrics_of(result, model_out))
     return result

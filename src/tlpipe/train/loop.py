@@ -248,10 +248,13 @@ def fit(model, data, epochs: int, batch_size: int, seed: int, live_dir, work_dir
     return result
 
 
-def metrics_of(summary: dict) -> dict:
-    """What a training stage's metrics file holds: the best epoch (lowest val loss) and its val accuracy.
-    The saved model is the last epoch's; the per-epoch history is in dvclive's files."""
-    return {"best_epoch": int(summary["best_epoch"]), "val_accuracy": float(summary["best"]["val_accuracy"])}
+def metrics_of(summary: dict, model_path) -> dict:
+    """What a training stage's metrics file holds: the best epoch (lowest val loss) and its val accuracy,
+    under the model's name (the model file's stem, as in evaluate.json), so that `dvc exp show` names the
+    columns head.best_epoch, finetuned.val_accuracy... rather than by file path. The saved model is the
+    last epoch's; the per-epoch history is in dvclive's files."""
+    return {Path(model_path).stem: {"best_epoch": int(summary["best_epoch"]),
+                                    "val_accuracy": float(summary["best"]["val_accuracy"])}}
 
 
 def work_dir_for(model_path) -> Path:
