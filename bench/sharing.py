@@ -24,11 +24,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from helpers import copy_project, init_repo, set_params  # noqa: E402  (the tests' project copy)
+
 BIN = Path(sys.executable).parent
-PROJECT_FILES = ["dvc.yaml", "params.yaml", ".gitignore", ".dvcignore", "stages", "src", ".dvc/config"]
 IMAGE_EXT = {".jpg", ".jpeg", ".png"}
 
 
@@ -67,31 +67,12 @@ def subset(dataset: Path, dst: Path, per_class: int) -> int:
     return n
 
 
-def deep_update(base: dict, updates: dict) -> dict:
-    for key, value in updates.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            deep_update(base[key], value)
-        else:
-            base[key] = value
-    return base
-
-
 def make_project(dst: Path, params: dict) -> None:
-    dst.mkdir(parents=True)
-    for name in PROJECT_FILES:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, dst / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-        elif src.exists():
-            (dst / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst / name)
-    p = dst / "params.yaml"
-    p.write_text(yaml.safe_dump(deep_update(yaml.safe_load(p.read_text()), params), sort_keys=False))
-    sh(["git", "init", "-q", "-b", "main"], dst)
-    if not (dst / ".dvc" / "config").exists():
-        sh([str(BIN / "dvc"), "init", "-q"], dst)
-    sh(["git", "add", "-A"], dst)
-    sh(["git", "commit", "-q", "-m", "project"], dst)
+    """The project copied into dst with `params` over its params.yaml, as a fresh git + DVC repo (the
+    copy the tests make: tests/helpers.py)."""
+    copy_project(dst)
+    set_params(dst, params)
+    init_repo(dst)
 
 
 def median_time(cmd: list[str], cwd: Path, repeats: int) -> float:

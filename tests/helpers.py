@@ -133,8 +133,8 @@ def write_params(folder: Path, updates: dict | None = None, source: Path | None 
     (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True))
 
 
-def make_project(dst: Path, source: Path, params: dict | None = None) -> Path:
-    """Copy the project into dst, point it at `source`, and commit it as a fresh git + DVC repo."""
+def copy_project(dst: Path) -> Path:
+    """What a user's clone holds (PROJECT_FILES), copied into dst; also used by bench/sharing.py."""
     dst.mkdir(parents=True, exist_ok=True)
     for name in PROJECT_FILES:
         src = REPO / name
@@ -143,13 +143,24 @@ def make_project(dst: Path, source: Path, params: dict | None = None) -> Path:
         elif src.exists():
             (dst / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst / name)
-    set_params(dst, deep_update(deep_update({}, FAST_PARAMS), {"data": {"source": str(source)}, **(params or {})}))
+    return dst
+
+
+def init_repo(dst: Path) -> Path:
+    """Commit dst as a fresh git + DVC repo."""
     sh(["git", "init", "-q", "-b", "main"], dst)
     if not (dst / ".dvc" / "config").exists():
         dvc(dst, "init", "-q")
     sh(["git", "add", "-A"], dst)
     sh(["git", "commit", "-q", "-m", "project"], dst)
     return dst
+
+
+def make_project(dst: Path, source: Path, params: dict | None = None) -> Path:
+    """Copy the project into dst, point it at `source`, and commit it as a fresh git + DVC repo."""
+    copy_project(dst)
+    set_params(dst, deep_update(deep_update({}, FAST_PARAMS), {"data": {"source": str(source)}, **(params or {})}))
+    return init_repo(dst)
 
 
 # ---------------------------------------------------------------- feature files

@@ -17,7 +17,6 @@ import json
 import os
 import struct
 import subprocess
-import sys
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +25,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from helpers import (FEATURES_PARAMS, REPO, TF_NOISE, feature_file, stage_cmd, tool_env, user_lines,
+from helpers import (FEATURES_PARAMS, TF_NOISE, feature_file, stage_cmd, tool_env, user_lines,
                      write_params)
 from imagegen import (image_bytes, make_class_folders, write_animated_gif, write_exif_rotated_jpeg, write_image,
                       write_text_as_image, write_truncated_jpeg, write_zero_byte)
