@@ -10,3 +10,4 @@ FILL_MODES = ("nearest", "reflect", "wrap", "constant")  # augment.fill_mode
 AUGMENT_MODES = ("cached", "online")  # augment.mode: views stored by the viewcache stage, or drawn in training
 MODEL_NAMES = ("head", "head_aug", "finetuned")  # models/<name>.keras, in the order the stages write them
 FINETUNE_FROM = ("head_aug", "head")  # finetune.from: the model fine-tuning starts from
+TRAIN_KEEPS = ("best", "last")  # train.keep: the weights a training stage saves (best validation epoch, or last)
