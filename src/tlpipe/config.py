@@ -20,7 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tlpipe.choices import (AUGMENT_MODES, BACKBONES, FILL_MODES, FINETUNE_FROM, MODEL_NAMES, POOLINGS,
-                            PRECISIONS)
+                            PRECISIONS, TRAIN_KEEPS)
 from tlpipe.data.manifests import SPLITS
 from tlpipe.errors import ConfigError
 
@@ -146,6 +146,8 @@ class FinetuneParams(TrainRunParams):
 
 class TrainParams(Section):
     resume: bool = False
+    keep: Literal[TRAIN_KEEPS] = "best"  # type: ignore[valid-type]
+    patience: PosInt | None = None
 
 
 
