@@ -319,3 +319,15 @@ def test_checkpoint_of_other_keep_or_patience_is_not_resumed(tmp_path):
     _fit(tmp_path, "l", epochs=3, work_dir=work, keep_work=True)
     with pytest.warns(UserWarning, match="other settings"):
         _fit(tmp_path, "l", epochs=3, work_dir=work, resume=True, patience=1)
+
+
+def test_params_train_keep_and_patience():
+    from tlpipe.config import validate_params
+
+    t = validate_params({}).train
+    assert (t.keep, t.patience) == ("best", None)
+    t = validate_params({"train": {"keep": "last", "patience": 3}}).train
+    assert (t.keep, t.patience) == ("last", 3)
+    for key, bad in (("keep", "first"), ("patience", 0), ("patience", -2), ("patience", 2.5), ("patience", "3")):
+        with pytest.raises(ConfigError, match=f"train.{key}"):
+            validate_params({"train": {key: bad}})
