@@ -259,3 +259,12 @@ def test_online_epochs_show_view_epoch_or_the_views_asked_for():
     np.testing.assert_array_equal(y, [0, 1, 0])
     assert plain.validation()[0] is val and plain.validation()[1].tolist() == [1]
     assert plain.fingerprint == {"mode": "online", "augment": settings}
+
+
+def test_a_boundary_at_the_cut_is_not_called_a_residual_connection(cached_run):
+    # A cache whose boundary is the model's last base layer (unfreeze_from after the cut): say so.
+    tmp, p, split, images, _ = cached_run
+    full = load_model(tmp / "head_aug_a.keras")
+    with pytest.raises(ConfigError, match="lies after the cut") as err:
+        cached_training_model(full, "block5_pool")
+    assert "residual" not in str(err.value)

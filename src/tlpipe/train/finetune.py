@@ -26,7 +26,8 @@ def run_finetune(*, cache, split_dir, images_dir, model_in, model_out, metrics_o
         raise ModelFileError(f"{model_in}: trained for classes {model_info(full)['class_names']}, the split has "
                              f"{classes}; rerun the stage that writes it")
     run = RunSettings.from_params(finetune)
-    expect = {**cache_expect(backbone, augment, compute, classes), "unfreeze_from": finetune.unfreeze_from}
+    # auto resolved against the model's layer (finetune_model), as the viewcache stage resolved it.
+    expect = {**cache_expect(backbone, augment, compute, classes), "unfreeze_from": model_info(full)["trainable_from"]}
     model, data = choose_data(full, augment, run.seed, cache=cache, split_dir=split_dir, images_dir=images_dir,
                               expect=expect)
     with data:
