@@ -87,6 +87,7 @@ def run_mode(args, work: Path, split: Path, mode: str, tag: str, views=None, aug
     from tlpipe.data.manifests import read_class_names
     from tlpipe.features.viewcache import build_from_manifests
     from tlpipe.train.augmented import RunSettings, cache_expect
+    from tlpipe.model.saved import model_info
     from tlpipe.train.models import finetune_model, new_model
 
     p = params_for(args, mode, views, augment)
@@ -109,7 +110,7 @@ def run_mode(args, work: Path, split: Path, mode: str, tag: str, views=None, aug
         keras.backend.clear_session()
         full = finetune_model(d / "head_aug.keras", p.backbone, p.compute.precision, p.finetune.unfreeze_from)
         m, _ = train_stage(full, RunSettings.from_params(p.finetune), p, d, split, args.source, "finetuned",
-                           {**expect, "unfreeze_from": p.finetune.unfreeze_from}, draws)
+                           {**expect, "unfreeze_from": model_info(full)["trainable_from"]}, draws)
         out["finetune_epoch_s"], out["finetune_val_acc"] = m["epoch_s"], m["last"]["val_accuracy"]
     print(f"# {tag}: " + json.dumps({k: round(v, 3) for k, v in out.items()}), file=sys.stderr, flush=True)
     return out

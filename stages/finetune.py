@@ -28,7 +28,8 @@ def main(argv=None):
     run_finetune(cache=args.cache, split_dir=args.split_dir, images_dir=args.images,
                  model_in=args.model_in or f"models/{p.finetune.from_}.keras", model_out=args.model,
                  metrics_out=args.metrics, live_dir=args.live, backbone=p.backbone, compute=p.compute,
-                 augment=p.augment, finetune=p.finetune, resume=p.train.resume)
+                 augment=p.augment, finetune=p.finetune, resume=p.train.resume, keep=p.train.keep,
+                 patience=p.train.patience)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ def main(argv=None):
 
     run_head_aug(cache=args.cache, split_dir=args.split_dir, images_dir=args.images, model_out=args.model,
                  metrics_out=args.metrics, live_dir=args.live, backbone=p.backbone, compute=p.compute,
-                 head=p.head, head_aug=p.head_aug, augment=p.augment, resume=p.train.resume)
+                 head=p.head, head_aug=p.head_aug, augment=p.augment, resume=p.train.resume,
+                 keep=p.train.keep, patience=p.train.patience)
 
 
 if __name__ == "__main__":

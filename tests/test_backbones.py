@@ -187,3 +187,12 @@ def test_registry_default_layer_is_last_layer(name):
     arch = backbones.ARCHS[name]
     base = backbones.build_base(name, "none", max(arch.min_size, 32))
     assert backbones.resolve_layer(base, None) == arch.last_layer == base.layers[-1].name
+
+
+@pytest.mark.parametrize("name", ["vgg16", "vgg19"])
+def test_known_layer_names_are_the_built_bases(name):
+    # config checks finetune.unfreeze_from against these lists without building a model.
+    from tlpipe.choices import known_layers
+
+    base = backbones.build_base(name, "none", 32)
+    assert list(known_layers(name)) == [layer.name for layer in base.layers][1:]

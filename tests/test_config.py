@@ -162,3 +162,43 @@ def test_every_choice_is_implemented():
 
     assert list(BACKBONES) == list(ARCHS)
     assert list(POOLINGS) == list(POOL_CLASSES)
+
+
+# ---------------------------------------------------------------- finetune.unfreeze_from follows backbone.layer
+
+@pytest.mark.parametrize("name, layer, expected", [
+    ("vgg16", None, "block5_conv1"), ("vgg16", "block5_pool", "block5_conv1"),
+    ("vgg16", "block4_pool", "block4_conv1"), ("vgg16", "block3_pool", "block3_conv1"),
+    ("vgg16", "block4_conv2", "block4_conv1"), ("vgg19", None, "block5_conv1"), ("vgg19", "block3_pool", "block3_conv1"),
+])
+def test_unfreeze_auto_is_the_last_block_the_base_keeps(name, layer, expected):
+    from tlpipe.choices import unfreeze_layer
+
+    assert unfreeze_layer(name, layer, "auto") == expected
+    p = validate_params({"backbone": {"name": name, "layer": layer}})
+    assert p.finetune.unfreeze_from == "auto"
+
+
+def test_unfreeze_from_after_the_cut_names_both_keys(raw):
+    raw = with_value(with_value(raw, "backbone", "layer", "block4_pool"), "finetune", "unfreeze_from", "block5_conv1")
+    text = error_text(raw)
+    assert "finetune.unfreeze_from: 'block5_conv1' lies after the cut (backbone.layer: block4_pool)" in text
+    assert "residual" not in text and "params: " not in text
+    inner = with_value(raw, "finetune", "unfreeze_from", "block4_conv2")
+    assert validate_params(inner).finetune.unfreeze_from == "block4_conv2"
+
+
+def test_unknown_unfreeze_from_lists_the_kept_layers(raw):
+    text = error_text(with_value(with_value(raw, "backbone", "layer", "block2_pool"),
+                                 "finetune", "unfreeze_from", "block9_conv1"))
+    assert "finetune.unfreeze_from: vgg16 has no layer 'block9_conv1'; choose one of: block1_conv1," in text
+    assert "block2_pool (up to backbone.layer: block2_pool), or auto" in text and "block3_conv1" not in text
+
+
+def test_unfreeze_auto_needs_a_known_architecture_and_a_frozen_layer_for_the_cache(raw):
+    other = with_value(raw, "backbone", "name", "resnet50")
+    assert "finetune.unfreeze_from: auto is defined for vgg16 and vgg19" in error_text(other)
+    validate_params(with_value(other, "finetune", "unfreeze_from", "conv5_block1_1_conv"))  # checked once built
+    first = with_value(raw, "backbone", "layer", "block1_pool")
+    assert "auto resolves to block1_conv1, the base's first layer" in error_text(first)
+    validate_params(with_value(first, "augment", "mode", "online"))

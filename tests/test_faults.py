@@ -26,6 +26,7 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from imagegen import make_class_folders
@@ -99,21 +100,30 @@ def extract_scenario(project: Path) -> dict:
     return seen
 
 
-HEAD = {"head": {"epochs": 6, "batch_size": 8}, **FEATURES_PARAMS}
+# keep: best and patience 4: the validation labels are flipped (scenarios), so the validation loss
+# rises from the first epoch on: epoch 1 is kept, its weights ride in the checkpoint of epoch 3, and
+# the run stops after epoch 5 of 6.
+TRAIN = {"keep": "best", "patience": 4}
+HEAD = {"head": {"epochs": 6, "batch_size": 8}, "train": TRAIN, **FEATURES_PARAMS}
 
 
 def train_scenario(project: Path) -> dict:
-    """SIGKILL train_head after epoch 3 of 6; rerun with train.resume true and, in a copy, false."""
+    """SIGKILL train_head after epoch 3 of 6 (it stops after 5); rerun with train.resume true and, in a
+    copy, false."""
     cmd = stage_cmd("train_head", "--features", "features", "--model", "models/head.keras",
                     "--metrics", "metrics/train_head.json", "--live", "dvclive/train_head")
     seen = {"killed": kill_at(project, cmd, "tlpipe.train.loop:save_checkpoint:3"),
             "after_kill": listing(project / "models"), "metrics_after_kill": (project / "metrics").exists()}
     state = project / "models" / ".head.work" / "state.json"
     seen["state"] = json.loads(state.read_text()) if state.exists() else None
+    ckpt = project / "models" / ".head.work" / "epoch-0003.npz"
+    if ckpt.exists():
+        with np.load(ckpt) as arrays:
+            seen["ckpt_keys"] = sorted(arrays.files)
     # A copy keeps train.resume false; another, made before any run, is the uninterrupted reference.
     fresh = project.with_name(project.name + "-noresume")
     shutil.copytree(project, fresh, symlinks=True)
-    write_params(project, {**HEAD, "train": {"resume": True}})
+    write_params(project, {**HEAD, "train": {**TRAIN, "resume": True}})
     with ThreadPoolExecutor(3) as pool:
         resumed, restarted = pool.submit(run, project, cmd), pool.submit(run, fresh, cmd)
         uninterrupted = pool.submit(run, project.with_name(project.name + "-reference"), cmd)
@@ -132,6 +142,14 @@ def viewcache_scenario(project: Path) -> dict:
     seen["resumed"] = run(project, cmd)
     seen["after_resume"] = listing(project / "features")
     return seen
+
+
+def flip_labels(h5: Path) -> None:
+    """Each row labelled with the other class: the more the head learns, the worse it validates."""
+    import h5py
+
+    with h5py.File(h5, "r+") as f:
+        f["labels"][...] = 1 - f["labels"][...]
 
 
 def data_split(project: Path, per_class: int, split: dict) -> None:
@@ -155,7 +173,7 @@ def scenarios(tmp_path_factory):
     data_split(ext, 134, {"train": 130, "validation": 2, "test": 2})
     write_params(ext)
     feature_file(trn / "features" / "train.h5", 24)
-    feature_file(trn / "features" / "validation.h5", 8, seed=1)
+    flip_labels(feature_file(trn / "features" / "validation.h5", 8, seed=1))
     write_params(trn, HEAD)
     # The reference is a separate process too: a model saved from this process would carry other
     # Keras auto-generated names (counters shared with everything built here before).
@@ -251,6 +269,8 @@ def test_training_killed_mid_way_leaves_no_model_file(scenarios):
     assert seen["after_kill"] == [".head.work", ".head.work/epoch-0003.npz", ".head.work/state.json"]
     assert not seen["metrics_after_kill"]
     assert seen["state"]["epoch"] == 3 and len(seen["state"]["history"]) == 3
+    # keep: best: epoch 1's weights (b0, b1, ...) ride beside epoch 3's (m0, ...) in the one file
+    assert any(k.startswith("b") for k in seen["ckpt_keys"]) and any(k.startswith("m") for k in seen["ckpt_keys"])
 
 
 def test_training_resumes_from_the_last_epoch_and_matches_an_uninterrupted_run(scenarios):
@@ -258,10 +278,14 @@ def test_training_resumes_from_the_last_epoch_and_matches_an_uninterrupted_run(s
     ok(seen["resumed"])
     assert "resuming after epoch 3 from models/.head.work" in seen["resumed"].stderr
     assert "epoch 1/6" not in seen["resumed"].stderr and "epoch 4/6" in seen["resumed"].stderr
+    assert "epoch 6/6" not in seen["resumed"].stderr  # patience 4 after the best epoch, 1
+    assert "kept epoch 1 of 5" in seen["resumed"].stderr
     assert seen["after_resume"] == ["head.keras"]  # checkpoints removed once finished
     ok(seen["uninterrupted"])
     trn = scenarios["root"]["train"]
     ref = trn.with_name("train-reference")
+    assert json.loads((ref / "metrics/train_head.json").read_text())["head"]["best_epoch"] == 1
+    assert len((ref / "dvclive/train_head/plots/metrics/val/loss.tsv").read_text().splitlines()) == 1 + 5
     for out in ("models/head.keras", "metrics/train_head.json", "dvclive/train_head/metrics.json",
                 "dvclive/train_head/plots/metrics/train/loss.tsv", "dvclive/train_head/plots/metrics/val/loss.tsv"):
         assert (trn / out).read_bytes() == (ref / out).read_bytes(), out

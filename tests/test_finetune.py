@@ -105,8 +105,8 @@ def test_head_aug_cached_trains_only_the_head(cached_run):
 
 def test_saved_model_is_the_trained_one_validated_on_the_cached_plain_images(cached_run):
     """The saved model, run from the cache's boundary on its plain validation activations, scores what
-    the last epoch logged: it is the model after training, and the head trained on the frozen suffix's
-    output is the head of the full model."""
+    the kept epoch (train.keep: best, the best one) logged: it is the model training kept, and the head
+    trained on the frozen suffix's output is the head of the full model."""
     tmp, p, split, images, result = cached_run
     model = load_model(tmp / "head_aug_a.keras")
     with CachedViews(tmp / "views.h5", seed=p.head_aug.seed) as views:
@@ -114,9 +114,10 @@ def test_saved_model_is_the_trained_one_validated_on_the_cached_plain_images(cac
         boundary = views.attrs["boundary"]
     scored = compile_classifier(cached_training_model(model, boundary), 2, 1e-3).evaluate(
         x, y, batch_size=4, verbose=0, return_dict=True)
-    last = result["history"][-1]
-    assert scored["loss"] == pytest.approx(last["val_loss"], rel=1e-5)
-    assert scored["accuracy"] == pytest.approx(last["val_accuracy"])
+    kept = result["history"][result["kept_epoch"] - 1]
+    assert result["kept_epoch"] == result["best_epoch"]
+    assert scored["loss"] == pytest.approx(kept["val_loss"], rel=1e-5)
+    assert scored["accuracy"] == pytest.approx(kept["val_accuracy"])
 
 
 def test_head_aug_is_deterministic(cached_run):
@@ -258,3 +259,12 @@ def test_online_epochs_show_view_epoch_or_the_views_asked_for():
     np.testing.assert_array_equal(y, [0, 1, 0])
     assert plain.validation()[0] is val and plain.validation()[1].tolist() == [1]
     assert plain.fingerprint == {"mode": "online", "augment": settings}
+
+
+def test_a_boundary_at_the_cut_is_not_called_a_residual_connection(cached_run):
+    # A cache whose boundary is the model's last base layer (unfreeze_from after the cut): say so.
+    tmp, p, split, images, _ = cached_run
+    full = load_model(tmp / "head_aug_a.keras")
+    with pytest.raises(ConfigError, match="lies after the cut") as err:
+        cached_training_model(full, "block5_pool")
+    assert "residual" not in str(err.value)

@@ -328,7 +328,7 @@ def test_curves_read_whatever_dvclive_wrote(tmp_path):
     assert list(m) == ["loss"] and m["loss"]["validation"].tolist() == [1.0, 0.8, 0.9]
     assert m["loss"]["train"].index.tolist() == [1, 2, 3]  # epochs count from 1
     recs = save_curves(tmp_path / "live", tmp_path / "out")
-    assert [(r["stage"], r["epochs"]) for r in recs] == [("finetune", 3)]
+    assert [(r["stage"], r["epochs"], r["best_epoch"]) for r in recs] == [("finetune", 3, 2)]
     assert Image.open(tmp_path / "out" / recs[0]["file"]).size[0] > 300
     assert save_curves(tmp_path / "nothing", tmp_path / "out") == []
 
@@ -359,3 +359,27 @@ def test_select_images_and_model_fallback(tmp_path):
     assert choose_model(models, "finetuned", {})[0] == "head_aug"  # latest stage without metrics
     name, _, msg = choose_model(models, "finetuned", {"head": {"accuracy": 0.9}, "head_aug": {"accuracy": 0.8}})
     assert name == "head" and "best test accuracy (0.9000)" in msg
+
+
+def test_curves_mark_the_best_epoch_as_training_defines_it():
+    """Lowest validation loss, the earliest on ties (train.loop.summarize), dashed in every panel with
+    a legend entry; none without a validation loss curve."""
+    import pandas as pd
+
+    from tlpipe.report.curves import best_epoch, plot_stage
+    from tlpipe.train.loop import summarize
+
+    val = [0.9, 0.5, 0.7, 0.5, 0.6]
+    metrics = {"loss": {"train": pd.Series([1.0, 0.8, 0.6, 0.5, 0.4], index=range(1, 6)),
+                        "validation": pd.Series(val, index=range(1, 6))},
+               "accuracy": {"validation": pd.Series([0.5, 0.6, 0.7, 0.8, 0.9], index=range(1, 6))}}
+    assert best_epoch(metrics) == 2 == summarize([{"val_loss": v} for v in val])["best_epoch"]
+    fig = plot_stage(metrics, "finetune")
+    for ax in fig.axes:
+        labels = ax.get_legend_handles_labels()[1]
+        assert "best epoch 2 (lowest val loss)" in labels
+        line = next(l for l in ax.get_lines() if l.get_label().startswith("best epoch"))
+        assert list(line.get_xdata()) == [2, 2]
+    assert best_epoch({"accuracy": metrics["accuracy"]}) is None
+    assert not any(l.get_label().startswith("best") for ax in plot_stage({"accuracy": metrics["accuracy"]}, "x").axes
+                   for l in ax.get_lines())

@@ -209,3 +209,125 @@ def test_stored_features_are_the_same_every_epoch_and_fingerprinted_by_content()
     changed[0][3, 2] += 1
     assert StoredFeatures(changed, val).fingerprint != data.fingerprint
     assert StoredFeatures((train[0].copy(), train[1].copy()), val).fingerprint == data.fingerprint
+
+
+# ---------------------------------------------------------------- the best epoch kept, early stopping
+
+
+def _overfit_data():
+    # Validation labels 40% flipped: the validation loss falls for 2 epochs, then rises while the
+    # training loss keeps falling. With _model() and seed 7 the best epoch is 2 of 8 (the tests check).
+    xv, yv = _data(20, seed=1)
+    yv = yv.copy()
+    yv[:8] = 1 - yv[:8]
+    return StoredFeatures(_data(60), (xv, yv))
+
+
+def _fit(tmp_path, name, model=None, epochs=8, **kw):
+    model = model if model is not None else _model()
+    res = training.fit(model, _overfit_data(), epochs=epochs, batch_size=8, seed=7, live_dir=tmp_path / name, **kw)
+    return model, res
+
+
+def _val_scores(model):
+    xv, yv = _overfit_data().validation()
+    loss, acc = model.evaluate(xv, yv, batch_size=8, verbose=0)
+    return loss, acc
+
+
+def test_keep_best_ends_with_the_best_epochs_weights(tmp_path):
+    model, res = _fit(tmp_path, "best")  # keep="best" is the default, as train.keep's
+    hist = res["history"]
+    assert res["best_epoch"] == 2 and len(hist) == 8 and res["kept_epoch"] == 2
+    assert hist[-1]["val_loss"] > hist[1]["val_loss"] + 0.05  # the last epoch is clearly worse
+    # The model's predictions reproduce the best epoch's logged validation figures, not the last one's.
+    loss, acc = _val_scores(model)
+    assert loss == pytest.approx(hist[1]["val_loss"], abs=1e-5)
+    assert acc == pytest.approx(hist[1]["val_accuracy"], abs=1e-6)
+    # ... and its weights are those of a run stopped after epoch 2.
+    two, _ = _fit(tmp_path, "two", epochs=2)
+    for a, b in zip(model.get_weights(), two.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    again, _ = _fit(tmp_path, "again")  # deterministic
+    for a, b in zip(model.get_weights(), again.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_keep_last_ends_with_the_last_epochs_weights(tmp_path):
+    model, res = _fit(tmp_path, "last", keep="last")
+    hist = res["history"]
+    assert res["best_epoch"] == 2 and res["kept_epoch"] == 8
+    loss, acc = _val_scores(model)
+    assert loss == pytest.approx(hist[-1]["val_loss"], abs=1e-5)
+    assert acc == pytest.approx(hist[-1]["val_accuracy"], abs=1e-6)
+    best, res_best = _fit(tmp_path, "best")
+    assert res_best["history"] == hist  # keep changes what is kept, not the training
+    assert any(not np.array_equal(a, b) for a, b in zip(model.get_weights(), best.get_weights()))
+
+
+def test_patience_stops_after_that_many_epochs_without_a_new_best(tmp_path):
+    model, res = _fit(tmp_path, "p", patience=3)
+    assert res["best_epoch"] == 2 and res["epochs"] == 5 and res["kept_epoch"] == 2  # epochs 3, 4, 5: no new best
+    lines = _tsv(tmp_path / "p", "val/loss").splitlines()[1:]
+    assert [ln.split("\t")[0] for ln in lines] == ["0", "1", "2", "3", "4"]
+    _, full = _fit(tmp_path, "full", keep="last")
+    assert res["history"] == full["history"][:5]
+    _, never = _fit(tmp_path, "never", patience=8)  # patience longer than the run: all epochs
+    assert never["epochs"] == 8
+
+
+def test_keep_and_patience_are_checked(tmp_path):
+    with pytest.raises(ConfigError, match="train.keep"):
+        _fit(tmp_path, "k", keep="first")
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ConfigError, match="train.patience"):
+            _fit(tmp_path, "p", patience=bad)
+
+
+@pytest.mark.parametrize("patience, stop_after", [(None, 1), (None, 4), (3, 4), (3, 5)])
+def test_resume_with_keep_best_equals_an_uninterrupted_run(tmp_path, patience, stop_after):
+    """Interrupted after epoch 1 (it is the best so far), 4 (the best, epoch 2, is in the checkpoint
+    beside epoch 4's weights) or 5 (with patience 3: the epoch that ends the run, before fit stops)."""
+    full_model, full = _fit(tmp_path, "full", patience=patience)
+    work = tmp_path / "work"
+
+    def stop(epoch, row):
+        if epoch == stop_after:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        _fit(tmp_path, "part", work_dir=work, patience=patience, on_epoch_end=stop)
+    with np.load(work / f"epoch-{stop_after:04d}.npz") as ckpt:
+        # the best epoch's weights ride in the same file as the last epoch's (one atomic write)
+        assert any(k.startswith("b") for k in ckpt.files) == (stop_after > 2)
+    resumed_model, resumed = _fit(tmp_path, "part", model=_model(seed=99), work_dir=work, resume=True,
+                                  patience=patience)
+    assert resumed["history"] == full["history"] and resumed["kept_epoch"] == 2
+    for a, b in zip(full_model.get_weights(), resumed_model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    for key in ("train/loss", "val/loss", "val/accuracy"):
+        assert _tsv(tmp_path / "part", key) == _tsv(tmp_path / "full", key)
+    assert not work.exists()
+
+
+def test_checkpoint_of_other_keep_or_patience_is_not_resumed(tmp_path):
+    work = tmp_path / "w"
+    _fit(tmp_path, "l", epochs=3, work_dir=work, keep_work=True, keep="last")
+    with pytest.warns(UserWarning, match="other settings"):
+        _, res = _fit(tmp_path, "l", epochs=3, work_dir=work, resume=True)  # keep="best" needs the best weights
+    assert res["kept_epoch"] == 2
+    _fit(tmp_path, "l", epochs=3, work_dir=work, keep_work=True)
+    with pytest.warns(UserWarning, match="other settings"):
+        _fit(tmp_path, "l", epochs=3, work_dir=work, resume=True, patience=1)
+
+
+def test_params_train_keep_and_patience():
+    from tlpipe.config import validate_params
+
+    t = validate_params({}).train
+    assert (t.keep, t.patience) == ("best", None)
+    t = validate_params({"train": {"keep": "last", "patience": 3}}).train
+    assert (t.keep, t.patience) == ("last", 3)
+    for key, bad in (("keep", "first"), ("patience", 0), ("patience", -2), ("patience", 2.5), ("patience", "3")):
+        with pytest.raises(ConfigError, match=f"train.{key}"):
+            validate_params({"train": {key: bad}})

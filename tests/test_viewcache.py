@@ -220,3 +220,23 @@ def test_progress_counts_images_through_the_prefix(tmp_path, base, parts, capsys
                           progress=True)
     total = 6 * 3 + 2 + 2
     assert f"{total}/{total}" in capsys.readouterr().err
+
+
+def test_the_boundary_follows_backbone_layer_when_unfreeze_from_is_auto(base):
+    assert viewcache.resolve_unfreeze("vgg16", base, None, "auto") == "block5_conv1"
+    assert viewcache.resolve_unfreeze("vgg16", base, "block4_pool", "auto") == "block4_conv1"
+    assert viewcache.boundary_layer(base, viewcache.resolve_unfreeze("vgg16", base, "block4_pool", "auto")) == "block3_pool"
+    assert viewcache.resolve_unfreeze("vgg16", base, "block4_pool", "block3_conv2") == "block3_conv2"
+    with pytest.raises(ConfigError, match=r"'block5_conv1' lies after the cut \(backbone.layer: block4_pool\)"):
+        viewcache.resolve_unfreeze("vgg16", base, "block4_pool", "block5_conv1")
+    with pytest.raises(ConfigError, match="backbone.layer: vgg16 has no layer 'block9_pool'"):
+        viewcache.resolve_unfreeze("vgg16", base, "block9_pool", "auto")
+
+
+def test_a_base_not_known_by_name_is_checked_once_built():
+    resnet = build_base("resnet50", "none", SIZE)
+    assert viewcache.resolve_unfreeze("resnet50", resnet, "conv4_block6_out", "conv4_block6_1_conv") == "conv4_block6_1_conv"
+    with pytest.raises(ConfigError, match="lies after the cut"):
+        viewcache.resolve_unfreeze("resnet50", resnet, "conv4_block6_out", "conv5_block1_1_conv")
+    with pytest.raises(ConfigError, match="auto is defined for vgg16 and vgg19"):
+        viewcache.resolve_unfreeze("resnet50", resnet, None, "auto")

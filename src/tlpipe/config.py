@@ -20,7 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tlpipe.choices import (AUGMENT_MODES, BACKBONES, FILL_MODES, FINETUNE_FROM, MODEL_NAMES, POOLINGS,
-                            PRECISIONS)
+                            PRECISIONS, TRAIN_KEEPS, UNFREEZE_AUTO, known_layers, unfreeze_layer)
 from tlpipe.data.manifests import SPLITS
 from tlpipe.errors import ConfigError
 
@@ -139,13 +139,16 @@ class TrainRunParams(Section):
 
 class FinetuneParams(TrainRunParams):
     from_: Literal[FINETUNE_FROM] = Field("head_aug", alias="from")  # type: ignore[valid-type]
-    unfreeze_from: str = "block5_conv1"
+    # auto: the last conv block kept in the base (choices.unfreeze_layer), or a layer name up to backbone.layer.
+    unfreeze_from: str = UNFREEZE_AUTO
     lr: LearningRate = 1e-5
     epochs: PosInt = 20
 
 
 class TrainParams(Section):
     resume: bool = False
+    keep: Literal[TRAIN_KEEPS] = "best"  # type: ignore[valid-type]
+    patience: PosInt | None = None
 
 
 
@@ -197,6 +200,21 @@ class Params(Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _unfreeze_in_kept_base(self) -> "Params":
+        # After the hed check (its error comes first). Here, so every stage stops on it before doing any
+        # work (the data stage included): an unfreeze_from after the cut would otherwise surface only
+        # at train_head_aug. Architectures not known by name are checked when their base is built.
+        b, unfreeze = self.backbone, self.finetune.unfreeze_from
+        resolved = unfreeze_layer(b.name, b.layer, unfreeze)
+        names = known_layers(b.name)
+        if self.augment.mode == "cached" and names and resolved == names[0]:
+            which = f"auto resolves to {resolved}" if unfreeze == UNFREEZE_AUTO else repr(resolved)
+            raise ValueError(f"finetune.unfreeze_from: {which}, the base's first layer, which leaves the view "
+                             f"cache (augment.mode: cached) nothing frozen to store; choose a later layer or "
+                             f"backbone.layer, or augment.mode: online")
+        return self
+
 
 def _known_keys(model: type[BaseModel]) -> list[str]:
     return [f.alias or name for name, f in model.model_fields.items()]
@@ -228,6 +246,8 @@ def _describe(err: dict) -> str:
     got = err.get("input")
     got_text = "" if isinstance(got, dict) else f" (got {got!r})"
     msg = err["msg"].removeprefix("Value error, ")
+    if not name and msg.split(":")[0].count(".") == 1:  # a check across sections names its own keys
+        return msg
     return f"{name or 'params'}: {msg}{got_text}"
 
 

@@ -2,7 +2,8 @@
 
 The book trains `conv_base + head` on freshly augmented images every epoch, running the whole
 frozen base each time. The frozen part never changes, so we split the base at the freeze boundary
-(the layer just before `finetune.unfreeze_from`; block4_pool for VGG16's block5_conv1), run the
+(the layer just before `finetune.unfreeze_from`: block4_pool for VGG16's block5_conv1, which `auto`
+picks when backbone.layer is block5_pool; block3_pool for block4_conv1, auto's pick at block4_pool), run the
 frozen PREFIX once over `views` augmented copies of each training image and over the plain
 validation and test images, and store its activations (float16) in one HDF5 file. Training then runs
 only the SUFFIX (block5 here) + pooling + head, each epoch on a different stored view of each image.
@@ -61,6 +62,22 @@ def boundary_layer(base, unfreeze_from: str) -> str:
     return names[names.index(unfreeze_from) - 1]
 
 
+def resolve_unfreeze(name: str, base, layer: str | None, unfreeze_from: str) -> str:
+    """finetune.unfreeze_from (`auto` or a name) as a layer of `base` (architecture `name`) cut at `layer`:
+    auto is the first layer of the last block kept (choices.unfreeze_layer); ConfigError names the keys."""
+    from tlpipe.choices import unfreeze_layer
+
+    names = layer_order(base)[1:]
+    if layer is not None and layer not in names:
+        from tlpipe.features.backbones import resolve_layer
+
+        resolve_layer(base, layer)  # its ConfigError lists the valid names
+    try:
+        return unfreeze_layer(name, layer, unfreeze_from, names) or unfreeze_from
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def prefix_model(base, boundary: str):
     """Preprocessed images -> activations of `boundary` (the frozen part), sharing the base's layers."""
     import keras
@@ -88,9 +105,15 @@ class CacheSpec:
 
     @classmethod
     def from_params(cls, backbone, augment, compute, unfreeze_from: str, class_names, base) -> "CacheSpec":
-        """From the params sections (backbone, augment, compute) and finetune.unfreeze_from."""
+        """From the params sections (backbone, augment, compute) and finetune.unfreeze_from (`auto`:
+        resolved against backbone.layer, so the boundary moves with the cut)."""
         from tlpipe.features import backbones
 
+        unfreeze_from = resolve_unfreeze(backbone.name, base, backbone.layer, unfreeze_from)
+        if augment.mode == "cached" and unfreeze_from == layer_order(base)[1]:
+            raise ConfigError(f"finetune.unfreeze_from: {unfreeze_from!r} is the base's first layer, which leaves "
+                              f"the view cache (augment.mode: cached) nothing frozen to store; choose a later "
+                              f"layer, or augment.mode: online")
         return cls(mode=augment.mode, backbone=backbone.name, weights=backbone.weights,
                    weights_sha256=backbones.weights_sha256(backbone.name, backbone.weights, backbone.image_size),
                    image_size=backbone.image_size,

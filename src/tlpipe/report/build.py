@@ -112,13 +112,16 @@ def _curves_section(live_dir, train_metrics, img: Path) -> rpt.Section:
 
     recs = save_curves(live_dir, img, order=STAGE_ORDER)
     figs = [rpt.Figure(f"{IMG_DIR}/{r['file']}", f"{r['stage']}: {', '.join(r['metrics'])} over "
-                                                 f"{r['epochs']} epochs, train vs validation.", wide=True)
+                                                 f"{r['epochs']} epochs, train vs validation"
+                       + (f"; dashed: the best epoch, {r['best_epoch']}." if r.get("best_epoch") else "."),
+                       wide=True)
             for r in recs]
     table = rpt.metrics_table(rpt.read_training(train_metrics), first="stage",
                               empty="No training metrics files.")
     return rpt.Section("curves", "Training",
-                       "Per training stage: the kept model's epoch (lowest validation loss) and its validation "
-                       "accuracy; then each epoch's figures. A validation curve that turns up while the "
+                       "Per training stage: the best epoch (lowest validation loss, the one saved with "
+                       "train.keep: best) and its validation accuracy; then each epoch's figures, the best "
+                       "epoch dashed. A validation curve that turns up while the "
                        "training one keeps falling is overfitting.",
                        [rpt.Group("", figs)], empty=f"No dvclive metrics under {live_dir}/.", table=table)
 

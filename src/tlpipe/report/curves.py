@@ -3,6 +3,8 @@
 dvclive writes each logged metric to `<live>/<stage>/plots/metrics/<name>.tsv` with columns
 `step` (0-based epoch) and the metric. Names vary with how training logs them ("train/loss",
 "val/loss", or Keras-style "loss", "val_loss"), so we read whatever exists and group by metric.
+Each panel marks the best epoch as training defines it (lowest validation loss, earliest on ties:
+train.loop.summarize, the metrics files' best_epoch), the epoch `train.keep: best` saves.
 """
 from __future__ import annotations
 
@@ -55,9 +57,20 @@ def metric_order(names) -> list[str]:
     return sorted(names, key=lambda n: (FIRST.index(n) if n in FIRST else len(FIRST), n))
 
 
+def best_epoch(metrics: dict[str, dict[str, pd.Series]]) -> int | None:
+    """The epoch (from 1) of lowest validation loss, the earliest on ties; None without that curve."""
+    s = metrics.get("loss", {}).get("validation")
+    if s is None or s.empty:
+        return None
+    values, epochs = s.to_numpy(), s.index.to_numpy()
+    return int(epochs[min(range(len(values)), key=lambda i: (values[i], i))])
+
+
 def plot_stage(metrics: dict[str, dict[str, pd.Series]], title: str):
-    """A figure with one panel per metric, train and validation curves in each."""
+    """A figure with one panel per metric, train and validation curves in each, and a dashed line at
+    the best epoch (best_epoch) with its legend entry."""
     names = metric_order(metrics)
+    best = best_epoch(metrics)
     fig = new_figure(4.2 * len(names), 3.2)
     axes = fig.subplots(1, len(names), squeeze=False)[0]
     styles = {"train": dict(color="#1f77b4", marker="o"), "validation": dict(color="#d62728", marker="s")}
@@ -66,6 +79,9 @@ def plot_stage(metrics: dict[str, dict[str, pd.Series]], title: str):
             s = metrics[name].get(split)
             if s is not None:
                 ax.plot(s.index, s.to_numpy(), label=split, markersize=3, linewidth=1.5, **styles[split])
+        if best is not None:
+            ax.axvline(best, color="#2ca02c", linestyle="--", linewidth=1.2,
+                       label=f"best epoch {best} (lowest val loss)")
         ax.set_title(f"{title}: {name}")
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
@@ -75,7 +91,8 @@ def plot_stage(metrics: dict[str, dict[str, pd.Series]], title: str):
 
 
 def save_curves(live_dir, out_dir, order=(), prefix: str = "curves") -> list[dict]:
-    """One PNG per dvclive stage folder that has metrics; records: stage, metrics, epochs, file.
+    """One PNG per dvclive stage folder that has metrics; records: stage, metrics, epochs, best_epoch
+    (None without a validation loss), file.
 
     Stages named in `order` (pipeline order, e.g. head, head_aug, finetuned) come first.
     """
@@ -92,5 +109,5 @@ def save_curves(live_dir, out_dir, order=(), prefix: str = "curves") -> list[dic
         save_figure(plot_stage(metrics, stage_dir.name), Path(out_dir) / file)
         epochs = max(len(s) for m in metrics.values() for s in m.values())
         records.append({"stage": stage_dir.name, "metrics": metric_order(metrics), "epochs": epochs,
-                        "file": file})
+                        "best_epoch": best_epoch(metrics), "file": file})
     return records

@@ -72,9 +72,10 @@ def choose_data(full, augment, seed: int, *, cache, split_dir, images_dir, expec
 
 
 def fit_and_save(full, model, data, run: RunSettings, *, live_dir, model_path, resume: bool = False,
-                 on_epoch_end=None) -> dict:
+                 on_epoch_end=None, keep: str = "best", patience: int | None = None) -> dict:
     """Compile and fit `model` (choose_data's) on `data`, then save `full` atomically to `model_path`;
-    returns fit's summary with the per-epoch history."""
+    returns fit's summary with the per-epoch history. keep="best" (train.keep) restores the best
+    epoch's variables into `model`'s layers, which are `full`'s, so `full` is saved with them."""
     from tlpipe.model.saved import model_info, save_model
     from tlpipe.train.compile import compile_classifier
     from tlpipe.train.loop import fit, work_dir_for
@@ -83,9 +84,11 @@ def fit_and_save(full, model, data, run: RunSettings, *, live_dir, model_path, r
     compile_classifier(model, len(model_info(full)["class_names"]), run.lr)
     t0 = time.perf_counter()
     result = fit(model, data, run.epochs, run.batch_size, run.seed, live_dir, work_dir=work_dir_for(model_path),
-                 resume=resume, fingerprint={"lr": run.lr}, on_epoch_end=on_epoch_end)
+                 resume=resume, fingerprint={"lr": run.lr}, on_epoch_end=on_epoch_end, keep=keep,
+                 patience=patience)
     seconds = time.perf_counter() - t0
-    print(f"{Path(model_path).name}: {data.fingerprint['mode']} mode, {seconds / run.epochs:.1f} s/epoch",
+    print(f"{Path(model_path).name}: {data.fingerprint['mode']} mode, "
+          f"{seconds / max(1, len(result['history'])):.1f} s/epoch",
           file=sys.stderr)
     save_model(detached(full), model_path)
     return result

@@ -9,9 +9,11 @@ from tlpipe.errors import ModelFileError
 
 
 def run_finetune(*, cache, split_dir, images_dir, model_in, model_out, metrics_out, live_dir, backbone,
-                 compute, augment, finetune, resume: bool = False, on_epoch_end=None) -> dict:
+                 compute, augment, finetune, resume: bool = False, on_epoch_end=None, keep: str = "best",
+                 patience: int | None = None) -> dict:
     """Load and unfreeze the model, choose the data (augment.mode), fit, save the full model and the
-    metrics file; returns fit's summary with the per-epoch history."""
+    metrics file; returns fit's summary with the per-epoch history. keep, patience: train.keep,
+    train.patience."""
     from tlpipe.data.manifests import read_class_names
     from tlpipe.model.saved import model_info
     from tlpipe.train.augmented import RunSettings, cache_expect, choose_data, fit_and_save
@@ -24,11 +26,12 @@ def run_finetune(*, cache, split_dir, images_dir, model_in, model_out, metrics_o
         raise ModelFileError(f"{model_in}: trained for classes {model_info(full)['class_names']}, the split has "
                              f"{classes}; rerun the stage that writes it")
     run = RunSettings.from_params(finetune)
-    expect = {**cache_expect(backbone, augment, compute, classes), "unfreeze_from": finetune.unfreeze_from}
+    # auto resolved against the model's layer (finetune_model), as the viewcache stage resolved it.
+    expect = {**cache_expect(backbone, augment, compute, classes), "unfreeze_from": model_info(full)["trainable_from"]}
     model, data = choose_data(full, augment, run.seed, cache=cache, split_dir=split_dir, images_dir=images_dir,
                               expect=expect)
     with data:
         result = fit_and_save(full, model, data, run, live_dir=live_dir, model_path=model_out, resume=resume,
-                              on_epoch_end=on_epoch_end)
+                              on_epoch_end=on_epoch_end, keep=keep, patience=patience)
     write_json(metrics_out, metrics_of(result, model_out))
     return result

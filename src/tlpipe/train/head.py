@@ -78,11 +78,12 @@ def read_stored_features(features_dir, backbone=None):
 
 
 def run_train_head(features_dir, model_out, metrics_out, live_dir, head, resume: bool = False,
-                   backbone=None, on_epoch_end=None) -> dict:
+                   backbone=None, on_epoch_end=None, keep: str = "best", patience: int | None = None) -> dict:
     """train_head: the dense head on stored features, saved as a full model (model.saved format).
 
     `head`: params.head (units, dropout, lr, epochs, batch_size, seed); `backbone`: params.backbone,
-    which the feature files must match (None: not checked). Writes `model_out` and the metrics file
+    which the feature files must match (None: not checked); `keep`, `patience`: train.keep and
+    train.patience (loop.fit). Writes `model_out` and the metrics file
     (loop.metrics_of); returns fit's summary with the per-epoch history.
     """
     from tlpipe.model.head import build_head
@@ -96,7 +97,7 @@ def run_train_head(features_dir, model_out, metrics_out, live_dir, head, resume:
                                           seed=head.seed), n_classes, head.lr)
     settings = {"lr": float(head.lr), "units": int(head.units), "dropout": float(head.dropout)}
     result = fit(model, data, head.epochs, head.batch_size, head.seed, live_dir, work_dir=work_dir_for(model_out),
-                 resume=resume, fingerprint=settings, on_epoch_end=on_epoch_end)
+                 resume=resume, fingerprint=settings, on_epoch_end=on_epoch_end, keep=keep, patience=patience)
 
     info = {**attrs, "trainable_from": None}
     save_model(assemble(base_for(attrs), attrs["layer"], attrs["pooling"], model, info, name="head"), model_out)

@@ -6,9 +6,10 @@ from pathlib import Path
 
 
 def run_head_aug(*, cache, split_dir, images_dir, model_out, metrics_out, live_dir, backbone, compute,
-                 head, head_aug, augment, resume: bool = False, on_epoch_end=None) -> dict:
+                 head, head_aug, augment, resume: bool = False, on_epoch_end=None, keep: str = "best",
+                 patience: int | None = None) -> dict:
     """Build the model, choose the data (augment.mode), fit, save the full model and the metrics file;
-    returns fit's summary with the per-epoch history."""
+    returns fit's summary with the per-epoch history. keep, patience: train.keep, train.patience."""
     from tlpipe.data.manifests import read_class_names
     from tlpipe.train.augmented import RunSettings, cache_expect, choose_data, fit_and_save
     from tlpipe.train.loop import metrics_of, write_json
@@ -21,6 +22,6 @@ def run_head_aug(*, cache, split_dir, images_dir, model_out, metrics_out, live_d
                               expect=cache_expect(backbone, augment, compute, classes))
     with data:
         result = fit_and_save(full, model, data, run, live_dir=live_dir, model_path=model_out, resume=resume,
-                              on_epoch_end=on_epoch_end)
+                              on_epoch_end=on_epoch_end, keep=keep, patience=patience)
     write_json(metrics_out, metrics_of(result, model_out))
     return result

@@ -10,6 +10,12 @@ Resume: after each epoch the model's variables (weights and RNG layer states, wh
 `resume=True` restores the last finished epoch and continues; the result is bit-for-bit that of an
 uninterrupted run on the same machine, as long as `data.epoch(e)` depends on e alone (every source in
 tlpipe.train.data does; a tf.data.Dataset whose shuffling depends on how often it was iterated does not).
+
+Best epoch: the epoch of lowest validation loss, the earliest on ties (`summarize`). With keep="best"
+(train.keep) the model ends with that epoch's variables: `fit` holds a copy of them and the checkpoint
+holds them too (in the same .npz as the last epoch's, so one atomic write), so a resumed run keeps the
+same epoch. patience=N (train.patience) stops after N epochs in a row without a new best; the check
+runs before each epoch from the history alone, so a resumed run stops where an uninterrupted one does.
 """
 
 from __future__ import annotations
@@ -24,10 +30,11 @@ from typing import Callable
 import numpy as np
 
 from tlpipe import atomic
+from tlpipe.choices import TRAIN_KEEPS
 from tlpipe.errors import ConfigError
 
 METRICS = ("loss", "accuracy")
-CKPT_FORMAT = 1
+CKPT_FORMAT = 2  # 2: the best epoch's variables ride in the checkpoint (b0, b1, ...)
 
 
 def set_determinism(seed: int) -> None:
@@ -69,24 +76,49 @@ def summarize(history: list[dict]) -> dict:
     }
 
 
+def best_epoch_of(history: list[dict]) -> int | None:
+    """The best epoch (1-based): lowest val loss, earliest on ties; None before the first epoch."""
+    return summarize(history).get("best_epoch")
+
+
+def should_stop(history: list[dict], patience: int | None) -> bool:
+    """Early stopping: `patience` epochs in a row have passed without a new best (None: never)."""
+    if not patience or not history:
+        return False
+    return len(history) - best_epoch_of(history) >= int(patience)
+
+
 def _atomic_write_bytes(path: Path, write: Callable) -> None:
     with atomic.target(path, fsync=True) as tmp, open(tmp, "wb") as fh:
         write(fh)
 
 
-def _fingerprint(model, seed: int, batch_size: int, extra: dict | None) -> dict:
-    # What must be unchanged for a checkpoint to continue this run (epochs may grow).
+def _fingerprint(model, seed: int, batch_size: int, extra: dict | None, keep: str = "last",
+                 patience: int | None = None) -> dict:
+    # What must be unchanged for a checkpoint to continue this run (epochs may grow). keep: a
+    # keep="last" checkpoint lacks the best weights; patience: a smaller one may have stopped earlier.
     shapes = [list(map(int, v.shape)) for v in model.variables]
     return {"format": CKPT_FORMAT, "seed": int(seed), "batch_size": int(batch_size),
-            "variables": shapes, "extra": extra or {}}
+            "variables": shapes, "extra": extra or {}, "keep": keep,
+            "patience": None if patience is None else int(patience)}
 
 
-def save_checkpoint(work_dir: Path, model, epoch: int, history: list[dict], fingerprint: dict) -> None:
-    """Write epoch `epoch` (1-based count of finished epochs): arrays first, then state.json points at them."""
+def _snapshot(model) -> list[np.ndarray]:
+    return [np.array(v.numpy(), copy=True) for v in model.variables]
+
+
+def save_checkpoint(work_dir: Path, model, epoch: int, history: list[dict], fingerprint: dict,
+                    best: list[np.ndarray] | None = None) -> None:
+    """Write epoch `epoch` (1-based count of finished epochs): arrays first, then state.json points at them.
+
+    best: the best epoch's model variables (keep="best"), stored unless that epoch is `epoch` itself
+    (then they are the model's own)."""
     work_dir.mkdir(parents=True, exist_ok=True)
     name = f"epoch-{epoch:04d}.npz"
     arrays = {f"m{i}": np.asarray(v.numpy()) for i, v in enumerate(model.variables)}
     arrays.update({f"o{i}": np.asarray(v.numpy()) for i, v in enumerate(model.optimizer.variables)})
+    if best is not None and best_epoch_of(history) != epoch:
+        arrays.update({f"b{i}": a for i, a in enumerate(best)})
     _atomic_write_bytes(work_dir / name, lambda fh: np.savez(fh, **arrays))
     state = {"epoch": epoch, "file": name, "history": history, "fingerprint": fingerprint}
     _atomic_write_bytes(work_dir / "state.json", lambda fh: fh.write(json.dumps(state, sort_keys=True).encode()))
@@ -95,8 +127,10 @@ def save_checkpoint(work_dir: Path, model, epoch: int, history: list[dict], fing
             old.unlink(missing_ok=True)
 
 
-def load_checkpoint(work_dir: Path, model, fingerprint: dict, max_epoch: int) -> tuple[int, list[dict]] | None:
-    """Restore the last finished epoch into `model`; None (with a warning) if absent or not for this run."""
+def load_checkpoint(work_dir: Path, model, fingerprint: dict,
+                    max_epoch: int) -> tuple[int, list[dict], list[np.ndarray]] | None:
+    """Restore the last finished epoch into `model` -> (epoch, history, the best epoch's variables);
+    None (with a warning) if absent or not for this run."""
     state_file = work_dir / "state.json"
     if not state_file.is_file():
         return None
@@ -119,11 +153,17 @@ def load_checkpoint(work_dir: Path, model, fingerprint: dict, max_epoch: int) ->
     if sum(k.startswith("o") for k in arrays) != len(opt_vars):
         warnings.warn(f"{work_dir}: checkpoint optimizer state does not fit; starting from epoch 1", stacklevel=2)
         return None
+    n_vars = len(model.variables)
+    has_best = any(k.startswith("b") for k in arrays)
+    if has_best and sum(k.startswith("b") for k in arrays) != n_vars:
+        warnings.warn(f"{work_dir}: checkpoint best-epoch state does not fit; starting from epoch 1", stacklevel=2)
+        return None
     for i, v in enumerate(model.variables):
         v.assign(arrays[f"m{i}"])
     for i, v in enumerate(opt_vars):
         v.assign(arrays[f"o{i}"])
-    return int(state["epoch"]), list(state["history"])
+    best = [arrays[f"b{i}" if has_best else f"m{i}"] for i in range(n_vars)]
+    return int(state["epoch"]), list(state["history"]), best
 
 
 def _open_live(live_dir):
@@ -162,7 +202,8 @@ def _batch_bar(total: int | None, desc: str):
 
 def fit(model, data, epochs: int, batch_size: int, seed: int, live_dir, work_dir=None, resume: bool = False,
         fingerprint: dict | None = None, keep_work: bool = False,
-        on_epoch_end: Callable[[int, dict], None] | None = None) -> dict:
+        on_epoch_end: Callable[[int, dict], None] | None = None, keep: str = "best",
+        patience: int | None = None) -> dict:
     """Train a compiled model for `epochs` on `data` (a tlpipe.train.data.TrainingData); log per-epoch
     metrics to dvclive at `live_dir`.
 
@@ -171,7 +212,10 @@ def fit(model, data, epochs: int, batch_size: int, seed: int, live_dir, work_dir
     work_dir: checkpoint folder (None: no checkpoints). resume=False removes stale checkpoints.
     fingerprint: the caller's settings a checkpoint must match (e.g. lr), besides data.fingerprint.
     on_epoch_end(epoch, row): called after each epoch is logged and checkpointed (1-based epoch).
-    Returns `summarize(history)` plus "history" (a list of per-epoch dicts).
+    keep: "best" ends with the variables of the best epoch (summarize's), "last" with the last epoch's.
+    patience: stop after that many epochs without a new best (None: run all `epochs`).
+    Returns `summarize(history)` plus "history" (a list of per-epoch dicts) and "kept_epoch" (the
+    epoch whose variables the model holds).
     """
     from tqdm.auto import tqdm
 
@@ -181,20 +225,27 @@ def fit(model, data, epochs: int, batch_size: int, seed: int, live_dir, work_dir
         raise ConfigError(f"batch_size must be a positive integer, got {batch_size}")
     if getattr(model, "optimizer", None) is None or not getattr(model, "compiled", True):
         raise ConfigError("fit() needs a compiled model (tlpipe.train.compile.compile_classifier)")
+    if keep not in TRAIN_KEEPS:
+        raise ConfigError(f"train.keep: must be one of {', '.join(TRAIN_KEEPS)}, got {keep!r}")
+    if patience is not None and (isinstance(patience, bool) or int(patience) != patience or int(patience) < 1):
+        raise ConfigError(f"train.patience: must be a positive integer or null, got {patience!r}")
     set_determinism(seed)
     reseed_layers(model, seed)
 
     # Ours, not keras.callbacks.BackupAndRestore: each epoch is its own model.fit call (its data comes
     # from data.epoch(e)), and that callback neither writes atomically nor checks a fingerprint.
     work = Path(work_dir) if work_dir is not None else None
-    finger = _fingerprint(model, seed, batch_size, rounded({**(fingerprint or {}), **data.fingerprint}))
+    finger = _fingerprint(model, seed, batch_size, rounded({**(fingerprint or {}), **data.fingerprint}),
+                          keep, patience)
     history: list[dict] = []
+    best: list[np.ndarray] | None = None  # keep="best": the best epoch's variables so far
     if work is not None and not resume and work.exists():
         shutil.rmtree(work)
     if work is not None and resume:
         restored = load_checkpoint(work, model, finger, int(epochs))
         if restored is not None:
             history = restored[1][: restored[0]]
+            best = restored[2] if keep == "best" else None
             print(f"resuming after epoch {restored[0]} from {work}", file=sys.stderr)
         else:
             shutil.rmtree(work, ignore_errors=True)
@@ -212,6 +263,10 @@ def fit(model, data, epochs: int, batch_size: int, seed: int, live_dir, work_dir
     bar = tqdm(total=int(epochs), initial=start, desc="epochs", unit="epoch", file=sys.stderr)
     try:
         for epoch in range(start, int(epochs)):
+            if should_stop(history, patience):
+                bar.write(f"early stop after epoch {len(history)}: no lower val_loss in {patience} epochs "
+                          f"(best epoch {best_epoch_of(history)})", file=sys.stderr)
+                break
             train = data.epoch(epoch)
             kwargs = {}
             if isinstance(train, tuple):
@@ -230,8 +285,10 @@ def fit(model, data, epochs: int, batch_size: int, seed: int, live_dir, work_dir
                 row[f"train_{key}"] = float(h[key][-1])
                 row[f"val_{key}"] = float(h[f"val_{key}"][-1])
             history.append(row)
+            if keep == "best" and best_epoch_of(history) == epoch + 1:
+                best = _snapshot(model)
             if work is not None:
-                save_checkpoint(work, model, epoch + 1, history, finger)
+                save_checkpoint(work, model, epoch + 1, history, finger, best)
             _log_epoch(live, row)
             bar.update(1)
             bar.write(f"epoch {epoch + 1}/{epochs}: loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}"
@@ -241,18 +298,27 @@ def fit(model, data, epochs: int, batch_size: int, seed: int, live_dir, work_dir
     finally:
         bar.close()
         live.end()
+    kept = len(history)
+    if keep == "best" and history:
+        kept = best_epoch_of(history)
+        if kept != len(history):
+            for v, a in zip(model.variables, best):
+                v.assign(a)
+            print(f"kept epoch {kept} of {len(history)} (lowest val_loss; train.keep: best)", file=sys.stderr)
     if work is not None and not keep_work:
         shutil.rmtree(work, ignore_errors=True)
     result = summarize(history)
     result["history"] = history
+    result["kept_epoch"] = kept
     return result
 
 
 def metrics_of(summary: dict, model_path) -> dict:
     """What a training stage's metrics file holds: the best epoch (lowest val loss) and its val accuracy,
     under the model's name (the model file's stem, as in evaluate.json), so that `dvc exp show` names the
-    columns head.best_epoch, finetuned.val_accuracy... rather than by file path. The saved model is the
-    last epoch's; the per-epoch history is in dvclive's files."""
+    columns head.best_epoch, finetuned.val_accuracy... rather than by file path. With train.keep: best
+    (the default) the saved model is that epoch's, so these figures describe it; with keep: last it is
+    the last epoch's. The per-epoch history is in dvclive's files."""
     return {Path(model_path).stem: {"best_epoch": int(summary["best_epoch"]),
                                     "val_accuracy": float(summary["best"]["val_accuracy"])}}
 

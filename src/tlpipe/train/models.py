@@ -21,6 +21,10 @@ def cached_training_model(full, boundary: str):
     except ValueError:
         raise FeatureFileError(f"the model's base has no layer {boundary!r} (the cache's boundary); rebuild "
                                f"the cache for this model (dvc repro viewcache)") from None
+    if start is base.layers[-1]:  # nothing of the kept base lies after the boundary
+        raise ConfigError(f"finetune.unfreeze_from: the view cache's boundary {boundary!r} is the last layer the "
+                          f"model keeps (backbone.layer: {boundary}), so unfreeze_from lies after the cut; choose "
+                          f"auto or a layer up to {boundary}, then rerun the viewcache stage")
     try:
         suffix = keras.Model(start.output, base.output, name="suffix")
     except ValueError:
@@ -111,7 +115,8 @@ def _info(backbone, class_names, layer, trainable_from) -> dict:
 
 
 def finetune_model(start_path, backbone, precision: str, unfreeze_from: str):
-    """The model of `start_path` rebuilt under `precision`, base trainable from `unfreeze_from` on."""
+    """The model of `start_path` rebuilt under `precision`, base trainable from `unfreeze_from` on
+    (`auto`: the last block the model's base keeps; the name used is its info's trainable_from)."""
     from tlpipe.features import backbones
     from tlpipe.model.saved import assemble, head_submodel, load_model, model_info, set_trainable_from
 
@@ -123,6 +128,9 @@ def finetune_model(start_path, backbone, precision: str, unfreeze_from: str):
             raise ModelFileError(f"{start_path}: built with {key} {info[key]!r} but params.yaml has "
                                  f"backbone.{param}: {getattr(backbone, param)!r}; rerun the stage that writes it")
     base = backbones.build_base(info["backbone"], "none", info["image_size"], precision)
+    from tlpipe.features.viewcache import resolve_unfreeze
+
+    unfreeze_from = resolve_unfreeze(info["backbone"], base, info["layer"], unfreeze_from)  # against the layer the model keeps
     valid = [lyr.name for lyr in start.get_layer("base").layers][1:]
     if unfreeze_from not in valid:
         raise ConfigError(f"finetune.unfreeze_from: {info['backbone']} (as stored in {start_path}) has no "
