@@ -109,11 +109,13 @@ def dvc_stages(repo: Path = REPO) -> dict:
 
 
 def deep_update(base: dict, updates: dict) -> dict:
+    """`updates` merged into `base` (in place); values are copied, so `base` never shares a dict
+    with `updates` (shared dicts let one test's params leak into FAST_PARAMS for the next)."""
     for key, value in updates.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):
             deep_update(base[key], value)
         else:
-            base[key] = value
+            base[key] = copy.deepcopy(value)
     return base
 
 
@@ -159,7 +161,7 @@ def init_repo(dst: Path) -> Path:
 def make_project(dst: Path, source: Path, params: dict | None = None) -> Path:
     """Copy the project into dst, point it at `source`, and commit it as a fresh git + DVC repo."""
     copy_project(dst)
-    set_params(dst, deep_update(deep_update({}, FAST_PARAMS), {"data": {"source": str(source)}, **(params or {})}))
+    set_params(dst, deep_update(copy.deepcopy(FAST_PARAMS), {"data": {"source": str(source)}, **(params or {})}))
     return init_repo(dst)
 
 
