@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from tlpipe import atomic
 from tlpipe.errors import ConfigError
 from tlpipe.model.head import build_head
 from tlpipe.train import loop as training
@@ -138,7 +139,7 @@ def test_bad_arguments(tmp_path):
 
 
 def test_write_json_sorted_rounded_atomic(tmp_path):
-    path = training.write_json(tmp_path / "m" / "x.json", {"b": 1 / 3, "a": {"z": 2.0, "y": [0.1234567891]}})
+    path = atomic.write_json(tmp_path / "m" / "x.json", {"b": 1 / 3, "a": {"z": 2.0, "y": [0.1234567891]}})
     assert path.read_text() == '{\n  "a": {\n    "y": [\n      0.123457\n    ],\n    "z": 2.0\n  },\n  "b": 0.333333\n}\n'
     assert [p.name for p in path.parent.iterdir()] == ["x.json"]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import shutil
 import tempfile
@@ -97,3 +98,26 @@ def replace_dir(tmp, dest) -> None:
     os.replace(tmp, dest)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def rounded(obj, digits: int = 6):
+    """Floats rounded for JSON files that should not churn in the last bits."""
+    if isinstance(obj, float):
+        return round(obj, digits)
+    if isinstance(obj, dict):
+        return {k: rounded(v, digits) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [rounded(v, digits) for v in obj]
+    return obj
+
+
+def json_text(obj) -> str:
+    """Sorted keys, rounded floats, indented: the text of every JSON file the pipeline writes."""
+    return json.dumps(rounded(obj), sort_keys=True, indent=2) + "\n"
+
+
+def write_json(path, obj) -> Path:
+    """json_text(obj), written atomically (parent folders made)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_text(path, json_text(obj), fsync=True)

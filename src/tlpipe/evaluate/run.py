@@ -8,7 +8,6 @@ The scores themselves are computed in `metrics`, the CSV tables in `tables`.
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -119,7 +118,7 @@ def run_evaluate(features_dir, models_dir, split_dir, images_dir, metrics_out, p
     """
     from tlpipe.data.manifests import manifest_rows, read_class_names
     from tlpipe.features.extract import read_features
-    from tlpipe.train.loop import rounded, write_json
+    from tlpipe.atomic import json_text, write_json
 
     features_dir, models_dir, split_dir = Path(features_dir), Path(models_dir), Path(split_dir)
     classes = read_class_names(split_dir / "classes.json")
@@ -157,7 +156,7 @@ def run_evaluate(features_dir, models_dir, split_dir, images_dir, metrics_out, p
             results[name] = s = out["scores"]
             print(f"{name}: accuracy {s['accuracy']:.4f}, loss {s['loss']:.4f} on {s['n']} test images "
                   f"(via {route})", file=sys.stderr)
-        dirs["predictions"].write(SCORES_FILE, json.dumps(rounded(results), sort_keys=True, indent=2) + "\n")
+        dirs["predictions"].write(SCORES_FILE, json_text(results))
     except BaseException:
         for d in dirs.values():
             d.discard()

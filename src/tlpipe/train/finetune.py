@@ -17,7 +17,8 @@ def run_finetune(*, cache, split_dir, images_dir, model_in, model_out, metrics_o
     from tlpipe.data.manifests import read_class_names
     from tlpipe.model.saved import model_info
     from tlpipe.train.augmented import RunSettings, cache_expect, choose_data, fit_and_save
-    from tlpipe.train.loop import metrics_of, write_json
+    from tlpipe.atomic import write_json
+    from tlpipe.train.loop import metrics_of
     from tlpipe.train.models import finetune_model
 
     classes = read_class_names(Path(split_dir) / "classes.json")

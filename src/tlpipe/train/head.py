@@ -89,7 +89,8 @@ def run_train_head(features_dir, model_out, metrics_out, live_dir, head, resume:
     from tlpipe.model.head import build_head
     from tlpipe.model.saved import assemble, save_model
     from tlpipe.train.compile import compile_classifier
-    from tlpipe.train.loop import fit, metrics_of, work_dir_for, write_json
+    from tlpipe.atomic import write_json
+    from tlpipe.train.loop import fit, metrics_of, work_dir_for
 
     data, attrs = read_stored_features(features_dir, backbone)
     n_classes = len(attrs["class_names"])

@@ -12,7 +12,8 @@ def run_head_aug(*, cache, split_dir, images_dir, model_out, metrics_out, live_d
     returns fit's summary with the per-epoch history. keep, patience: train.keep, train.patience."""
     from tlpipe.data.manifests import read_class_names
     from tlpipe.train.augmented import RunSettings, cache_expect, choose_data, fit_and_save
-    from tlpipe.train.loop import metrics_of, write_json
+    from tlpipe.atomic import write_json
+    from tlpipe.train.loop import metrics_of
     from tlpipe.train.models import new_model
 
     classes = read_class_names(Path(split_dir) / "classes.json")

@@ -235,7 +235,7 @@ def fit(model, data, epochs: int, batch_size: int, seed: int, live_dir, work_dir
     # Ours, not keras.callbacks.BackupAndRestore: each epoch is its own model.fit call (its data comes
     # from data.epoch(e)), and that callback neither writes atomically nor checks a fingerprint.
     work = Path(work_dir) if work_dir is not None else None
-    finger = _fingerprint(model, seed, batch_size, rounded({**(fingerprint or {}), **data.fingerprint}),
+    finger = _fingerprint(model, seed, batch_size, atomic.rounded({**(fingerprint or {}), **data.fingerprint}),
                           keep, patience)
     history: list[dict] = []
     best: list[np.ndarray] | None = None  # keep="best": the best epoch's variables so far
@@ -328,21 +328,3 @@ def work_dir_for(model_path) -> Path:
     p = Path(model_path)
     return p.parent / f".{p.stem}.work"
 
-
-def rounded(obj, digits: int = 6):
-    """Floats rounded for JSON files that should not churn in the last bits."""
-    if isinstance(obj, float):
-        return round(obj, digits)
-    if isinstance(obj, dict):
-        return {k: rounded(v, digits) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [rounded(v, digits) for v in obj]
-    return obj
-
-
-def write_json(path, obj) -> Path:
-    """Sorted keys, rounded floats, atomic."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(rounded(obj), sort_keys=True, indent=2) + "\n"
-    return atomic.write_text(path, text, fsync=True)
