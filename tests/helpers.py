@@ -244,3 +244,34 @@ def make_feature_project(root, classes=("cat", "dog"), counts=None, seed=0):
         feats = np.concatenate([fmodel(b).numpy() for b in image_dataset(files, FEATURE_SIZE, 16, "caffe")])
         write_features(root / "features" / f"{part}.h5", feats, [r[2] for r in rows], [r[0] for r in rows], attrs)
     return root
+
+
+# ---------------------------------------------------------------- a split of generated images
+
+def stored_cats_and_dogs(root: Path, per_class: int = 6, size: int = 40) -> tuple[Path, list[dict]]:
+    """Generated cat and dog images in root/data/images, as the data stage stores them, and their
+    manifest rows (cats first, then dogs)."""
+    from imagegen import make_class_folders
+
+    written = make_class_folders(root / "src", {"cat": per_class, "dog": per_class}, size=size)
+    images = root / "data" / "images"
+    images.mkdir(parents=True)
+    rows = []
+    for label, name in enumerate(written):
+        for p in written[name]:
+            (images / p.name).write_bytes(p.read_bytes())
+            rows.append({"path": f"{name}/{p.name}", "class_name": name, "label": label, "sha256": "x",
+                         "file": p.name})
+    return images, rows
+
+
+def write_split(root: Path, parts: dict[str, list[dict]], classes=("cat", "dog")) -> Path:
+    """root/data/split: one manifest per part (rows sorted by path, as the data stage writes them)."""
+    import pandas as pd
+
+    split = root / "data" / "split"
+    split.mkdir(parents=True)
+    for part, rows in parts.items():
+        pd.DataFrame(sorted(rows, key=lambda x: x["path"])).to_csv(split / f"{part}.csv", index=False)
+    (split / "classes.json").write_text(json.dumps({"classes": list(classes)}))
+    return split

@@ -4,9 +4,8 @@ import json
 
 import keras
 import numpy as np
-import pandas as pd
 import pytest
-from imagegen import make_class_folders
+from helpers import stored_cats_and_dogs, write_split
 
 from tlpipe.features import viewcache
 from tlpipe.config import validate_params
@@ -23,21 +22,9 @@ SIZE = 32
 
 def make_project(root, params_override=None):
     """data/split manifests + data/images for 2 classes, and validated params for a tiny run."""
-    written = make_class_folders(root / "src", {"cat": 6, "dog": 6}, size=40)
-    images = root / "data" / "images"
-    images.mkdir(parents=True)
-    rows = []
-    for label, name in enumerate(written):
-        for p in written[name]:
-            (images / p.name).write_bytes(p.read_bytes())
-            rows.append({"path": f"{name}/{p.name}", "class_name": name, "label": label, "sha256": "x",
-                         "file": p.name})
-    split = root / "data" / "split"
-    split.mkdir(parents=True)
-    parts = {"train": rows[0:4] + rows[6:10], "validation": [rows[4], rows[10]], "test": [rows[5], rows[11]]}
-    for part, r in parts.items():
-        pd.DataFrame(sorted(r, key=lambda x: x["path"])).to_csv(split / f"{part}.csv", index=False)
-    (split / "classes.json").write_text(json.dumps({"classes": ["cat", "dog"]}))
+    images, rows = stored_cats_and_dogs(root)
+    split = write_split(root, {"train": rows[0:4] + rows[6:10], "validation": [rows[4], rows[10]],
+                               "test": [rows[5], rows[11]]})
     raw = {"backbone": {"weights": "none", "image_size": SIZE}, "compute": {"batch_size": 4},
            "head": {"units": 8, "dropout": 0.2}, "augment": {"views": 2},
            "head_aug": {"epochs": 2, "batch_size": 4, "lr": 1e-3},

@@ -9,9 +9,8 @@ import json
 
 import keras
 import numpy as np
-import pandas as pd
 import pytest
-from imagegen import make_class_folders
+from helpers import stored_cats_and_dogs, write_split
 
 from tlpipe.config import validate_params
 from tlpipe.features import viewcache
@@ -26,23 +25,11 @@ SIZE = 32
 
 
 def make_project(root, mode="cached"):
-    written = make_class_folders(root / "src", {"cat": 6, "dog": 6}, size=40)
-    images = root / "data" / "images"
-    images.mkdir(parents=True)
-    rows = []
-    for label, name in enumerate(written):
-        for p in written[name]:
-            (images / p.name).write_bytes(p.read_bytes())
-            rows.append({"path": f"{name}/{p.name}", "class_name": name, "label": label, "sha256": "x",
-                         "file": p.name})
+    images, rows = stored_cats_and_dogs(root)
     flipped = [{**r, "class_name": "dog" if r["label"] == 0 else "cat", "label": 1 - r["label"]}
                for r in (rows[4], rows[5], rows[10], rows[11])]
-    split = root / "data" / "split"
-    split.mkdir(parents=True)
-    parts = {"train": rows[0:4] + rows[6:10], "validation": flipped, "test": [rows[5], rows[11]]}
-    for part, r in parts.items():
-        pd.DataFrame(sorted(r, key=lambda x: x["path"])).to_csv(split / f"{part}.csv", index=False)
-    (split / "classes.json").write_text(json.dumps({"classes": ["cat", "dog"]}))
+    split = write_split(root, {"train": rows[0:4] + rows[6:10], "validation": flipped,
+                               "test": [rows[5], rows[11]]})
     raw = {"backbone": {"weights": "none", "image_size": SIZE}, "compute": {"batch_size": 4},
            "head": {"units": 8, "dropout": 0.2}, "augment": {"views": 2, "mode": mode},
            "head_aug": {"epochs": 5, "batch_size": 4, "lr": 1e-2},
