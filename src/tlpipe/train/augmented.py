@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tlpipe.choices import AUGMENT_MODES
 from tlpipe.errors import ConfigError
 
 
@@ -68,7 +69,7 @@ def choose_data(full, augment, seed: int, *, cache, split_dir, images_dir, expec
         info = model_info(full)
         return full, OnlineAugmented.from_manifests(split_dir, images_dir, info["class_names"], info["image_size"],
                                                     augment_settings(augment))
-    raise ConfigError(f"augment.mode: must be cached or online, got {augment.mode!r}")
+    raise ConfigError(f"augment.mode: must be one of {', '.join(AUGMENT_MODES)}, got {augment.mode!r}")
 
 
 def fit_and_save(full, model, data, run: RunSettings, *, live_dir, model_path, resume: bool = False,
