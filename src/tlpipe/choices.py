@@ -8,6 +8,8 @@ BACKBONES = ("vgg16", "vgg19", "resnet50", "inception_v3", "xception", "mobilene
              "efficientnet_b0")  # features.backbones.ARCHS implements each (a test checks they match)
 POOLINGS = ("flatten", "avg", "max")  # backbone.pooling
 PRECISIONS = ("float32", "bfloat16")  # compute.precision
+ENGINES = ("local", "ray")  # compute.engine: where extract and viewcache run (outputs identical)
+STRATEGIES = ("auto", "default", "mirrored")  # compute.strategy: tf.distribute strategy for training
 FILL_MODES = ("nearest", "reflect", "wrap", "constant")  # augment.fill_mode
 AUGMENT_MODES = ("cached", "online")  # augment.mode: views stored by the viewcache stage, or drawn in training
 MODEL_NAMES = ("head", "head_aug", "finetuned")  # models/<name>.keras, in the order the stages write them

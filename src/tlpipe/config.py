@@ -19,8 +19,8 @@ import re
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tlpipe.choices import (AUGMENT_MODES, BACKBONES, FILL_MODES, FINETUNE_FROM, MODEL_NAMES, POOLINGS,
-                            PRECISIONS, TRAIN_KEEPS, UNFREEZE_AUTO, known_layers, unfreeze_layer)
+from tlpipe.choices import (AUGMENT_MODES, BACKBONES, ENGINES, FILL_MODES, FINETUNE_FROM, MODEL_NAMES, POOLINGS,
+                            PRECISIONS, STRATEGIES, TRAIN_KEEPS, UNFREEZE_AUTO, known_layers, unfreeze_layer)
 from tlpipe.data.manifests import SPLITS
 from tlpipe.errors import ConfigError
 
@@ -106,6 +106,15 @@ class BackboneParams(Section):
 class ComputeParams(Section):
     precision: Literal[PRECISIONS] = "float32"  # type: ignore[valid-type]
     batch_size: PosInt = 32
+    # How, not what (HOW_KEYS): outputs do not depend on these, so no stage declares them in dvc.yaml.
+    engine: Literal[ENGINES] = "local"  # type: ignore[valid-type]
+    ray_address: str | None = None
+    strategy: Literal[STRATEGIES] = "auto"  # type: ignore[valid-type]
+
+
+# Keys that change how a stage computes, never what it writes (byte-identical outputs, or training
+# metrics within a stated tolerance): dvc.yaml leaves them out, so switching them reruns nothing.
+HOW_KEYS = ("compute.engine", "compute.ray_address", "compute.strategy")
 
 
 class HeadParams(Section):
