@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 
 from imagegen import make_class_folders
-from helpers import FEATURES_PARAMS, feature_file, stage_cmd, tool_env, user_lines, write_params
+from helpers import FEATURES_PARAMS, feature_file, stage_cmd, tool_env, user_lines, write_cut, write_params
 
 PAUSE_HOOK = r"""
 import importlib, os, runpy, sys, time
@@ -180,6 +180,7 @@ def scenarios(tmp_path_factory):
     shutil.copytree(trn, trn.with_name("train-reference"))
     data_split(vc, 8, {"train": 0.5, "validation": 0.25, "test": 0.25})
     write_params(vc, {"compute": {"batch_size": 2}, "augment": {"views": 2}})
+    write_cut(vc / "features", "block5_pool", "flatten")  # as the extract stage would leave it
 
     def guarded(fn, project):
         try:
@@ -192,7 +193,9 @@ def scenarios(tmp_path_factory):
                    "train": pool.submit(guarded, train_scenario, trn),
                    "viewcache": pool.submit(guarded, viewcache_scenario, vc)}
         # The uninterrupted runs, in this process, while the stage processes work.
-        from tlpipe.features.extract import BaseSpec, extract_splits
+        from tlpipe.features.extract import BaseSpec
+        from tlpipe.features.splits import extract_splits
+        from tlpipe.features.cut import with_cut
         from tlpipe.features.viewcache import build_from_manifests
 
         ref = root / "reference"
@@ -200,7 +203,8 @@ def scenarios(tmp_path_factory):
         extract_splits(ext / "data/split", ext / "data/images", ref / "features", BaseSpec.from_params(p.backbone),
                        batch_size=p.compute.batch_size, precision=p.compute.precision)
         p = load_params(vc / "params.yaml")
-        build_from_manifests(vc / "data/split", vc / "data/images", ref / "views.h5", backbone=p.backbone,
+        build_from_manifests(vc / "data/split", vc / "data/images", ref / "views.h5",
+                             backbone=with_cut(p.backbone, vc / "features" / "cut.json"),
                              augment=p.augment, compute=p.compute, unfreeze_from=p.finetune.unfreeze_from,
                              progress=False)
         seen = {name: fut.result() for name, fut in futures.items()}

@@ -28,7 +28,7 @@ from typing import Sequence
 import numpy as np
 
 from tlpipe import atomic
-from tlpipe.data.manifests import SPLITS, manifest_rows, read_class_names
+from tlpipe.data.manifests import manifest_rows
 from tlpipe.errors import DataError, FeatureFileError
 
 FORMAT = 1
@@ -54,29 +54,65 @@ class BaseSpec:
 
 
 class Extractor:
-    """A built feature model and the metadata stored with its features; build once, use per split."""
+    """A built feature model and the metadata stored with its features; build once, use per split.
+
+    With backbone.layer or backbone.pooling `auto` (`probing`), the model gives every candidate layer's
+    activations, flattened side by side (`raw` takes one layer's back out); the probe then picks one
+    (layer, pooling) (features.splits). Otherwise it gives the features themselves."""
 
     def __init__(self, spec: BaseSpec, precision: str = "float32"):
+        import keras
+
+        from tlpipe.choices import AUTO, POOLINGS, probe_layers
         from tlpipe.features import backbones
 
         self.spec = spec
         self.precision = precision
         base = backbones.build_base(spec.name, spec.weights, spec.image_size, precision)
-        self.layer = backbones.resolve_layer(base, spec.layer)
-        self.model = backbones.feature_model(base, self.layer, spec.pooling)
+        layers = [backbones.resolve_layer(base, None if spec.layer == AUTO else spec.layer)]
+        if spec.layer == AUTO and probe_layers(spec.name):
+            layers = list(probe_layers(spec.name))
+        poolings = list(POOLINGS) if spec.pooling == AUTO else [spec.pooling]
+        self.candidates = [(layer, pooling) for layer in layers for pooling in poolings]
+        self.probing = AUTO in (spec.layer, spec.pooling)
+        if self.probing:
+            self.layer = None
+            self.shapes = {layer: tuple(int(d) for d in base.get_layer(layer).output.shape[1:]) for layer in layers}
+            flat = [keras.layers.Flatten(dtype="float32", name=f"raw_{layer}")(base.get_layer(layer).output)
+                    for layer in layers]
+            out = flat[0] if len(flat) == 1 else keras.layers.Concatenate(dtype="float32", name="candidates")(flat)
+            self.model = keras.Model(base.input, out, name=f"{base.name}_candidates")
+        else:
+            self.layer = layers[0]
+            self.model = backbones.feature_model(base, self.layer, spec.pooling)
         self.dim = int(self.model.output_shape[-1])
         self.preprocessing = backbones.preprocessing_name(spec.name, spec.weights)
         self.weights_sha256 = backbones.weights_sha256(spec.name, spec.weights, spec.image_size)
         self._infer = None
 
-    def attrs(self, class_names: Sequence[str]) -> dict:
-        """The attributes of a feature file, in the order they are written."""
+    def raw(self, rows: np.ndarray, layer: str) -> np.ndarray:
+        """`layer`'s (N, H, W, C) activations out of probing rows."""
+        start = 0
+        for name, shape in self.shapes.items():
+            size = int(np.prod(shape))
+            if name == layer:
+                return rows[:, start:start + size].reshape(len(rows), *shape)
+            start += size
+        raise KeyError(layer)
+
+    def pooled_dim(self, layer: str, pooling: str) -> int:
+        shape = self.shapes[layer]
+        return int(np.prod(shape)) if pooling == "flatten" else shape[-1]
+
+    def attrs(self, class_names: Sequence[str], layer: str | None = None, pooling: str | None = None) -> dict:
+        """The attributes of a feature file, in the order they are written (`layer`, `pooling`: the
+        probe's choice when probing)."""
         return {
             "backbone": self.spec.name,
             "weights": self.spec.weights,
             "weights_sha256": self.weights_sha256 or "",
-            "layer": self.layer,
-            "pooling": self.spec.pooling,
+            "layer": layer or self.layer,
+            "pooling": pooling or self.spec.pooling,
             "image_size": int(self.spec.image_size),
             "preprocessing": self.preprocessing,
             "class_names": json.dumps(list(class_names)),
@@ -138,6 +174,7 @@ def fingerprint(extractor: Extractor, files, labels, paths, class_names, batch_s
         "format": FORMAT,
         "spec": asdict(extractor.spec),
         "layer": extractor.layer,
+        "candidates": extractor.candidates if extractor.probing else None,
         "preprocessing": extractor.preprocessing,
         "weights_sha256": extractor.weights_sha256,
         "precision": extractor.precision,
@@ -177,25 +214,57 @@ def default_chunk_rows(batch_size: int) -> int:
     return batch_size * max(1, round(CHUNK_TARGET_ROWS / batch_size))
 
 
-def extract_split(
-    manifest_csv,
-    images_dir,
-    out_h5,
-    spec: BaseSpec,
-    classes: Sequence[str],
-    batch_size: int = 32,
-    precision: str = "float32",
-    *,
-    extractor: Extractor | None = None,
-    chunk_rows: int | None = None,
-    keep_work: bool = False,
-) -> Path:
-    """Extract the features of one split into `out_h5` (resumable; see the module docstring).
+@dataclass
+class SplitWork:
+    """One split's finished chunks in its work folder, ready to assemble."""
 
-    `extractor`: a prebuilt `Extractor(spec, precision)`, to build the model once for all splits.
-    `chunk_rows`: rows per resumable chunk, a multiple of `batch_size` (default ~256).
-    `keep_work`: leave the finished chunks for the caller to remove (see `extract_splits`).
-    """
+    out: Path
+    work: Path
+    labels: list
+    paths: list
+    chunk_rows: int
+
+    @property
+    def n(self) -> int:
+        return len(self.labels)
+
+    def chunks(self):
+        """Each chunk's rows in order, memory-mapped."""
+        for i in range(math.ceil(self.n / self.chunk_rows)):
+            yield np.load(_chunk_path(self.work, i), mmap_mode="r", allow_pickle=False)
+
+    def rows(self, index: np.ndarray) -> np.ndarray:
+        """The rows at sorted `index`, one chunk mapped at a time."""
+        parts = []
+        for i, chunk in enumerate(self.chunks()):
+            local = index[(index >= i * self.chunk_rows) & (index < (i + 1) * self.chunk_rows)] - i * self.chunk_rows
+            if len(local):
+                parts.append(np.asarray(chunk[local]))
+        return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+
+
+def _write_errors(out: Path, work: Path):
+    """OSError while extracting -> FeatureFileError saying what to do (finished chunks are kept)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def guard():
+        try:
+            yield
+        except OSError as exc:
+            if _is_disk_full(exc):
+                raise FeatureFileError(
+                    f"{out}: disk full while writing features ({exc.strerror or exc}); free some space and "
+                    f"{RERUN}: finished chunks in {work} are kept and reused"
+                ) from None
+            raise FeatureFileError(f"{out}: cannot write features ({exc}); fix the folder and {RERUN}") from None
+
+    return guard()
+
+
+def compute_split(manifest_csv, images_dir, out_h5, extractor: Extractor, classes: Sequence[str],
+                  batch_size: int = 32, chunk_rows: int | None = None) -> SplitWork:
+    """Run one split's images through `extractor` into chunk files (resumable; see the module docstring)."""
     import tensorflow as tf
     from tqdm import tqdm
 
@@ -203,10 +272,6 @@ def extract_split(
 
     out = Path(out_h5)
     files, labels, paths = manifest_rows(manifest_csv, images_dir, classes)
-    if extractor is None:
-        extractor = Extractor(spec, precision)
-    elif extractor.spec != spec or extractor.precision != precision:
-        raise ValueError("extractor was built for another spec or precision")
     chunk_rows = chunk_rows or default_chunk_rows(batch_size)
     if chunk_rows % batch_size:
         raise ValueError(f"chunk_rows ({chunk_rows}) must be a multiple of batch_size ({batch_size})")
@@ -216,12 +281,12 @@ def extract_split(
     out.parent.mkdir(parents=True, exist_ok=True)
     work = work_dir(out)
     n, dim = len(files), extractor.dim
-    try:
+    with _write_errors(out, work):
         prepare_work(work, fingerprint(extractor, files, labels, paths, classes, batch_size, chunk_rows))
         done = _done_chunks(work, n, chunk_rows, dim)
         start = done * chunk_rows
         if start < n:
-            ds = image_dataset(files[start:], spec.image_size, batch_size, extractor.preprocessing)
+            ds = image_dataset(files[start:], extractor.spec.image_size, batch_size, extractor.preprocessing)
             chunk, buffered = done, []
             with tqdm(total=n, initial=start, unit="img", desc=f"extract {out.name}", file=sys.stderr,
                       dynamic_ncols=True) as bar:
@@ -241,36 +306,48 @@ def extract_split(
                     if row - chunk * chunk_rows >= chunk_rows or row >= n:
                         save_chunk(_chunk_path(work, chunk), np.concatenate(buffered).astype(np.float32))
                         chunk, buffered = chunk + 1, []
-        _check_room(out, _assembled_size(n, dim, paths))
-        _assemble(out, work, n, dim, chunk_rows, labels, paths, extractor.attrs(classes))
-    except OSError as exc:
-        if _is_disk_full(exc):
-            raise FeatureFileError(
-                f"{out}: disk full while writing features ({exc.strerror or exc}); free some space and "
-                f"{RERUN}: finished chunks in {work} are kept and reused"
-            ) from None
-        raise FeatureFileError(f"{out}: cannot write features ({exc}); fix the folder and {RERUN}") from None
+    return SplitWork(out, work, list(labels), list(paths), chunk_rows)
+
+
+def assemble_split(split: SplitWork, dim: int, attrs: dict, select=None) -> Path:
+    """Write the split's .h5 from its chunks (`select`: rows -> stored features; None: as they are)."""
+    with _write_errors(split.out, split.work):
+        _check_room(split.out, _assembled_size(split.n, dim, split.paths))
+        _assemble(split.out, split.work, split.n, dim, split.chunk_rows, split.labels, split.paths, attrs, select)
+    return split.out
+
+
+def extract_split(
+    manifest_csv,
+    images_dir,
+    out_h5,
+    spec: BaseSpec,
+    classes: Sequence[str],
+    batch_size: int = 32,
+    precision: str = "float32",
+    *,
+    extractor: Extractor | None = None,
+    chunk_rows: int | None = None,
+    keep_work: bool = False,
+) -> Path:
+    """Extract the features of one split into `out_h5` (resumable; see the module docstring); for a
+    spec that names its layer and pooling (`auto` needs every split: see `features.splits`).
+
+    `extractor`: a prebuilt `Extractor(spec, precision)`, to build the model once for all splits.
+    `chunk_rows`: rows per resumable chunk, a multiple of `batch_size` (default ~256).
+    `keep_work`: leave the finished chunks for the caller to remove (see `features.splits`).
+    """
+    if extractor is None:
+        extractor = Extractor(spec, precision)
+    elif extractor.spec != spec or extractor.precision != precision:
+        raise ValueError("extractor was built for another spec or precision")
+    if extractor.probing:
+        raise ValueError("backbone.layer/pooling auto choose on the validation split: use features.splits")
+    split = compute_split(manifest_csv, images_dir, out_h5, extractor, classes, batch_size, chunk_rows)
+    assemble_split(split, extractor.dim, extractor.attrs(classes))
     if not keep_work:
-        shutil.rmtree(work, ignore_errors=True)
-    return out
-
-
-def extract_splits(split_dir, images_dir, out_dir, spec: BaseSpec, batch_size: int = 32,
-                   precision: str = "float32", splits: Sequence[str] = SPLITS) -> list[Path]:
-    """`<out_dir>/<split>.h5` for each split manifest `<split_dir>/<split>.csv`, one model for all."""
-    split_dir, out_dir = Path(split_dir), Path(out_dir)
-    classes = read_class_names(split_dir / "classes.json")
-    extractor = Extractor(spec, precision)
-    # Work folders stay until every split is done: DVC deletes a stage's outputs before rerunning
-    # it, so a kill during `validation` would otherwise re-extract all of `train`.
-    outs = [
-        extract_split(split_dir / f"{name}.csv", images_dir, out_dir / f"{name}.h5", spec, classes,
-                      batch_size, precision, extractor=extractor, keep_work=True)
-        for name in splits
-    ]
-    for out in outs:
-        shutil.rmtree(work_dir(out), ignore_errors=True)
-    return outs
+        shutil.rmtree(split.work, ignore_errors=True)
+    return split.out
 
 
 def _h5_chunk_rows(n: int, dim: int) -> int:
@@ -295,8 +372,10 @@ def _check_room(out: Path, size: int) -> None:
         raise OSError(errno.EFBIG, f"File too large: {size} bytes needed, the file-size limit (ulimit -f) is {limit}")
 
 
-def _assemble(out: Path, work: Path, n: int, dim: int, chunk_rows: int, labels, paths, attrs: dict) -> None:
-    """Write the final .h5 from the chunk files, one chunk in memory at a time, under a temp name."""
+def _assemble(out: Path, work: Path, n: int, dim: int, chunk_rows: int, labels, paths, attrs: dict,
+              select=None) -> None:
+    """Write the final .h5 from the chunk files, one chunk in memory at a time, under a temp name
+    (`select`: chunk rows -> the features stored)."""
     import h5py
 
     try:
@@ -305,7 +384,8 @@ def _assemble(out: Path, work: Path, n: int, dim: int, chunk_rows: int, labels, 
             feats = f.create_dataset("features", shape=(n, dim), dtype="float32", chunks=chunks,
                                      track_times=False)
             for i in range(math.ceil(n / chunk_rows)):
-                feats[i * chunk_rows:(i + 1) * chunk_rows] = np.load(_chunk_path(work, i), allow_pickle=False)
+                rows = np.load(_chunk_path(work, i), mmap_mode="r", allow_pickle=False)
+                feats[i * chunk_rows:(i + 1) * chunk_rows] = rows if select is None else select(rows)
             f.create_dataset("labels", data=np.asarray(labels, dtype=np.int64).reshape(n), track_times=False)
             f.create_dataset("paths", data=np.asarray(paths, dtype=object).reshape(n),
                              dtype=h5py.string_dtype("utf-8"), track_times=False)
