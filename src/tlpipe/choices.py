@@ -7,7 +7,7 @@ finetune.unfreeze_from against backbone.layer, so params are checked without bui
 BACKBONES = ("vgg16", "vgg19", "resnet50", "inception_v3", "xception", "mobilenet", "mobilenet_v2",
              "efficientnet_b0")  # features.backbones.ARCHS implements each (a test checks they match)
 POOLINGS = ("flatten", "avg", "max")  # backbone.pooling
-PRECISIONS = ("float32", "bfloat16")  # compute.precision
+PRECISIONS = ("float32", "bfloat16", "mixed_float16")  # compute.precision (mixed_float16: GPUs only)
 ENGINES = ("local", "ray")  # compute.engine: where extract and viewcache run (outputs identical)
 STRATEGIES = ("auto", "default", "mirrored")  # compute.strategy: tf.distribute strategy for training
 FILL_MODES = ("nearest", "reflect", "wrap", "constant")  # augment.fill_mode
