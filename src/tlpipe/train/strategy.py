@@ -42,7 +42,7 @@ def training_strategy(name: str, batch_size: int | None = None):
 @functools.cache
 def _mirrored(devices: tuple[str, ...]):
     # One per process: two MirroredStrategy objects number their collective ops alike, so the second
-    # one's gradient all-reduce can meet the first one's (measured: "Shape mismatch in the collective
+    # one's gradient all-reduce can meet the first one's (seen here: "Shape mismatch in the collective
     # instance" when finetune followed train_head_aug in one process).
     import tensorflow as tf
 
