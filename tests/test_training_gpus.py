@@ -52,6 +52,13 @@ def test_mirrored_gives_the_metrics_of_one_device(two_cpus, stage):
     assert one[-1]["train_loss"] != one[0]["train_loss"]
 
 
+def test_a_resumed_mirrored_run_equals_an_uninterrupted_one(two_cpus):
+    # The checkpoint restores mirrored variables and the optimizer's state: bit for bit, as on one device.
+    result, stderr = two_cpus
+    assert "resuming after epoch 2" in stderr
+    assert result["mirrored"]["head_resumed"] == result["mirrored"]["head"]
+
+
 def test_auto_and_default_are_the_default_strategy_on_one_device():
     import tensorflow as tf
 

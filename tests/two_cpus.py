@@ -1,7 +1,7 @@
 """Run as a script, in a process of its own (test_training_gpus.py does): splits the CPU into two logical
 devices before TensorFlow initialises them, then trains train_head and finetune on tiny data under
-compute.strategy default (one device) and mirrored (both), and writes what test_training_gpus.py compares
-to <folder>/result.json:
+compute.strategy default (one device) and mirrored (both), stops and resumes a mirrored train_head,
+and writes what test_training_gpus.py compares to <folder>/result.json:
 
     python tests/two_cpus.py <folder>
 """
@@ -29,6 +29,10 @@ from tlpipe.train.head_aug import run_head_aug  # noqa: E402
 from tlpipe.train.strategy import training_strategy  # noqa: E402
 
 STRATEGIES = ("default", "mirrored")
+
+
+class Stop(Exception):
+    """Stands for a kill after an epoch's checkpoint."""
 
 
 def params(strategy: str):
@@ -68,6 +72,23 @@ def main(out: Path) -> None:
                             metrics_out=out / f"finetune_{name}.json", live_dir=out / f"live_finetune_{name}",
                             backbone=p.backbone, compute=p.compute, augment=p.augment, finetune=p.finetune)
         result[name].update(head=head["history"], finetune=fine["history"])
+    # A mirrored run stopped after epoch 2, then resumed from its checkpoint.
+    p = params("mirrored")
+
+    def stop(epoch, row):
+        if epoch == 2:
+            raise Stop
+
+    keras.backend.clear_session()
+    try:
+        run_train_head(out / "features", out / "head_resumed.keras", out / "head_resumed.json",
+                       out / "live_head_resumed", p.head, strategy="mirrored", on_epoch_end=stop)
+    except Stop:
+        pass
+    keras.backend.clear_session()
+    resumed = run_train_head(out / "features", out / "head_resumed.keras", out / "head_resumed.json",
+                             out / "live_head_resumed", p.head, strategy="mirrored", resume=True)
+    result["mirrored"]["head_resumed"] = resumed["history"]
     (out / "result.json").write_text(json.dumps(result))
 
 
