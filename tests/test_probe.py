@@ -10,7 +10,7 @@ import pytest
 
 from helpers import stored_cats_and_dogs, write_split
 from tlpipe.config import validate_params
-from tlpipe.errors import FeatureFileError
+from tlpipe.errors import DataError, FeatureFileError
 from tlpipe.features import cut, probe
 from tlpipe.features.extract import BaseSpec, read_features
 from tlpipe.features.splits import extract_splits
@@ -153,3 +153,12 @@ def test_later_stages_see_the_cut_not_the_params(tmp_path):
     backbone = validate_params({}).backbone
     seen = cut.with_cut(backbone, tmp_path / "cut.json")
     assert (seen.layer, seen.pooling, seen.name, seen.image_size) == ("block4_pool", "avg", "vgg16", 150)
+
+
+def test_auto_without_two_classes_in_training_is_a_clear_error(tmp_path):
+    images, rows = stored_cats_and_dogs(tmp_path, per_class=3, size=40)
+    split = write_split(tmp_path, {"train": rows[:3], "validation": rows[3:5], "test": rows[5:]})
+    with pytest.raises(DataError, match=r"backbone.layer/pooling auto: the probe needs training images of at least "
+                                        r"two classes"):
+        extract_splits(split, images, tmp_path / "f", AUTO, batch_size=4)
+    assert not (tmp_path / "f" / "cut.json").exists()

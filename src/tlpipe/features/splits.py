@@ -14,6 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from tlpipe.data.manifests import SPLITS, read_class_names
+from tlpipe.errors import DataError
 from tlpipe.features import cut, probe
 from tlpipe.features.extract import BaseSpec, Extractor, SplitWork, assemble_split, compute_split
 
@@ -31,6 +32,10 @@ def extract_splits(split_dir, images_dir, out_dir, spec: BaseSpec, batch_size: i
                                 batch_size)
             for name in splits}
     rows = _probe(extractor, work["train"], work["validation"]) if {"train", "validation"} <= set(work) else []
+    if extractor.probing and not rows:
+        raise DataError(f"backbone.layer/pooling auto: the probe needs training images of at least two classes "
+                        f"and validation images in {split_dir}; check data.split, or name backbone.layer and "
+                        f"backbone.pooling")
     layer, pooling = (probe.best(rows)["layer"], probe.best(rows)["pooling"]) if extractor.probing \
         else (extractor.layer, spec.pooling)
     select = selector(extractor, layer, pooling)
@@ -47,8 +52,8 @@ def _probe(extractor: Extractor, train: SplitWork, validation: SplitWork) -> lis
     it = probe.spaced_rows(train.n, probe.MAX_TRAIN_ROWS)
     iv = probe.spaced_rows(validation.n, probe.MAX_VALIDATION_ROWS)
     yt, yv = np.asarray(train.labels)[it], np.asarray(validation.labels)[iv]
-    if len(set(yt.tolist())) < 2:
-        return []  # one class in the training rows: nothing to fit (such a split fails later, saying why)
+    if len(set(yt.tolist())) < 2 or not len(iv):
+        return []  # nothing to fit or score (a named cut goes on: such a split fails later, saying why)
     rt, rv = train.rows(it), validation.rows(iv)
     if not extractor.probing:
         return [{"layer": extractor.layer, "pooling": extractor.spec.pooling, "dim": int(rt.shape[1]),
@@ -57,7 +62,6 @@ def _probe(extractor: Extractor, train: SplitWork, validation: SplitWork) -> lis
           file=sys.stderr)
     return probe.run_probe(extractor.candidates, lambda layer: extractor.raw(rt, layer),
                            lambda layer: extractor.raw(rv, layer), yt, yv)
-
 
 
 def selector(extractor: Extractor, layer: str, pooling: str):
