@@ -19,10 +19,12 @@ def main(argv=None):
     args = ap.parse_args(argv)
     p = load_params()
 
+    from tlpipe.features.engine import Engine
     from tlpipe.features.viewcache import build_from_manifests
 
     build_from_manifests(args.split_dir, args.images, args.out, backbone=p.backbone, augment=p.augment,
-                         compute=p.compute, unfreeze_from=p.finetune.unfreeze_from)
+                         compute=p.compute, unfreeze_from=p.finetune.unfreeze_from,
+                         engine=Engine.from_params(p.compute))
 
 
 if __name__ == "__main__":

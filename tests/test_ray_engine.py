@@ -8,7 +8,6 @@ import signal
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 from imagegen import make_class_folders
 

@@ -17,7 +17,6 @@ the job, which rewrites the shard from scratch. Ray is imported only here, and o
 from __future__ import annotations
 
 import json
-import os
 import socket
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -25,6 +24,7 @@ from typing import Callable, Iterable
 from tlpipe.choices import ENGINES
 from tlpipe import errors
 from tlpipe.errors import ConfigError, TlpipeError
+from tlpipe.features.shards import run_local
 
 RAY_MISSING = ("compute.engine: ray needs Ray, which is not installed; install it with "
                "`pip install -e '.[ray]'` (or `pip install 'ray[data]>=2.40'`), or set compute.engine: local")
@@ -47,10 +47,11 @@ class Engine:
         """{job["shard"]: result} for every job; `progress(result)` is called as each one finishes."""
         if self.kind not in ENGINES:
             raise ConfigError(f"compute.engine: must be one of {', '.join(ENGINES)}, got {self.kind!r}")
+        if self.kind == "local":
+            return run_local(jobs, make_worker, progress)
         results = {}
-        stream = _run_local(jobs, make_worker) if self.kind == "local" else _run_ray(self, jobs, make_worker)
-        for result in stream:
-            if "error" in result:
+        for result in _run_ray(self, jobs, make_worker):
+            if "error" in result:  # a deliberate error in a worker: the same error here, same message
                 kind = getattr(errors, result["error_type"], TlpipeError)
                 raise kind(result["error"])
             results[result["shard"]] = result
@@ -69,12 +70,6 @@ def run_guarded(worker, job: dict) -> dict:
     except TlpipeError as exc:
         return {"shard": job["shard"], "error": str(exc), "error_type": type(exc).__name__}
     return {"shard": job["shard"], **result}
-
-
-def _run_local(jobs, make_worker) -> Iterable[dict]:
-    worker = make_worker() if jobs else None
-    for job in jobs:
-        yield run_guarded(worker, job)
 
 
 # ---------------------------------------------------------------- Ray
@@ -165,14 +160,3 @@ def _run_ray(engine: Engine, jobs, make_worker) -> Iterable[dict]:
     finally:
         if started:
             ray.shutdown()
-
-
-def unreadable(files: Iterable[str]) -> str | None:
-    """The first of `files` this process cannot open, with where it runs, or None. A Ray worker on
-    another node sees only what that node mounts: the message says where the data must live."""
-    for f in files:
-        if not os.access(f, os.R_OK):
-            return (f"{f}: cannot be read on host {socket.gethostname()} (pid {os.getpid()}); with "
-                    f"compute.engine: ray every node must see the image store and the outputs at the same "
-                    f"path (a shared filesystem), and the file must exist (rerun `dvc repro data`)")
-    return None

@@ -29,9 +29,10 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -190,3 +191,25 @@ def check(table, manifest_sha256: str, rerun: str) -> None:
         p = folder / s["file"]
         if not p.is_file() or p.stat().st_size != s["bytes"]:
             raise FeatureFileError(f"{table}: shard {p} is missing or damaged; {rerun}")
+
+
+def run_local(jobs: list[dict], make_worker: Callable, progress: Callable[[dict], None] | None = None) -> dict:
+    """The local engine: one worker built here runs every job in order; {job["shard"]: result}."""
+    worker = make_worker() if jobs else None
+    results = {}
+    for job in jobs:
+        results[job["shard"]] = {"shard": job["shard"], **worker(job)}
+        if progress is not None:
+            progress(results[job["shard"]])
+    return results
+
+
+def unreadable(files: Iterable[str]) -> str | None:
+    """The first of `files` this process cannot open, with where it runs, or None. A Ray worker on
+    another node sees only what that node mounts: the message says where the data must live."""
+    for f in files:
+        if not os.access(f, os.R_OK):
+            return (f"{f}: cannot be read on host {socket.gethostname()} (pid {os.getpid()}); with "
+                    f"compute.engine: ray every node must see the image store and the outputs at the same "
+                    f"path (a shared filesystem), and the file must exist (rerun `dvc repro data`)")
+    return None

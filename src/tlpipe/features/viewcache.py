@@ -205,9 +205,8 @@ def build_cache(out_path, parts: dict, *, base, spec: CacheSpec, batch_size: int
     `base` is the built backbone (its weights as named in `spec`; the local engine uses it, Ray's
     actors build their own); `spec.mode == "online"` writes the marker file only. `activation_dtype`
     is float16 in the pipeline (float32 for exactness tests). `engine`: a features.engine.Engine
-    (default local). `rows_per_shard`: images per shard, a multiple of `batch_size`."""
+    (None: this process). `rows_per_shard`: images per shard, a multiple of `batch_size`."""
     from tlpipe.features import shards
-    from tlpipe.features.engine import Engine
     from tlpipe.features.extract import work_dir
 
     out = Path(out_path)
@@ -223,7 +222,6 @@ def build_cache(out_path, parts: dict, *, base, spec: CacheSpec, batch_size: int
     rows = rows_per_shard or default_rows_per_shard(batch_size)
     if rows % batch_size:
         raise ValueError(f"rows_per_shard ({rows}) must be a multiple of batch_size ({batch_size})")
-    engine = engine or Engine()
     work = work_dir(out).absolute()  # workers elsewhere (Ray) do not share this process's cwd
     fp = spec.fingerprint(parts, batch_size, activation_dtype, rows)
     reuse = shards.reusable(out, fp)
@@ -260,11 +258,14 @@ def build_cache(out_path, parts: dict, *, base, spec: CacheSpec, batch_size: int
 def _run(engine, jobs, make_worker, progress: bool, name: str) -> dict:
     from tqdm import tqdm
 
+    from tlpipe.features import shards
+
     # Counted in images through the prefix, not shards: a training image costs `views` passes.
     with tqdm(total=sum(j["images"] for j in jobs), desc=f"view cache -> {name}", unit="img",
               disable=not progress, file=sys.stderr) as bar:
         sizes = {j["shard"]: j["images"] for j in jobs}
-        return engine.run(jobs, make_worker, progress=lambda r: bar.update(sizes[r["shard"]]))
+        run = engine.run if engine is not None else shards.run_local
+        return run(jobs, make_worker, progress=lambda r: bar.update(sizes[r["shard"]]))
 
 
 class CacheWork:
@@ -308,7 +309,7 @@ class CacheWorker:
 
         import tensorflow as tf
 
-        from tlpipe.features.engine import unreadable
+        from tlpipe.features.shards import unreadable
         from tlpipe.features.inputs import read_resized
 
         spec, files = self.spec, job["files"]
@@ -452,11 +453,10 @@ class ViewReader:
 
 
 def build_from_manifests(split_dir, images_dir, out, *, backbone, augment, compute, unfreeze_from: str,
-                         progress: bool = True) -> Path:
-    """The viewcache stage: the split manifests -> `out` (params sections as plain arguments; the
-    engine from compute.engine and compute.ray_address)."""
+                         progress: bool = True, engine=None) -> Path:
+    """The viewcache stage: the split manifests -> `out` (params sections as plain arguments;
+    `engine`: features.engine.Engine of compute.engine, None: this process)."""
     from tlpipe.features.backbones import build_base
-    from tlpipe.features.engine import Engine
 
     split_dir = Path(split_dir)
     classes = read_class_names(split_dir / "classes.json")
@@ -464,4 +464,4 @@ def build_from_manifests(split_dir, images_dir, out, *, backbone, augment, compu
     base = build_base(backbone.name, backbone.weights, backbone.image_size, compute.precision)
     spec = CacheSpec.from_params(backbone, augment, compute, unfreeze_from, classes, base)
     return build_cache(out, parts, base=base, spec=spec, batch_size=compute.batch_size, progress=progress,
-                       engine=Engine.from_params(compute))
+                       engine=engine)
