@@ -15,10 +15,12 @@ def main(argv=None):
     args = ap.parse_args(argv)
     params = load_params()
 
+    from tlpipe.features.engine import Engine
     from tlpipe.features.extract import BaseSpec, extract_splits
 
     extract_splits(args.split_dir, args.images, args.out, BaseSpec.from_params(params.backbone),
-                   batch_size=params.compute.batch_size, precision=params.compute.precision)
+                   batch_size=params.compute.batch_size, precision=params.compute.precision,
+                   engine=Engine.from_params(params.compute))
 
 
 if __name__ == "__main__":

@@ -16,8 +16,10 @@ from tlpipe.features import engine as engines
 from tlpipe.features import viewcache
 from tlpipe.features.augment import augment_settings
 from tlpipe.features.backbones import build_base
+from tlpipe.features.extract import BaseSpec, extract_split
 
 SIZE = 32
+SPEC = BaseSpec("vgg16", "none", "block3_pool", "avg", SIZE)  # a small, fast feature model
 AUG = dict(rotation_range=20.0, width_shift_range=0.1, height_shift_range=0.1, shear_range=0.1,
            zoom_range=0.1, horizontal_flip=True, fill_mode="nearest", seed=3)
 
@@ -147,3 +149,74 @@ def test_pool_shape_one_actor_per_gpu_else_per_cpu():
     assert engines.pool_shape(engines.Engine("ray"), 100, {"CPU": 2.0}) == (2, 1.0, 0.0)
     assert engines.pool_shape(engines.Engine("ray", actors=1), 100, {"CPU": 2.0}) == (1, 2.0, 0.0)
     assert engines.pool_shape(engines.Engine("ray"), 1, {"CPU": 8.0}) == (1, 8.0, 0.0)  # no idle actors
+
+
+class Recording(engines.Engine):
+    """Ray, keeping each shard's result (whether it was computed or found whole)."""
+
+    def run(self, jobs, make_worker, progress=None):
+        results = super().run(jobs, make_worker, progress)
+        object.__setattr__(self, "results", results)
+        return results
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory):
+    """10 images and their manifest, as the data stage writes them."""
+    import pandas as pd
+
+    root = tmp_path_factory.mktemp("split")
+    written = make_class_folders(root / "images", {"cat": 5, "dog": 5}, size=40)
+    rows = [{"path": f"{name}/{p.name}", "class_name": name, "label": label, "sha256": "x",
+             "file": f"{name}/{p.name}"} for label, name in enumerate(written) for p in written[name]]
+    pd.DataFrame(sorted(rows, key=lambda r: r["path"])).to_csv(root / "train.csv", index=False)
+    return root / "train.csv", root / "images"
+
+
+def features(folder: Path, split, engine=None) -> Path:
+    return extract_split(*split, folder / "train.h5", SPEC, ["cat", "dog"], batch_size=2, chunk_rows=2,
+                         engine=engine)
+
+
+@pytest.fixture(scope="module")
+def local_features(tmp_path_factory, split):
+    return tree_bytes(features(tmp_path_factory.mktemp("local"), split))
+
+
+@pytest.mark.parametrize("actors", [1, 2])
+def test_features_on_ray_are_byte_identical_to_local(ray, tmp_path, split, local_features, actors):
+    got = tree_bytes(features(tmp_path, split, engines.Engine("ray", actors=actors)))
+    assert sorted(got) == sorted(local_features) and len(got) == 1 + 5 + 1  # train.h5, 5 shards, manifest
+    for name in got:
+        assert got[name] == local_features[name], name
+
+
+def test_a_deleted_or_truncated_shard_is_recomputed_alone(ray, tmp_path, split, local_features):
+    out = features(tmp_path, split, engines.Engine("ray", actors=2))
+    folder = out.with_name("train.shards")
+    (folder / "000001.h5").unlink()
+    whole = (folder / "000003.h5").read_bytes()
+    (folder / "000003.h5").write_bytes(whole[: len(whole) // 2])
+    engine = Recording("ray", actors=2)
+    out = features(tmp_path, split, engine)
+    assert sorted(k for k, r in engine.results.items() if r["computed"]) == ["000001.h5", "000003.h5"]
+    assert tree_bytes(out) == local_features
+
+
+@pytest.mark.slow
+def test_switching_to_ray_reruns_nothing_and_a_forced_ray_run_writes_the_same_outputs(tmp_path, class_images):
+    """`dvc repro` locally; compute.engine: ray is not a stage param, so `dvc status` has nothing to
+    do; forcing extract and viewcache on Ray (a Ray the stages start themselves) leaves dvc.lock,
+    which holds every output's hash, unchanged."""
+    from helpers import dvc, make_project, set_params, sh, stages_run
+
+    repo = make_project(tmp_path / "p", class_images, {"compute": {"batch_size": 4}})
+    dvc(repo, "repro", "extract", "viewcache")
+    sh(["git", "add", "-A"], repo)
+    sh(["git", "commit", "-qm", "local run"], repo)
+    set_params(repo, {"compute": {"engine": "ray"}})
+    assert "Data and pipelines are up to date" in dvc(repo, "status", "extract", "viewcache").stdout
+    assert stages_run(dvc(repo, "repro", "extract", "viewcache")) == []
+    forced = dvc(repo, "repro", "-f", "-s", "extract", "viewcache")
+    assert sorted(stages_run(forced)) == ["extract", "viewcache"]
+    assert sh(["git", "diff", "--stat", "dvc.lock"], repo).stdout == ""  # every output hash the same

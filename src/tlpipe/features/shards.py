@@ -25,6 +25,7 @@ hashes (in the workers) and recomputes only the missing or damaged ones.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -66,10 +67,25 @@ def file_sha256(path) -> str:
     return h.hexdigest()
 
 
+def check_room(folder, size: int) -> None:
+    """Refuse before writing `size` bytes into `folder`: HDF5 reports a failed write only when the
+    file closes, as a RuntimeError, and h5py may then crash while freeing it; so a full disk (or a
+    file-size limit) must not get that far."""
+    import resource
+
+    free = shutil.disk_usage(folder).free
+    if free < size:
+        raise OSError(errno.ENOSPC, f"No space left on device: {size >> 20} MiB needed, {free >> 20} MiB free")
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY and limit < size:
+        raise OSError(errno.EFBIG, f"File too large: {size} bytes needed, the file-size limit (ulimit -f) is {limit}")
+
+
 def write_shard(path, array: np.ndarray) -> None:
     """One finished shard, atomically and synced: a shard file that exists is complete."""
     import h5py
 
+    check_room(Path(path).parent, array.nbytes + (64 << 10))  # data + HDF5's metadata
     with atomic.target(path, fsync=True) as tmp:
         with h5py.File(tmp, "w", libver=("earliest", "v110")) as f:
             f.create_dataset(DATA, data=array, track_times=False)
@@ -133,17 +149,24 @@ def ensure_shard(job: dict, compute: Callable[[], np.ndarray]) -> dict:
     return {"sha256": file_sha256(target), "bytes": target.stat().st_size, "computed": True, **timings}
 
 
-def publish(table, work: Path, entries: list[dict], fingerprint: str) -> str:
+def publish(table, work: Path, entries: list[dict], fingerprint: str, keep: bool = False) -> str:
     """Move the shards of `entries` ({file, start, rows, sha256, bytes}, in row order) from `work`
     into the table's shard folder, with the manifest; returns the manifest's SHA-256 (an attribute
-    of the table file, so the table's bytes change whenever a shard does)."""
+    of the table file, so the table's bytes change whenever a shard does). `keep`: link them
+    instead, leaving `work` whole for a rerun (extract_splits keeps every split's until the last)."""
     final = shards_dir(table)
     manifest = json.dumps({"fingerprint": fingerprint, "shards": entries}, indent=1, sort_keys=True).encode()
     staging = final.with_name(f".{final.name}.new.tmp")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     for e in entries:
-        os.replace(work / e["file"], staging / e["file"])
+        if not keep:
+            os.replace(work / e["file"], staging / e["file"])
+            continue
+        try:
+            os.link(work / e["file"], staging / e["file"])
+        except OSError:  # a file system without hard links
+            shutil.copy2(work / e["file"], staging / e["file"])
     atomic.write_bytes(staging / MANIFEST, manifest, fsync=True)
     # Folders cannot be replaced atomically: a kill between these two renames leaves the old table
     # file pointing at a folder without its manifest, which `check` refuses; the rerun redoes it.
