@@ -5,7 +5,7 @@ One run, the same images for every configuration, each writing its own copy of t
   ray 1 actor    one actor holding every CPU (as many intra-op threads)
   ray 1 x 1      one actor, one intra-op thread
   ray 2 x 1      two actors, one intra-op thread each
-Prints images/s per configuration (end to end, and steady: from the first finished shard to the
+Then the decode cost alone (`--decode-only`: just that). Prints images/s per configuration (end to end, and steady: from the first finished shard to the
 last, so a worker's start-up, which a long run pays once, is left out), the ratios the issue asks
 for (ray 1 actor / local, target >= 0.9; ray 2 x 1 / ray 1 x 1, the scaling), where a worker's time
 goes (waiting for decoded images, the forward pass, writing the shard), and whether every
@@ -39,6 +39,23 @@ def tree_hash(table: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def decode_cost(files: list[Path], size: int) -> str:
+    """JPEG decode and resize alone, one thread: the per-image CPU cost the projection uses."""
+    import tensorflow as tf
+
+    from tlpipe.features.inputs import read_resized
+
+    for f in files[:8]:  # warm-up
+        read_resized(tf.constant(str(f)), size)
+    cpu, wall = time.process_time(), time.perf_counter()
+    for f in files:
+        read_resized(tf.constant(str(f)), size).numpy()
+    kib = sum(f.stat().st_size for f in files) / len(files) / 1024
+    return (f"decode alone: {len(files)} JPEGs of {kib:.1f} KiB on average, decoded and resized to {size} px: "
+            f"{(time.process_time() - cpu) / len(files) * 1e3:.1f} ms CPU/image, "
+            f"{(time.perf_counter() - wall) / len(files) * 1e3:.1f} ms wall/image")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--source", type=Path, default=Path(DEFAULT_SOURCE), help="cats_and_dogs_filtered-style folder")
@@ -48,7 +65,19 @@ def main(argv=None) -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--rows-per-shard", type=int, default=32)
     ap.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs given to the local Ray")
+    ap.add_argument("--decode-only", action="store_true", help="only the decode cost (one thread)")
     args = ap.parse_args(argv)
+    if args.decode_only:
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(1)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+        tmp = Path(tempfile.mkdtemp(prefix="tlpipe-scale-"))
+        split = make_split(args.source, tmp, args.n // 2, 0, 0)
+        import pandas as pd
+
+        print(decode_cost([args.source / f for f in pd.read_csv(split / "train.csv")["file"]], args.image_size))
+        return
 
     import logging
 
@@ -62,7 +91,12 @@ def main(argv=None) -> None:
 
         def run(self, jobs, make_worker, progress=None):
             self.arrivals.clear()
-            results = super().run(jobs, make_worker, lambda r: self.arrivals.append(time.perf_counter()))
+            def arrived(r):
+                self.arrivals.append(time.perf_counter())
+                if progress is not None:
+                    progress(r)
+
+            results = super().run(jobs, make_worker, arrived)
             self.results.update(results)
             return results
 
@@ -112,6 +146,9 @@ def main(argv=None) -> None:
         print(f"{name:12s} where a worker's time goes: decode wait {v['decode_s'] / busy:4.0%}, "
               f"forward {v['forward_s'] / busy:4.0%}, write {v['write_s'] / busy:4.0%}")
     print("same bytes for every configuration:", len({v["hash"] for v in r.values()}) == 1)
+    import pandas as pd
+
+    print(decode_cost([args.source / f for f in pd.read_csv(split / "train.csv")["file"]], args.image_size))
 
 
 if __name__ == "__main__":
