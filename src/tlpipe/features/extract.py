@@ -1,15 +1,19 @@
-"""Feature files: images of one split -> the base's activations, as an HDF5 file (docs/design.md).
+"""Feature files: images of one split -> the base's activations, as an HDF5 table (docs/design.md).
 
-Extraction streams batches through the feature model and keeps its progress in a work folder next
-to the output (`features/.train.h5.work/`): a fingerprint of everything the features depend on,
-and one `.npy` per finished chunk of rows, each written to a temp name and renamed. A killed run
-resumes from its last finished chunk when rerun with the same fingerprint; a changed input or
-parameter discards the folder. Once all chunks exist, the .h5 is assembled chunk by chunk under a
-temp name, renamed, and the work folder removed. Chunks hold whole batches, so a resumed run feeds
-the model exactly the batches a clean run would, and (with TF op determinism) gives the same bytes.
+Extraction cuts the split into shards of fixed rows (`chunk_rows`, a multiple of the batch size)
+and runs one job per shard on the engine of `compute.engine` (features/engine.py: this process,
+or a Ray actor pool); each worker writes its shard whole into a work folder next to the output
+(`features/.train.h5.work/`, with a fingerprint of everything the features depend on), under a
+temp name then renamed. A killed run resumes from the shards it finished when rerun with the same
+fingerprint; a changed input or parameter discards the folder. Once all shards exist, they move
+into `features/train.shards/` with a manifest of their hashes, and `features/train.h5` is written
+under a temp name and renamed: labels, paths, attributes, and `features` as a virtual dataset over
+the shards (features/shards.py). A shard holds whole batches from its first row, so any worker
+feeds the model exactly the batches a one-process run would, and (with TF op determinism) the
+bytes are the same whatever the engine and the number of workers.
 
-HDF5 bytes are deterministic: no timestamps (`track_times=False`), fixed dtypes and chunk shapes,
-no compression, attributes written in a fixed order.
+HDF5 bytes are deterministic: no timestamps (`track_times=False`), fixed dtypes, no compression,
+attributes written in a fixed order.
 """
 
 from __future__ import annotations
