@@ -1,4 +1,6 @@
-"""Extract stage: the backbone's features of every split, as features/{train,validation,test}.h5."""
+"""Extract stage: the backbone's features of every split, as features/{train,validation,test}.h5, and the
+cut they were taken at (features/cut.json; chosen by a linear probe on validation when backbone.layer or
+backbone.pooling is auto)."""
 
 import argparse
 
@@ -11,16 +13,21 @@ def main(argv=None):
                                              "store its features (resumable if interrupted).")
     ap.add_argument("--split-dir", default="data/split", help="folder of {train,validation,test}.csv and classes.json")
     ap.add_argument("--images", default="data/images", help="the image store the manifests point into")
-    ap.add_argument("--out", default="features", help="folder for {train,validation,test}.h5")
+    ap.add_argument("--out", default="features", help="folder for {train,validation,test}.h5 and cut.json")
+    ap.add_argument("--metrics", default="metrics/extract.json", help="the cut and its probe score (JSON)")
     args = ap.parse_args(argv)
     params = load_params()
 
+    from tlpipe.atomic import write_json
+    from tlpipe.features import cut
     from tlpipe.features.engine import Engine
-    from tlpipe.features.extract import BaseSpec, extract_splits
+    from tlpipe.features.extract import BaseSpec
+    from tlpipe.features.splits import extract_splits
 
     extract_splits(args.split_dir, args.images, args.out, BaseSpec.from_params(params.backbone),
                    batch_size=params.compute.batch_size, precision=params.compute.precision,
                    engine=Engine.from_params(params.compute))
+    write_json(args.metrics, cut.metrics(f"{args.out}/{cut.CUT_FILE}"))
 
 
 if __name__ == "__main__":

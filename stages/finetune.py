@@ -20,14 +20,16 @@ def main(argv=None):
     ap.add_argument("--model", default="models/finetuned.keras", help="full model to write")
     ap.add_argument("--metrics", default="metrics/finetune.json", help="final metrics to write")
     ap.add_argument("--live", default="dvclive/finetune", help="dvclive folder for the curves")
+    ap.add_argument("--cut", default="features/cut.json", help="the layer and pooling extract stored (features.cut)")
     args = ap.parse_args(argv)
     p = load_params()
 
+    from tlpipe.features.cut import with_cut
     from tlpipe.train.finetune import run_finetune
 
     run_finetune(cache=args.cache, split_dir=args.split_dir, images_dir=args.images,
                  model_in=args.model_in or f"models/{p.finetune.from_}.keras", model_out=args.model,
-                 metrics_out=args.metrics, live_dir=args.live, backbone=p.backbone, compute=p.compute,
+                 metrics_out=args.metrics, live_dir=args.live, backbone=with_cut(p.backbone, args.cut), compute=p.compute,
                  augment=p.augment, finetune=p.finetune, resume=p.train.resume, keep=p.train.keep,
                  patience=p.train.patience)
 

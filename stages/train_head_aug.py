@@ -18,15 +18,19 @@ def main(argv=None):
     ap.add_argument("--model", default="models/head_aug.keras", help="full model to write")
     ap.add_argument("--metrics", default="metrics/train_head_aug.json", help="final metrics to write")
     ap.add_argument("--live", default="dvclive/train_head_aug", help="dvclive folder for the curves")
+    ap.add_argument("--cut", default="features/cut.json", help="the layer and pooling extract stored (features.cut)")
+    ap.add_argument("--features", default="features/train.h5",
+                    help="the training split's stored features (statistics for head.standardize)")
     args = ap.parse_args(argv)
     p = load_params()
 
+    from tlpipe.features.cut import with_cut
     from tlpipe.train.head_aug import run_head_aug
 
     run_head_aug(cache=args.cache, split_dir=args.split_dir, images_dir=args.images, model_out=args.model,
-                 metrics_out=args.metrics, live_dir=args.live, backbone=p.backbone, compute=p.compute,
+                 metrics_out=args.metrics, live_dir=args.live, backbone=with_cut(p.backbone, args.cut), compute=p.compute,
                  head=p.head, head_aug=p.head_aug, augment=p.augment, resume=p.train.resume,
-                 keep=p.train.keep, patience=p.train.patience)
+                 keep=p.train.keep, patience=p.train.patience, train_features=args.features)
 
 
 if __name__ == "__main__":

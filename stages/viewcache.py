@@ -16,14 +16,16 @@ def main(argv=None):
     ap.add_argument("--split-dir", default="data/split", help="folder of {train,validation,test}.csv and classes.json")
     ap.add_argument("--images", default="data/images", help="the image store the manifests point into")
     ap.add_argument("--out", default="features/views.h5", help="cache file to write")
+    ap.add_argument("--cut", default="features/cut.json", help="the layer and pooling extract stored (features.cut)")
     args = ap.parse_args(argv)
     p = load_params()
 
+    from tlpipe.features.cut import with_cut
     from tlpipe.features.engine import Engine
     from tlpipe.features.viewcache import build_from_manifests
 
-    build_from_manifests(args.split_dir, args.images, args.out, backbone=p.backbone, augment=p.augment,
-                         compute=p.compute, unfreeze_from=p.finetune.unfreeze_from,
+    build_from_manifests(args.split_dir, args.images, args.out, backbone=with_cut(p.backbone, args.cut),
+                         augment=p.augment, compute=p.compute, unfreeze_from=p.finetune.unfreeze_from,
                          engine=Engine.from_params(p.compute))
 
 

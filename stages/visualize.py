@@ -23,6 +23,7 @@ def main(argv=None):
     ap.add_argument("--plots", default="plots", help="folder holding confusion/<model>.csv")
     ap.add_argument("--out", default="reports", help="writes <out>/index.html and <out>/viz/")
     ap.add_argument("--params", default="params.yaml", help="shown in the report")
+    ap.add_argument("--cut", default="features/cut.json", help="the cut extract stored, with the probe's table")
     args = ap.parse_args(argv)
     params = load_params(args.params)
 
@@ -30,7 +31,7 @@ def main(argv=None):
 
     page = build_report(args.models, args.split_dir, args.images, args.scores, args.train_metrics,
                         args.predictions, args.live, args.plots, args.out, params.visualize,
-                        load_params_text(args.params))
+                        load_params_text(args.params), cut_path=args.cut)
     print(f"wrote {page}")
 
 

@@ -175,6 +175,7 @@ FEATURES_PARAMS = {"backbone": {"layer": FEATURE_LAYER, "pooling": "avg"}}  # wh
 class HeadParams:
     """A small, fast `head` section."""
     units, dropout, lr, epochs, batch_size, seed = 16, 0.5, 1e-3, 3, 4, 1
+    standardize = True
 
 
 def write_features(path, features, labels, paths, attrs):
@@ -203,7 +204,15 @@ def feature_file(path: Path, n: int, classes=("cat", "dog"), image_size: int = F
                    {"backbone": backbone, "weights": "none", "weights_sha256": "", "layer": layer,
                     "pooling": "avg", "image_size": image_size, "preprocessing": "caffe",
                     "class_names": json.dumps(list(classes)), "tlpipe_format": 1})
+    write_cut(path.parent, layer, "avg")
     return path
+
+
+def write_cut(features_dir: Path, layer: str, pooling: str) -> None:
+    """features/cut.json as the extract stage writes it for a named layer and pooling."""
+    from tlpipe.features import cut
+
+    cut.write_cut(Path(features_dir) / cut.CUT_FILE, layer, pooling, "params", [])
 
 
 def make_feature_project(root, classes=("cat", "dog"), counts=None, seed=0):
@@ -243,6 +252,7 @@ def make_feature_project(root, classes=("cat", "dog"), counts=None, seed=0):
         files = [str(images / r[4]) for r in rows]
         feats = np.concatenate([fmodel(b).numpy() for b in image_dataset(files, FEATURE_SIZE, 16, "caffe")])
         write_features(root / "features" / f"{part}.h5", feats, [r[2] for r in rows], [r[0] for r in rows], attrs)
+    write_cut(root / "features", FEATURE_LAYER, "avg")
     return root
 
 

@@ -57,7 +57,7 @@ def test_unknown_section_lists_the_sections(raw):
         ("head", "lr", -1.0, "head.lr: Input should be greater than 0"),
         ("head", "epochs", "30", "head.epochs: Input should be a valid integer"),
         ("head", "dropout", 1.0, "head.dropout: Input should be less than 1"),
-        ("backbone", "pooling", "mean", "backbone.pooling: Input should be 'flatten', 'avg' or 'max'"),
+        ("backbone", "pooling", "mean", "backbone.pooling: Input should be 'flatten', 'avg', 'max' or 'auto'"),
         ("backbone", "name", "vgg17", "backbone.name: Input should be 'vgg16'"),
         ("backbone", "image_size", 8, "backbone.image_size: Input should be greater than or equal to 32"),
         ("augment", "fill_mode", "mirror", "augment.fill_mode"),

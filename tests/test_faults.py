@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 
 from imagegen import make_class_folders
-from helpers import FEATURES_PARAMS, feature_file, stage_cmd, tool_env, user_lines, write_params
+from helpers import FEATURES_PARAMS, feature_file, stage_cmd, tool_env, user_lines, write_cut, write_params
 
 PAUSE_HOOK = r"""
 import importlib, os, runpy, sys, time
@@ -180,6 +180,7 @@ def scenarios(tmp_path_factory):
     shutil.copytree(trn, trn.with_name("train-reference"))
     data_split(vc, 8, {"train": 0.5, "validation": 0.25, "test": 0.25})
     write_params(vc, {"compute": {"batch_size": 2}, "augment": {"views": 2}})
+    write_cut(vc / "features", "block5_pool", "flatten")  # as the extract stage would leave it
 
     def guarded(fn, project):
         try:
@@ -192,7 +193,9 @@ def scenarios(tmp_path_factory):
                    "train": pool.submit(guarded, train_scenario, trn),
                    "viewcache": pool.submit(guarded, viewcache_scenario, vc)}
         # The uninterrupted runs, in this process, while the stage processes work.
-        from tlpipe.features.extract import BaseSpec, extract_splits
+        from tlpipe.features.extract import BaseSpec
+        from tlpipe.features.splits import extract_splits
+        from tlpipe.features.cut import with_cut
         from tlpipe.features.viewcache import build_from_manifests
 
         ref = root / "reference"
@@ -200,7 +203,8 @@ def scenarios(tmp_path_factory):
         extract_splits(ext / "data/split", ext / "data/images", ref / "features", BaseSpec.from_params(p.backbone),
                        batch_size=p.compute.batch_size, precision=p.compute.precision)
         p = load_params(vc / "params.yaml")
-        build_from_manifests(vc / "data/split", vc / "data/images", ref / "views.h5", backbone=p.backbone,
+        build_from_manifests(vc / "data/split", vc / "data/images", ref / "views.h5",
+                             backbone=with_cut(p.backbone, vc / "features" / "cut.json"),
                              augment=p.augment, compute=p.compute, unfreeze_from=p.finetune.unfreeze_from,
                              progress=False)
         seen = {name: fut.result() for name, fut in futures.items()}
@@ -253,8 +257,8 @@ def test_extract_rerun_resumes_and_matches_an_uninterrupted_run_byte_for_byte(sc
     assert "extract train.h5" in seen["resumed"].stderr and "extract validation.h5" in seen["resumed"].stderr
     shards = [f"{s}.shards/{f}" for s in ("test", "train", "validation")
               for f in (["000000.h5", "000001.h5"] if s == "train" else ["000000.h5"]) + ["manifest.json"]]
-    assert seen["after_resume"] == sorted(["test.h5", "train.h5", "validation.h5", "test.shards", "train.shards",
-                                           "validation.shards", *shards])  # work folders removed
+    assert seen["after_resume"] == sorted(["cut.json", "test.h5", "train.h5", "validation.h5", "test.shards",
+                                           "train.shards", "validation.shards", *shards])  # work folders removed
     root = scenarios["root"]
     for name in ("train.h5", "validation.h5", "test.h5"):
         assert (root["extract"] / "features" / name).read_bytes() == \
@@ -309,9 +313,10 @@ def test_viewcache_killed_then_rerun_matches_an_uninterrupted_run(scenarios):
     assert seen["killed"] == -signal.SIGKILL
     # One shard per part here (8, 4 and 4 images; shards of 64): train's and validation's were written.
     assert seen["after_kill"] == [".views.h5.work", ".views.h5.work/fingerprint",
-                                  ".views.h5.work/train-000000.h5", ".views.h5.work/validation-000000.h5"]
+                                  ".views.h5.work/train-000000.h5", ".views.h5.work/validation-000000.h5",
+                                  "cut.json"]
     ok(seen["resumed"])
-    assert seen["after_resume"] == ["views.h5", "views.shards", "views.shards/manifest.json",
+    assert seen["after_resume"] == ["cut.json", "views.h5", "views.shards", "views.shards/manifest.json",
                                     "views.shards/test-000000.h5", "views.shards/train-000000.h5",
                                     "views.shards/validation-000000.h5"]
     root = scenarios["root"]

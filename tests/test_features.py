@@ -258,7 +258,7 @@ def test_manifest_problems_are_data_errors(extractor, split, tmp_path):
     assert not (tmp_path / "o.h5").exists()
 
 
-def test_extract_stage_writes_three_files(tmp_path, monkeypatch):
+def test_extract_stage_writes_three_files_the_cut_and_its_metrics(tmp_path, monkeypatch):
     data = tmp_path / "data"
     split_dir = data / "split"
     split_dir.mkdir(parents=True)
@@ -282,4 +282,10 @@ def test_extract_stage_writes_three_files(tmp_path, monkeypatch):
                                                 expect={"layer": "block3_pool", "pooling": "avg"})
         assert feats.shape == (3 + i, 256)
     assert sorted(p.name for p in (tmp_path / "features").iterdir()) == [
-        "test.h5", "test.shards", "train.h5", "train.shards", "validation.h5", "validation.shards"]
+        "cut.json", "test.h5", "test.shards", "train.h5", "train.shards", "validation.h5", "validation.shards"]
+    cut = json.loads((tmp_path / "features" / "cut.json").read_text())
+    assert (cut["layer"], cut["pooling"], cut["chosen_by"]) == ("block3_pool", "avg", "params")
+    assert [(r["layer"], r["pooling"], r["dim"]) for r in cut["probe"]] == [("block3_pool", "avg", 256)]
+    metrics = json.loads((tmp_path / "metrics" / "extract.json").read_text())
+    assert metrics == {"cut": {"layer": "block3_pool", "pooling": "avg",
+                               "probe_val_accuracy": cut["probe"][0]["val_accuracy"]}}

@@ -25,8 +25,9 @@ def make_project(root, params_override=None):
     images, rows = stored_cats_and_dogs(root)
     split = write_split(root, {"train": rows[0:4] + rows[6:10], "validation": [rows[4], rows[10]],
                                "test": [rows[5], rows[11]]})
-    raw = {"backbone": {"weights": "none", "image_size": SIZE}, "compute": {"batch_size": 4},
-           "head": {"units": 8, "dropout": 0.2}, "augment": {"views": 2},
+    # The cut named (as features/cut.json would give it): these tests are about training, not the probe.
+    raw = {"backbone": {"weights": "none", "image_size": SIZE, "layer": "block5_pool", "pooling": "flatten"}, "compute": {"batch_size": 4},
+           "head": {"units": 8, "dropout": 0.2, "standardize": False}, "augment": {"views": 2},
            "head_aug": {"epochs": 2, "batch_size": 4, "lr": 1e-3},
            "finetune": {"epochs": 1, "batch_size": 4, "lr": 1e-3}}
     for k, v in (params_override or {}).items():

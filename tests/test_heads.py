@@ -155,7 +155,8 @@ def test_stage_script_clear_error_without_features(tmp_path, monkeypatch, capsys
         run_stage(load_stage("train_head").main, ["--features", "nowhere"])
     assert exc.value.code == 1
     err = capsys.readouterr().err
-    assert err.strip().splitlines()[-1].startswith("error: nowhere/train.h5: feature file not found")
+    # The cut is read first: the folder holds no output of the extract stage at all.
+    assert err.strip().splitlines()[-1] == "error: nowhere/cut.json: not found; rerun the extract stage (`dvc repro extract`)"
     assert "Traceback" not in err
 
 

@@ -30,8 +30,9 @@ def make_project(root, mode="cached"):
                for r in (rows[4], rows[5], rows[10], rows[11])]
     split = write_split(root, {"train": rows[0:4] + rows[6:10], "validation": flipped,
                                "test": [rows[5], rows[11]]})
-    raw = {"backbone": {"weights": "none", "image_size": SIZE}, "compute": {"batch_size": 4},
-           "head": {"units": 8, "dropout": 0.2}, "augment": {"views": 2, "mode": mode},
+    # The cut named (as features/cut.json would give it): these tests are about training, not the probe.
+    raw = {"backbone": {"weights": "none", "image_size": SIZE, "layer": "block5_pool", "pooling": "flatten"}, "compute": {"batch_size": 4},
+           "head": {"units": 8, "dropout": 0.2, "standardize": False}, "augment": {"views": 2, "mode": mode},
            "head_aug": {"epochs": 5, "batch_size": 4, "lr": 1e-2},
            "finetune": {"epochs": 4, "batch_size": 4, "lr": 1e-3}}
     p = validate_params(raw)

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from helpers import (FEATURES_PARAMS, TF_NOISE, feature_file, stage_cmd, tool_env, user_lines,
+from helpers import (FEATURES_PARAMS, TF_NOISE, feature_file, stage_cmd, tool_env, user_lines, write_cut,
                      write_params)
 from imagegen import (image_bytes, make_class_folders, write_animated_gif, write_exif_rotated_jpeg, write_image,
                       write_text_as_image, write_truncated_jpeg, write_zero_byte)
@@ -371,6 +371,7 @@ def test_only_our_error_line_reaches_the_user(tmp_path):
     The viewcache stage imports TensorFlow before it finds its input missing; a user who set nothing
     sees our one line and nothing else."""
     write_params(tmp_path)
+    write_cut(tmp_path / "features", "block5_pool", "flatten")  # so the stage gets as far as TensorFlow
     env = {k: v for k, v in tool_env().items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "TLPIPE_VERBOSE")}
     proc = subprocess.run(stage_cmd("viewcache"), cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=420)

@@ -6,7 +6,9 @@ finetune.unfreeze_from against backbone.layer, so params are checked without bui
 
 BACKBONES = ("vgg16", "vgg19", "resnet50", "inception_v3", "xception", "mobilenet", "mobilenet_v2",
              "efficientnet_b0")  # features.backbones.ARCHS implements each (a test checks they match)
-POOLINGS = ("flatten", "avg", "max")  # backbone.pooling
+POOLINGS = ("flatten", "avg", "max")  # how a layer's output becomes one vector per image
+AUTO = "auto"  # backbone.layer, backbone.pooling, finetune.unfreeze_from: chosen by the pipeline
+POOLING_CHOICES = POOLINGS + (AUTO,)  # backbone.pooling: auto lets the extract stage's probe choose
 PRECISIONS = ("float32", "bfloat16")  # compute.precision
 ENGINES = ("local", "ray")  # compute.engine: where extract and viewcache run (outputs identical)
 STRATEGIES = ("auto", "default", "mirrored")  # compute.strategy: tf.distribute strategy for training
@@ -17,7 +19,7 @@ FINETUNE_FROM = ("head_aug", "head")  # finetune.from: the model fine-tuning sta
 TRAIN_KEEPS = ("best", "last")  # train.keep: the weights a training stage saves (best validation epoch, or last)
 
 # finetune.unfreeze_from: "auto" (the last conv block kept in the base), or a layer name.
-UNFREEZE_AUTO = "auto"
+UNFREEZE_AUTO = AUTO
 # The architectures whose layers are known by name without building them: VGG's blockN_convM and
 # blockN_pool, convolutions per block. config checks finetune.unfreeze_from against these lists
 # before any stage runs; other architectures' names are checked when their base is built.
@@ -31,6 +33,15 @@ def known_layers(backbone: str) -> tuple[str, ...] | None:
         return None
     return tuple(name for block, n in enumerate(convs, 1)
                  for name in (*(f"block{block}_conv{i}" for i in range(1, n + 1)), f"block{block}_pool"))
+
+
+def probe_layers(backbone: str) -> tuple[str, ...] | None:
+    """backbone.layer: auto's candidate cuts, shallow to deep: the last pooling layers of VGG's top three
+    blocks. None where the layers are not known by name (auto then keeps the base's last layer)."""
+    names = known_layers(backbone)
+    if names is None:
+        return None
+    return tuple(n for n in names if n.endswith("_pool"))[-3:]
 
 
 def unfreeze_layer(backbone: str, layer: str | None, unfreeze_from: str, names=None) -> str | None:

@@ -19,8 +19,9 @@ import re
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tlpipe.choices import (AUGMENT_MODES, BACKBONES, ENGINES, FILL_MODES, FINETUNE_FROM, MODEL_NAMES, POOLINGS,
-                            PRECISIONS, STRATEGIES, TRAIN_KEEPS, UNFREEZE_AUTO, known_layers, unfreeze_layer)
+from tlpipe.choices import (AUGMENT_MODES, AUTO, BACKBONES, ENGINES, FILL_MODES, FINETUNE_FROM, MODEL_NAMES,
+                            POOLING_CHOICES, PRECISIONS, STRATEGIES, TRAIN_KEEPS, UNFREEZE_AUTO, known_layers,
+                            probe_layers, unfreeze_layer)
 from tlpipe.data.manifests import SPLITS
 from tlpipe.errors import ConfigError
 
@@ -91,8 +92,9 @@ def check_split(split: dict) -> tuple[str, dict]:
 class BackboneParams(Section):
     name: Literal[BACKBONES] = "vgg16"  # type: ignore[valid-type]
     weights: str = "imagenet"
-    layer: str | None = None
-    pooling: Literal[POOLINGS] = "flatten"  # type: ignore[valid-type]
+    # auto: the extract stage's linear probe chooses (features/probe.py); null: the base's last layer.
+    layer: str | None = AUTO
+    pooling: Literal[POOLING_CHOICES] = AUTO  # type: ignore[valid-type]
     image_size: Annotated[int, Field(strict=True, ge=32, le=1024)] = 150
 
     @field_validator("weights")
@@ -120,6 +122,7 @@ HOW_KEYS = ("compute.engine", "compute.ray_address", "compute.strategy")
 class HeadParams(Section):
     units: PosInt = 256
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.5
+    standardize: bool = True  # a Normalization layer with the training features' statistics first
     lr: LearningRate = 2e-5
     epochs: PosInt = 30
     batch_size: PosInt = 20
@@ -215,7 +218,28 @@ class Params(Section):
         # work (the data stage included): an unfreeze_from after the cut would otherwise surface only
         # at train_head_aug. Architectures not known by name are checked when their base is built.
         b, unfreeze = self.backbone, self.finetune.unfreeze_from
-        resolved = unfreeze_layer(b.name, b.layer, unfreeze)
+        layer = b.layer
+        if layer == AUTO:
+            candidates = probe_layers(b.name)
+            if candidates is None:  # not known by name: auto keeps the base's last layer
+                return self._check_unfreeze(None)
+            if unfreeze == UNFREEZE_AUTO:
+                return self  # auto follows whichever cut the probe picks (shallowest: block3_pool)
+            # A named layer must lie in every candidate's base, whichever the probe picks.
+            unfreeze_layer(b.name, candidates[-1], unfreeze)  # a name the base lacks: that error first
+            try:
+                unfreeze_layer(b.name, candidates[0], unfreeze)
+            except ValueError:
+                raise ValueError(f"finetune.unfreeze_from: {unfreeze!r} lies after {candidates[0]}, so it is not in "
+                                 f"every cut backbone.layer: auto may choose ({', '.join(candidates)}); set "
+                                 f"backbone.layer to a cut that keeps it (e.g. {candidates[-1]}), or "
+                                 f"finetune.unfreeze_from: auto") from None
+            layer = candidates[0]
+        return self._check_unfreeze(layer)
+
+    def _check_unfreeze(self, layer: str | None) -> "Params":
+        b, unfreeze = self.backbone, self.finetune.unfreeze_from
+        resolved = unfreeze_layer(b.name, layer, unfreeze)
         names = known_layers(b.name)
         if self.augment.mode == "cached" and names and resolved == names[0]:
             which = f"auto resolves to {resolved}" if unfreeze == UNFREEZE_AUTO else repr(resolved)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from tlpipe.choices import POOLINGS, PRECISIONS
+from tlpipe.choices import AUTO, POOLINGS, PRECISIONS
 from tlpipe.errors import ConfigError, WeightsError
 
 IMAGENET, HED, NONE = "imagenet", "hed-bsds500", "none"
@@ -340,6 +340,9 @@ def resolve_layer(base, layer: str | None) -> str:
     valid = layer_names(base)
     if layer is None:
         return base.layers[-1].name
+    if layer == AUTO:  # only the extract stage resolves it; the stages after it read features/cut.json
+        raise ConfigError("backbone.layer: auto is chosen by the extract stage (features/cut.json); pass the "
+                          "cut it stored (tlpipe.features.cut.with_cut) or name a layer")
     if layer not in valid:
         raise ConfigError(f"backbone.layer: {base.name} has no layer {layer!r}; choose one of: "
                           f"{', '.join(valid)} (or null for the last one, {base.layers[-1].name})")
@@ -350,6 +353,9 @@ def pool_layer(pooling: str, **kwargs):
     """A new keras layer for `backbone.pooling` (POOLINGS); ConfigError for an unknown one."""
     import keras
 
+    if pooling == AUTO:
+        raise ConfigError("backbone.pooling: auto is chosen by the extract stage (features/cut.json); pass the "
+                          "cut it stored (tlpipe.features.cut.with_cut) or name a pooling")
     if pooling not in POOLINGS:
         raise ConfigError(f"backbone.pooling: {pooling!r} is not one of {', '.join(POOLINGS)}")
     return getattr(keras.layers, POOL_CLASSES[pooling])(**kwargs)

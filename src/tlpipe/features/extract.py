@@ -14,6 +14,10 @@ bytes are the same whatever the engine and the number of workers.
 
 HDF5 bytes are deterministic: no timestamps (`track_times=False`), fixed dtypes, no compression,
 attributes written in a fixed order.
+
+With backbone.layer or pooling `auto` the shards hold every candidate layer's activations
+(features.splits runs the probe on them); the published shards are then the chosen candidate's,
+one derived file per shard.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import numpy as np
 
 from tlpipe import atomic
 from tlpipe.features import shards
-from tlpipe.data.manifests import SPLITS, manifest_rows, read_class_names
+from tlpipe.data.manifests import manifest_rows
 from tlpipe.errors import DataError, FeatureFileError
 
 FORMAT = 1
@@ -57,29 +61,65 @@ class BaseSpec:
 
 
 class Extractor:
-    """A built feature model and the metadata stored with its features; build once, use per split."""
+    """A built feature model and the metadata stored with its features; build once, use per split.
+
+    With backbone.layer or backbone.pooling `auto` (`probing`), the model gives every candidate layer's
+    activations, flattened side by side (`raw` takes one layer's back out); the probe then picks one
+    (layer, pooling) (features.splits). Otherwise it gives the features themselves."""
 
     def __init__(self, spec: BaseSpec, precision: str = "float32"):
+        import keras
+
+        from tlpipe.choices import AUTO, POOLINGS, probe_layers
         from tlpipe.features import backbones
 
         self.spec = spec
         self.precision = precision
         base = backbones.build_base(spec.name, spec.weights, spec.image_size, precision)
-        self.layer = backbones.resolve_layer(base, spec.layer)
-        self.model = backbones.feature_model(base, self.layer, spec.pooling)
+        layers = [backbones.resolve_layer(base, None if spec.layer == AUTO else spec.layer)]
+        if spec.layer == AUTO and probe_layers(spec.name):
+            layers = list(probe_layers(spec.name))
+        poolings = list(POOLINGS) if spec.pooling == AUTO else [spec.pooling]
+        self.candidates = [(layer, pooling) for layer in layers for pooling in poolings]
+        self.probing = AUTO in (spec.layer, spec.pooling)
+        if self.probing:
+            self.layer = None
+            self.shapes = {layer: tuple(int(d) for d in base.get_layer(layer).output.shape[1:]) for layer in layers}
+            flat = [keras.layers.Flatten(dtype="float32", name=f"raw_{layer}")(base.get_layer(layer).output)
+                    for layer in layers]
+            out = flat[0] if len(flat) == 1 else keras.layers.Concatenate(dtype="float32", name="candidates")(flat)
+            self.model = keras.Model(base.input, out, name=f"{base.name}_candidates")
+        else:
+            self.layer = layers[0]
+            self.model = backbones.feature_model(base, self.layer, spec.pooling)
         self.dim = int(self.model.output_shape[-1])
         self.preprocessing = backbones.preprocessing_name(spec.name, spec.weights)
         self.weights_sha256 = backbones.weights_sha256(spec.name, spec.weights, spec.image_size)
         self._infer = None
 
-    def attrs(self, class_names: Sequence[str]) -> dict:
-        """The attributes of a feature file, in the order they are written."""
+    def raw(self, rows: np.ndarray, layer: str) -> np.ndarray:
+        """`layer`'s (N, H, W, C) activations out of probing rows."""
+        start = 0
+        for name, shape in self.shapes.items():
+            size = int(np.prod(shape))
+            if name == layer:
+                return rows[:, start:start + size].reshape(len(rows), *shape)
+            start += size
+        raise KeyError(layer)
+
+    def pooled_dim(self, layer: str, pooling: str) -> int:
+        shape = self.shapes[layer]
+        return int(np.prod(shape)) if pooling == "flatten" else shape[-1]
+
+    def attrs(self, class_names: Sequence[str], layer: str | None = None, pooling: str | None = None) -> dict:
+        """The attributes of a feature file, in the order they are written (`layer`, `pooling`: the
+        probe's choice when probing)."""
         return {
             "backbone": self.spec.name,
             "weights": self.spec.weights,
             "weights_sha256": self.weights_sha256 or "",
-            "layer": self.layer,
-            "pooling": self.spec.pooling,
+            "layer": layer or self.layer,
+            "pooling": pooling or self.spec.pooling,
             "image_size": int(self.spec.image_size),
             "preprocessing": self.preprocessing,
             "class_names": json.dumps(list(class_names)),
@@ -126,6 +166,7 @@ def fingerprint(extractor: Extractor, files, labels, paths, class_names, batch_s
         "format": FORMAT,
         "spec": asdict(extractor.spec),
         "layer": extractor.layer,
+        "candidates": extractor.candidates if extractor.probing else None,
         "preprocessing": extractor.preprocessing,
         "weights_sha256": extractor.weights_sha256,
         "precision": extractor.precision,
@@ -199,6 +240,119 @@ class ExtractWorker:
         return np.concatenate(out).astype(np.float32)
 
 
+@dataclass
+class SplitWork:
+    """One split's finished shards in its work folder, ready to assemble."""
+
+    out: Path
+    work: Path
+    labels: list
+    paths: list
+    chunk_rows: int
+    entries: list  # per shard: file, start, rows, sha256, bytes (in row order)
+    fingerprint: str
+
+    @property
+    def n(self) -> int:
+        return len(self.labels)
+
+    def chunks(self):
+        """Each shard's rows in order, one shard in memory at a time."""
+        import h5py
+
+        for e in self.entries:
+            with h5py.File(self.work / e["file"], "r") as f:
+                yield f[shards.DATA][()]
+
+    def rows(self, index: np.ndarray) -> np.ndarray:
+        """The rows at sorted `index`, one shard read at a time."""
+        parts = []
+        for i, chunk in enumerate(self.chunks()):
+            local = index[(index >= i * self.chunk_rows) & (index < (i + 1) * self.chunk_rows)] - i * self.chunk_rows
+            if len(local):
+                parts.append(np.asarray(chunk[local]))
+        return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+
+
+def _write_errors(out: Path, work: Path):
+    """OSError while extracting -> FeatureFileError saying what to do (finished shards are kept)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def guard():
+        try:
+            yield
+        except OSError as exc:
+            if _is_disk_full(exc):
+                raise FeatureFileError(
+                    f"{out}: disk full while writing features ({exc.strerror or exc}); free some space and "
+                    f"{RERUN}: finished shards in {work} are kept and reused"
+                ) from None
+            raise FeatureFileError(f"{out}: cannot write features ({exc}); fix the folder and {RERUN}") from None
+
+    return guard()
+
+
+def compute_split(manifest_csv, images_dir, out_h5, extractor: Extractor, classes: Sequence[str],
+                  batch_size: int = 32, chunk_rows: int | None = None, engine=None) -> SplitWork:
+    """Run one split's images through `extractor` into shard files in its work folder (resumable; see
+    the module docstring), on `engine` (a features.engine.Engine; None: this process)."""
+    from tqdm import tqdm
+
+    out = Path(out_h5)
+    files, labels, paths = manifest_rows(manifest_csv, images_dir, classes)
+    chunk_rows = chunk_rows or default_chunk_rows(batch_size)
+    if chunk_rows % batch_size:
+        raise ValueError(f"chunk_rows ({chunk_rows}) must be a multiple of batch_size ({batch_size})")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = work_dir(out).absolute()  # workers elsewhere (Ray) do not share this process's cwd
+    n, dim = len(files), extractor.dim
+    with _write_errors(out, work):
+        fp = fingerprint(extractor, files, labels, paths, classes, batch_size, chunk_rows)
+        prepare_work(work, fp)
+        reuse = shards.reusable(out, fp)
+        final = shards.shards_dir(out).absolute()
+        jobs = []
+        for i, (s, e) in enumerate(shards.ranges(n, chunk_rows)):
+            name = shards.shard_name(i)
+            jobs.append({"shard": name, "start": s, "files": [os.path.abspath(f) for f in files[s:e]],
+                         "target": str(work / name), "shape": [e - s, dim], "dtype": "float32",
+                         "reuse": [str(final / name), reuse[name]] if name in reuse else None})
+        sizes = {j["shard"]: len(j["files"]) for j in jobs}
+        done = all(Path(j["target"]).exists() for j in jobs)  # nothing to compute: no bar
+        run = engine.run if engine is not None else shards.run_local
+        with tqdm(total=n, unit="img", desc=f"extract {out.name}", file=sys.stderr, dynamic_ncols=True,
+                  disable=done) as bar:
+            results = run(jobs, ExtractWork(extractor.spec, extractor.precision, batch_size, extractor),
+                          progress=lambda r: bar.update(sizes[r["shard"]]))
+    entries = [{"file": j["shard"], "start": j["start"], "rows": len(j["files"]),
+                "sha256": results[j["shard"]]["sha256"], "bytes": results[j["shard"]]["bytes"]} for j in jobs]
+    return SplitWork(out, work, list(labels), list(paths), chunk_rows, entries, fp)
+
+
+def assemble_split(split: SplitWork, dim: int, attrs: dict, select=None) -> Path:
+    """Publish the split's shards and write its .h5 over them (`select`: rows -> stored features,
+    each shard then derived into a new one; None: the shards as they are, linked, so the work
+    folder stays whole until the caller removes it)."""
+    with _write_errors(split.out, split.work):
+        entries, source, fp = split.entries, split.work, split.fingerprint
+        if select is not None:
+            source = split.work / "selected"
+            shutil.rmtree(source, ignore_errors=True)
+            entries = []
+            for e, rows in zip(split.entries, split.chunks()):
+                shards.write_shard(source / e["file"], np.ascontiguousarray(select(rows), np.float32))
+                entries.append({**e, "sha256": shards.file_sha256(source / e["file"]),
+                                "bytes": (source / e["file"]).stat().st_size})
+            # Not the raw shards' fingerprint: a later run must not take these for raw candidates.
+            fp = hashlib.sha256(f"{fp} {attrs['layer']} {attrs['pooling']}".encode()).hexdigest()
+        manifest_sha = shards.publish(split.out, source, entries, fp, keep=select is None)
+        _write_table(split.out, split.n, dim, entries, split.labels, split.paths,
+                     {**attrs, "shards_sha256": manifest_sha})
+    return split.out
+
+
 def extract_split(
     manifest_csv,
     images_dir,
@@ -214,78 +368,25 @@ def extract_split(
     engine=None,
 ) -> Path:
     """Extract the features of one split into `out_h5` and its shard folder (resumable; see the
-    module docstring).
+    module docstring); for a spec that names its layer and pooling (`auto` needs every split: see
+    `features.splits`).
 
     `extractor`: a prebuilt `Extractor(spec, precision)`, to build the model once for all splits.
     `chunk_rows`: rows per shard, a multiple of `batch_size` (default ~256).
-    `keep_work`: leave the finished shards for the caller to remove (see `extract_splits`).
+    `keep_work`: leave the finished shards for the caller to remove (see `features.splits`).
     `engine`: a features.engine.Engine (compute.engine) to run the shards on; None: this process.
     """
-    from tqdm import tqdm
-
-    out = Path(out_h5)
-    files, labels, paths = manifest_rows(manifest_csv, images_dir, classes)
     if extractor is None:
         extractor = Extractor(spec, precision)
     elif extractor.spec != spec or extractor.precision != precision:
         raise ValueError("extractor was built for another spec or precision")
-    chunk_rows = chunk_rows or default_chunk_rows(batch_size)
-    if chunk_rows % batch_size:
-        raise ValueError(f"chunk_rows ({chunk_rows}) must be a multiple of batch_size ({batch_size})")
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = work_dir(out).absolute()  # workers elsewhere (Ray) do not share this process's cwd
-    n, dim = len(files), extractor.dim
-    try:
-        fp = fingerprint(extractor, files, labels, paths, classes, batch_size, chunk_rows)
-        prepare_work(work, fp)
-        reuse = shards.reusable(out, fp)
-        final = shards.shards_dir(out).absolute()
-        jobs = [{"shard": shards.shard_name(i), "start": s, "files": [os.path.abspath(f) for f in files[s:e]],
-                 "target": str(work / shards.shard_name(i)), "shape": [e - s, dim], "dtype": "float32",
-                 "reuse": [str(final / shards.shard_name(i)), reuse[shards.shard_name(i)]]
-                 if shards.shard_name(i) in reuse else None}
-                for i, (s, e) in enumerate(shards.ranges(n, chunk_rows))]
-        sizes = {j["shard"]: len(j["files"]) for j in jobs}
-        done = all(Path(j["target"]).exists() for j in jobs)  # nothing to compute: no bar
-        run = engine.run if engine is not None else shards.run_local
-        with tqdm(total=n, unit="img", desc=f"extract {out.name}", file=sys.stderr, dynamic_ncols=True,
-                  disable=done) as bar:
-            results = run(jobs, ExtractWork(spec, precision, batch_size, extractor),
-                          progress=lambda r: bar.update(sizes[r["shard"]]))
-        entries = [{"file": j["shard"], "start": j["start"], "rows": len(j["files"]),
-                    "sha256": results[j["shard"]]["sha256"], "bytes": results[j["shard"]]["bytes"]} for j in jobs]
-        manifest_sha = shards.publish(out, work, entries, fp, keep=keep_work)
-        _write_table(out, n, dim, entries, labels, paths, {**extractor.attrs(classes), "shards_sha256": manifest_sha})
-    except OSError as exc:
-        if _is_disk_full(exc):
-            raise FeatureFileError(
-                f"{out}: disk full while writing features ({exc.strerror or exc}); free some space and "
-                f"{RERUN}: finished shards in {work} are kept and reused"
-            ) from None
-        raise FeatureFileError(f"{out}: cannot write features ({exc}); fix the folder and {RERUN}") from None
+    if extractor.probing:
+        raise ValueError("backbone.layer/pooling auto choose on the validation split: use features.splits")
+    split = compute_split(manifest_csv, images_dir, out_h5, extractor, classes, batch_size, chunk_rows, engine)
+    assemble_split(split, extractor.dim, extractor.attrs(classes))
     if not keep_work:
-        shutil.rmtree(work, ignore_errors=True)
-    return out
-
-
-def extract_splits(split_dir, images_dir, out_dir, spec: BaseSpec, batch_size: int = 32,
-                   precision: str = "float32", splits: Sequence[str] = SPLITS, engine=None) -> list[Path]:
-    """`<out_dir>/<split>.h5` for each split manifest `<split_dir>/<split>.csv`, one model for all."""
-    split_dir, out_dir = Path(split_dir), Path(out_dir)
-    classes = read_class_names(split_dir / "classes.json")
-    extractor = Extractor(spec, precision)
-    # Work folders stay until every split is done (their shards are linked into the outputs, not
-    # moved): DVC deletes a stage's outputs before rerunning it, so a kill during `validation`
-    # would otherwise re-extract all of `train`.
-    outs = [
-        extract_split(split_dir / f"{name}.csv", images_dir, out_dir / f"{name}.h5", spec, classes,
-                      batch_size, precision, extractor=extractor, keep_work=True, engine=engine)
-        for name in splits
-    ]
-    for out in outs:
-        shutil.rmtree(work_dir(out), ignore_errors=True)
-    return outs
+        shutil.rmtree(split.work, ignore_errors=True)
+    return split.out
 
 
 def _write_table(out: Path, n: int, dim: int, entries: list[dict], labels, paths, attrs: dict) -> None:

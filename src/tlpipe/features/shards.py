@@ -85,6 +85,7 @@ def write_shard(path, array: np.ndarray) -> None:
     """One finished shard, atomically and synced: a shard file that exists is complete."""
     import h5py
 
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     check_room(Path(path).parent, array.nbytes + (64 << 10))  # data + HDF5's metadata
     with atomic.target(path, fsync=True) as tmp:
         with h5py.File(tmp, "w", libver=("earliest", "v110")) as f:

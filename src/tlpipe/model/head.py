@@ -6,15 +6,39 @@ import keras
 
 from tlpipe.errors import ConfigError
 
+import numpy as np
+
 # Layer names are part of the model format: modelio copies and finds the head by them.
 HEAD_LAYERS = ("head_dense", "head_dropout", "head_out")
+# head.standardize: a Normalization layer before head_dense, its statistics fixed in its config.
+HEAD_NORM = "head_norm"
 
 
-def build_head(input_dim: int, n_classes: int, units: int = 256, dropout: float = 0.5, seed: int = 42) -> keras.Model:
+def head_layers(model) -> tuple[str, ...]:
+    """The head's layer names in `model`, in order (models saved before head.standardize have no norm)."""
+    names = {layer.name for layer in model.layers}
+    return ((HEAD_NORM,) if HEAD_NORM in names else ()) + HEAD_LAYERS
+
+
+def feature_stats(x) -> tuple[list[float], list[float]]:
+    """(mean, variance) per feature of the training features `x` (N x D), summed in float64 so they do not
+    depend on how the rows are split. A feature constant in training (a dead ReLU) gets variance 1, not ~0:
+    Keras would divide by its epsilon, and any value it takes on a new image would explode."""
+    x = np.asarray(x)
+    mean = x.mean(axis=0, dtype=np.float64)
+    var = x.var(axis=0, dtype=np.float64)
+    var[var <= 1e-12] = 1.0
+    return mean.astype(np.float32).tolist(), var.astype(np.float32).tolist()
+
+
+def build_head(input_dim: int, n_classes: int, units: int = 256, dropout: float = 0.5, seed: int = 42,
+               stats: tuple | None = None) -> keras.Model:
     """Features (N x input_dim) -> class probabilities.
 
     Two classes: one sigmoid unit giving P(class index 1), as in the book. More: a softmax.
     Initialisers and dropout are seeded here so the head does not depend on global RNG state.
+    `stats`: (mean, variance) of the training features (feature_stats): the head standardises its input
+    first (head.standardize), and the saved model carries them.
     """
     if int(n_classes) < 2:
         raise ConfigError(f"the head needs at least 2 classes, got {n_classes}; check the data split's classes")
@@ -25,11 +49,14 @@ def build_head(input_dim: int, n_classes: int, units: int = 256, dropout: float 
     if not 0 <= float(dropout) < 1:
         raise ConfigError(f"head.dropout must be in [0, 1), got {dropout}")
     binary = int(n_classes) == 2
-    inputs = keras.Input(shape=(int(input_dim),), name="features")
+    inputs = x = keras.Input(shape=(int(input_dim),), name="features")
+    if stats is not None:
+        mean, variance = stats
+        x = keras.layers.Normalization(mean=mean, variance=variance, name=HEAD_NORM, dtype="float32")(x)
     x = keras.layers.Dense(
         int(units), activation="relu", name=HEAD_LAYERS[0],
         kernel_initializer=keras.initializers.GlorotUniform(seed=seed),
-    )(inputs)
+    )(x)
     x = keras.layers.Dropout(float(dropout), seed=seed + 1, name=HEAD_LAYERS[1])(x)
     # The output layer computes in float32 even under a bfloat16 policy: probabilities need the range.
     outputs = keras.layers.Dense(

@@ -27,7 +27,7 @@ from tlpipe import atomic
 from tlpipe.errors import FeatureFileError, ModelFileError
 from tlpipe.choices import POOLINGS
 from tlpipe.features.backbones import pool_layer
-from tlpipe.model.head import HEAD_LAYERS
+from tlpipe.model.head import HEAD_LAYERS, head_layers
 
 # Keys of the metadata dict (model_info); assemble fills tlpipe_version itself.
 INFO_KEYS = (
@@ -122,7 +122,7 @@ def assemble(base: keras.Model, layer: str | None, pooling: str, head: keras.Mod
             f"features stage (dvc repro)"
         )
     copies = []
-    for lname in HEAD_LAYERS:
+    for lname in head_layers(head):
         src = head.get_layer(lname)
         copy = src.__class__.from_config(src.get_config())
         x = copy(x)
@@ -163,10 +163,11 @@ def model_info(model: keras.Model) -> dict:
 def head_submodel(model: keras.Model) -> keras.Model:
     """Pooled features -> probabilities, sharing the full model's head layers (for stored features)."""
     try:
-        layers = [model.get_layer(n) for n in HEAD_LAYERS]
+        layers = [model.get_layer(n) for n in head_layers(model)]
     except ValueError:
         raise ModelFileError(f"model {model.name!r} lacks the head layers {', '.join(HEAD_LAYERS)}") from None
-    features = keras.Input(shape=(int(layers[0].kernel.shape[0]),), name="features", dtype="float32")
+    width = int(model.get_layer(HEAD_LAYERS[0]).kernel.shape[0])
+    features = keras.Input(shape=(width,), name="features", dtype="float32")
     x = features
     for layer in layers:
         x = layer(x)

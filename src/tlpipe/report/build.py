@@ -165,12 +165,26 @@ def _gradcam_section(model, name, predictions_dir, files, paths, classes, size, 
     return section
 
 
+def _cut_section(cut_path) -> rpt.Section:
+    """The layer and pooling the features were taken at, and the linear probe's table (features.cut)."""
+    from tlpipe.features.cut import read_cut
+
+    c = read_cut(cut_path)
+    rows = {f"{r['layer']} {r['pooling']}": {"dim": r["dim"], "val_accuracy": r["val_accuracy"],
+                                             "val_loss": r["val_loss"]} for r in c.get("probe") or []}
+    how = ("chosen by a linear probe (logistic regression on the training split, scored on validation)"
+           if c.get("chosen_by") == "probe" else "named in params.yaml; its linear-probe score below")
+    return rpt.Section("cut", "The cut", f"Features taken at {c['layer']}, pooling {c['pooling']}: {how}.",
+                       table=rpt.metrics_table(rows, first="layer, pooling", empty="No probe ran."), empty="")
+
+
 def build_report(models_dir, split_dir, images_dir, scores_path, train_metrics, predictions_dir, live_dir,
-                 plots_dir, out_dir, viz, params_text: str) -> Path:
+                 plots_dir, out_dir, viz, params_text: str, cut_path=None) -> Path:
     """Everything the visualize stage writes; `viz` is the params.yaml `visualize` section.
 
     scores_path: the evaluate stage's scores of every model (overall and per class);
-    train_metrics: the training stages' metrics files (best epoch, validation accuracy).
+    train_metrics: the training stages' metrics files (best epoch, validation accuracy);
+    cut_path: features/cut.json (None: no section on the cut).
     """
     from tlpipe.data.manifests import manifest_rows, read_class_names
     from tlpipe.model.saved import load_model, model_info
@@ -195,7 +209,8 @@ def build_report(models_dir, split_dir, images_dir, scores_path, train_metrics, 
     out_dir.mkdir(parents=True, exist_ok=True)
     img = atomic.temp_dir(out_dir / IMG_DIR)
     try:
-        sections = [_confusion_section(plots_dir, img, metrics, classes),
+        sections = ([_cut_section(cut_path)] if cut_path else []) + [
+                    _confusion_section(plots_dir, img, metrics, classes),
                     _curves_section(live_dir, train_metrics, img),
                     _gradcam_section(model, name, predictions_dir, files, paths, classes, size, viz, img)]
 

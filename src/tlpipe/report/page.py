@@ -178,7 +178,7 @@ def _fmt(v: float, count: bool = False) -> str:
 
 # The headline figures first (as `dvc exp show` has them), then the rest; unknown columns last.
 COLUMN_ORDER = ["best_epoch", "val_accuracy", "accuracy", "roc_auc", "loss", "precision", "recall", "f1", "n"]
-NOT_SCORES = {"n", "count", "support", "samples", "epochs", "best_epoch"}  # no "best" mark
+NOT_SCORES = {"n", "count", "support", "samples", "epochs", "best_epoch", "dim"}  # no "best" mark
 
 
 def metrics_table(metrics: dict[str, dict[str, float]], first: str = "model", mark_best: bool = True,
@@ -229,7 +229,7 @@ def _section(s: Section) -> str:
         parts.append(f'<p class="intro">{escape(s.intro)}</p>')
     if s.table:
         parts.append(s.table)
-    if not any(g.figures for g in s.groups):
+    if not any(g.figures for g in s.groups) and s.empty:
         parts.append(f'<p class="empty">{escape(s.empty)}</p>')
     for g in s.groups:
         if g.title:

@@ -86,7 +86,7 @@ def run_train_head(features_dir, model_out, metrics_out, live_dir, head, resume:
     train.patience (loop.fit). Writes `model_out` and the metrics file
     (loop.metrics_of); returns fit's summary with the per-epoch history.
     """
-    from tlpipe.model.head import build_head
+    from tlpipe.model.head import build_head, feature_stats
     from tlpipe.model.saved import assemble, save_model
     from tlpipe.train.compile import compile_classifier
     from tlpipe.atomic import write_json
@@ -94,9 +94,11 @@ def run_train_head(features_dir, model_out, metrics_out, live_dir, head, resume:
 
     data, attrs = read_stored_features(features_dir, backbone)
     n_classes = len(attrs["class_names"])
+    stats = feature_stats(data.train[0]) if head.standardize else None
     model = compile_classifier(build_head(data.train[0].shape[1], n_classes, head.units, head.dropout,
-                                          seed=head.seed), n_classes, head.lr)
-    settings = {"lr": float(head.lr), "units": int(head.units), "dropout": float(head.dropout)}
+                                          seed=head.seed, stats=stats), n_classes, head.lr)
+    settings = {"lr": float(head.lr), "units": int(head.units), "dropout": float(head.dropout),
+                "standardize": bool(head.standardize)}
     result = fit(model, data, head.epochs, head.batch_size, head.seed, live_dir, work_dir=work_dir_for(model_out),
                  resume=resume, fingerprint=settings, on_epoch_end=on_epoch_end, keep=keep, patience=patience)
 

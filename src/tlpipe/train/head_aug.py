@@ -7,9 +7,12 @@ from pathlib import Path
 
 def run_head_aug(*, cache, split_dir, images_dir, model_out, metrics_out, live_dir, backbone, compute,
                  head, head_aug, augment, resume: bool = False, on_epoch_end=None, keep: str = "best",
-                 patience: int | None = None) -> dict:
+                 patience: int | None = None, train_features=None) -> dict:
     """Build the model, choose the data (augment.mode), fit, save the full model and the metrics file;
-    returns fit's summary with the per-epoch history. keep, patience: train.keep, train.patience."""
+    returns fit's summary with the per-epoch history. keep, patience: train.keep, train.patience.
+    `train_features`: the training split's stored features (features/train.h5), whose statistics the
+    head standardises with when head.standardize (plain images at the same cut: the views' own
+    statistics would need a pass over every view, and online mode has none stored)."""
     from tlpipe.data.manifests import read_class_names
     from tlpipe.train.augmented import RunSettings, cache_expect, choose_data, fit_and_save
     from tlpipe.atomic import write_json
@@ -18,7 +21,15 @@ def run_head_aug(*, cache, split_dir, images_dir, model_out, metrics_out, live_d
 
     classes = read_class_names(Path(split_dir) / "classes.json")
     run = RunSettings.from_params(head_aug)
-    full = new_model(backbone, compute.precision, head.units, head.dropout, run.seed, classes)
+    stats = None
+    if head.standardize:
+        from tlpipe.features.extract import read_features
+        from tlpipe.model.head import feature_stats
+
+        x = read_features(train_features, expect={"layer": backbone.layer, "pooling": backbone.pooling,
+                                                  "class_names": list(classes)})[0]
+        stats = feature_stats(x)
+    full = new_model(backbone, compute.precision, head.units, head.dropout, run.seed, classes, stats=stats)
     model, data = choose_data(full, augment, run.seed, cache=cache, split_dir=split_dir, images_dir=images_dir,
                               expect=cache_expect(backbone, augment, compute, classes))
     with data:

@@ -13,7 +13,7 @@ def cached_training_model(full, boundary: str):
     """Boundary activations -> probabilities, sharing the suffix, pool and head layers of `full`."""
     import keras
 
-    from tlpipe.model.head import HEAD_LAYERS
+    from tlpipe.model.head import head_layers
 
     base = full.get_layer("base")
     try:
@@ -33,7 +33,7 @@ def cached_training_model(full, boundary: str):
     x = inputs = keras.Input(shape=tuple(start.output.shape[1:]), name="activations",
                              dtype=start.output.dtype)
     x = full.get_layer("pool")(suffix(x))
-    for name in HEAD_LAYERS:
+    for name in head_layers(full):
         x = full.get_layer(name)(x)
     return keras.Model(inputs, x, name=f"{full.name}_from_{boundary}")
 
@@ -82,8 +82,10 @@ def freeze_batchnorm(model) -> None:
     walk(model)
 
 
-def new_model(backbone, precision: str, units: int, dropout: float, seed: int, class_names, base=None):
-    """A full model with a fresh head (seeded) on the frozen base (`backbone`: params.backbone)."""
+def new_model(backbone, precision: str, units: int, dropout: float, seed: int, class_names, base=None,
+              stats=None):
+    """A full model with a fresh head (seeded) on the frozen base (`backbone`: params.backbone with the
+    cut); `stats`: the head standardises its input with them (model.head.build_head)."""
     from tlpipe.features import backbones
     from tlpipe.model.head import build_head
     from tlpipe.model.saved import assemble, truncate_base
@@ -93,7 +95,7 @@ def new_model(backbone, precision: str, units: int, dropout: float, seed: int, c
     layer = backbones.resolve_layer(base, backbone.layer)
     width = _pooled_width(truncate_base(base, layer), backbone.pooling)
     with backbones.dtype_policy(precision):
-        head = build_head(width, len(class_names), units, dropout, seed=int(seed))
+        head = build_head(width, len(class_names), units, dropout, seed=int(seed), stats=stats)
     info = _info(backbone, class_names, layer, None)
     return assemble(base, layer, backbone.pooling, head, info, name="head_aug")
 
