@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tlpipe.choices import PRECISIONS
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 DEFAULT_SOURCE = "/work/shared/datasets/cats_and_dogs_filtered"
@@ -51,7 +53,7 @@ def main(argv=None) -> None:
     ap.add_argument("--layer", default=None)
     ap.add_argument("--pooling", default="flatten")
     ap.add_argument("--image-size", type=int, default=150)
-    ap.add_argument("--precision", default="float32", choices=("float32", "bfloat16"))
+    ap.add_argument("--precision", default="float32", choices=PRECISIONS)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=2, help="interleaved memory/disk rounds; the best of each counts")
     args = ap.parse_args(argv)

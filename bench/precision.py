@@ -1,10 +1,12 @@
-"""Benchmark: compute.precision bfloat16 against float32, speed and test accuracy, in one run.
+"""Benchmark: compute.precision bfloat16 (or mixed_float16 on a GPU) against float32, speed and accuracy.
+
+Both in one run (--against picks the precision compared).
 
 On the same split of real photos, for each precision:
   - the extract stage's real path (files -> tf.data -> feature model -> HDF5) over every split,
     images/s (the model is built and traced before the clock starts);
   - the train_head stage on those features (same head seed and settings), then its test accuracy.
-Also prints how far the bfloat16 features are from the float32 ones (relative L2 error), and the
+Also prints how far the other precision's features are from the float32 ones (relative L2 error), and the
 paired difference of test accuracy with a 95% bootstrap interval.
 
     python bench/precision.py --train-per-class 200 --val-per-class 50 --test-per-class 150
@@ -54,6 +56,8 @@ def main(argv=None) -> None:
     ap.add_argument("--epochs", type=int, default=30, help="head epochs (params.yaml default: 30)")
     ap.add_argument("--head-lr", type=float, default=2e-5)
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--against", default="bfloat16", choices=("bfloat16", "mixed_float16"),
+                    help="the precision compared with float32 (mixed_float16 needs a GPU)")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir)")
     args = ap.parse_args(argv)
     if not args.source.is_dir():
@@ -79,7 +83,7 @@ def main(argv=None) -> None:
           f"{args.weights}, head {args.epochs} epochs lr {args.head_lr}; {os.cpu_count()} CPUs", file=sys.stderr)
 
     result = {}
-    for precision in ("float32", "bfloat16"):
+    for precision in ("float32", args.against):
         keras.backend.clear_session()
         feats = work / precision
         seconds = extract(split, args.source, feats, spec, precision, args.batch_size)
@@ -94,14 +98,15 @@ def main(argv=None) -> None:
                              "train": read_features(feats / "train.h5")[0].astype(np.float64)}
         print(f"# {precision}: {n / seconds:.2f} images/s, test accuracy {correct.mean():.3f}", file=sys.stderr)
 
-    f32, bf16 = result["float32"], result["bfloat16"]
+    other = args.against
+    f32, bf16 = result["float32"], result[other]
     rel = np.linalg.norm(bf16["train"] - f32["train"]) / np.linalg.norm(f32["train"])
     diff, lo, hi = paired_difference(bf16["correct"], f32["correct"])
-    print(f"extract images/s: float32 {n / f32['seconds']:.2f}, bfloat16 {n / bf16['seconds']:.2f} "
-          f"-> bfloat16 is {f32['seconds'] / bf16['seconds']:.2f}x the speed of float32")
-    print(f"features: bfloat16 vs float32 relative L2 error {rel:.4f}")
+    print(f"extract images/s: float32 {n / f32['seconds']:.2f}, {other} {n / bf16['seconds']:.2f} "
+          f"-> {other} is {f32['seconds'] / bf16['seconds']:.2f}x the speed of float32")
+    print(f"features: {other} vs float32 relative L2 error {rel:.4f}")
     print(f"test accuracy ({len(f32['correct'])} images): float32 {f32['correct'].mean():.3f}, "
-          f"bfloat16 {bf16['correct'].mean():.3f}; bfloat16 - float32 = {100 * diff:+.1f} points "
+          f"{other} {bf16['correct'].mean():.3f}; {other} - float32 = {100 * diff:+.1f} points "
           f"(95% paired bootstrap interval {100 * lo:+.1f} .. {100 * hi:+.1f})")
 
 

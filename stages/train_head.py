@@ -20,7 +20,8 @@ def main(argv=None):
     from tlpipe.train.head import run_train_head
 
     run_train_head(args.features, args.model, args.metrics, args.live, params.head, resume=params.train.resume,
-                   backbone=with_cut(params.backbone, f"{args.features}/{CUT_FILE}"), keep=params.train.keep, patience=params.train.patience)
+                   backbone=with_cut(params.backbone, f"{args.features}/{CUT_FILE}"), keep=params.train.keep,
+                   patience=params.train.patience, strategy=params.compute.strategy)
 
 
 if __name__ == "__main__":

@@ -156,6 +156,11 @@ def run_dir(tmp_path_factory) -> Path:
                 vals = [(0.9 if metric == "loss" else 0.5) * (0.9 ** e if metric == "loss" else 1 + 0.05 * e)
                         for e in range(5)]
                 (d / f"{metric}.tsv").write_text(f"step\t{metric}\n" + "".join(f"{e}\t{v}\n" for e, v in enumerate(vals)))
+    from tlpipe.features.cut import write_cut
+
+    write_cut(root / "features" / "cut.json", "block4_pool", "avg", "probe",
+              [{"layer": "block4_pool", "pooling": "flatten", "dim": 8192, "val_accuracy": 0.8, "val_loss": 0.45},
+               {"layer": "block4_pool", "pooling": "avg", "dim": 512, "val_accuracy": 0.84, "val_loss": 0.39}])
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["visualize"].update({"model": "finetuned", "images": 2, "layers": 4, "filters": 4, "filter_steps": 3,
                                 "filter_layers": ["block1_conv1", "block3_conv1"], "gradcam_per_class": 1})
@@ -216,10 +221,11 @@ def _parse(html: str) -> _Page:
 
 def test_report_page_and_images(rendered):
     page = _parse((rendered / "index.html").read_text())
-    assert page.ids[:1] == ["metrics"] and {"confusion", "curves", "gradcam", "activations", "filters",
+    assert page.ids[:1] == ["metrics"] and {"cut", "confusion", "curves", "gradcam", "activations", "filters",
                                             "params"} <= set(page.ids)
-    # test scores, per class, training: finetune.json is absent, so two training stages
-    assert page.tables == 3 and {"head", "head_aug", "0.8750", "0.4100", "0.8800"} <= set(page.cells)
+    # test scores, per class, the probe's table, training: finetune.json is absent, so two training stages
+    assert page.tables == 4 and {"head", "head_aug", "0.8750", "0.4100", "0.8800"} <= set(page.cells)
+    assert {"block4_pool flatten", "block4_pool avg", "8192", "0.8400", "0.3900"} <= set(page.cells)
     assert {"head_aug · cat", "head · dog", "0.8500"} <= set(page.cells)
     assert {"train_head", "train_head_aug", "0.8125", "0.6875", "4", "2"} <= set(page.cells)
     assert "finetune" not in page.cells
@@ -227,6 +233,7 @@ def test_report_page_and_images(rendered):
     # visualize.model is "finetuned", absent: the best model present is shown, with a note
     assert "showing 'head_aug' instead, the best test accuracy" in text and "true cat, predicted" in text
     assert "filter_steps: 3" in text  # the parameters block
+    assert "Features taken at block4_pool, pooling avg: chosen by a linear probe" in text
     srcs = page.imgs
     import pandas as pd
     pred = pd.read_csv(rendered / "predictions" / "head_aug.csv")
@@ -301,7 +308,7 @@ def test_page_loads_in_a_browser(rendered, tmp_path):
         check.unlink()
     assert dom.returncode == 0, dom.stderr[-2000:]
     page = _parse(dom.stdout)
-    assert page.tables == 3 and "head_aug" in page.cells
+    assert page.tables == 4 and "head_aug" in page.cells
     assert 'data-broken=""' in dom.stdout and f'data-images="{len(page.imgs)}"' in dom.stdout
     shot = tmp_path / "shot.png"
     res = _chromium(f"--screenshot={shot}", "--window-size=1280,2400", (rendered / "index.html").as_uri(),

@@ -193,15 +193,26 @@ def preprocess(images, mode: str | None):
     raise ConfigError(f"unknown preprocessing mode {mode!r}; choose from {', '.join(PREPROCESSING_MODES)}")
 
 
+# compute.precision -> the Keras dtype policy layers are built under (per choices.PRECISIONS).
+POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "mixed_float16": "mixed_float16"}
+
+
 @contextlib.contextmanager
 def dtype_policy(precision: str):
-    """Build layers under `precision` without leaking a global policy change."""
+    """Build layers under `precision` without leaking a global policy change. mixed_float16 without a
+    GPU stops here, before any work: a CPU emulates float16, many times slower than float32."""
     import keras
 
     if precision not in PRECISIONS:
         raise ConfigError(f"compute.precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if precision == "mixed_float16":
+        import tensorflow as tf
+
+        if not tf.config.list_physical_devices("GPU"):
+            raise ConfigError("compute.precision: mixed_float16 needs a GPU and TensorFlow sees none; use "
+                              "float32, or bfloat16 on a CPU with AVX-512 BF16 (see docs/benchmarks.md)")
     previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy("mixed_bfloat16" if precision == "bfloat16" else "float32")
+    keras.mixed_precision.set_global_policy(POLICIES[precision])
     try:
         yield
     finally:

@@ -58,7 +58,8 @@ def build_head(input_dim: int, n_classes: int, units: int = 256, dropout: float 
         kernel_initializer=keras.initializers.GlorotUniform(seed=seed),
     )(x)
     x = keras.layers.Dropout(float(dropout), seed=seed + 1, name=HEAD_LAYERS[1])(x)
-    # The output layer computes in float32 even under a bfloat16 policy: probabilities need the range.
+    # The output layer computes in float32 even under a bfloat16 or mixed_float16 policy, as Keras' mixed
+    # precision guide advises: the sigmoid/softmax and the loss need float32's range and precision.
     outputs = keras.layers.Dense(
         1 if binary else int(n_classes), activation="sigmoid" if binary else "softmax",
         name=HEAD_LAYERS[2], dtype="float32",

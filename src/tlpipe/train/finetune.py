@@ -20,19 +20,23 @@ def run_finetune(*, cache, split_dir, images_dir, model_in, model_out, metrics_o
     from tlpipe.atomic import write_json
     from tlpipe.train.loop import metrics_of
     from tlpipe.train.models import finetune_model
+    from tlpipe.train.strategy import training_strategy
 
     classes = read_class_names(Path(split_dir) / "classes.json")
-    full = finetune_model(model_in, backbone, compute.precision, finetune.unfreeze_from)
-    if model_info(full)["class_names"] != list(classes):
-        raise ModelFileError(f"{model_in}: trained for classes {model_info(full)['class_names']}, the split has "
-                             f"{classes}; rerun the stage that writes it")
-    run = RunSettings.from_params(finetune)
-    # auto resolved against the model's layer (finetune_model), as the viewcache stage resolved it.
-    expect = {**cache_expect(backbone, augment, compute, classes), "unfreeze_from": model_info(full)["trainable_from"]}
-    model, data = choose_data(full, augment, run.seed, cache=cache, split_dir=split_dir, images_dir=images_dir,
-                              expect=expect)
-    with data:
-        result = fit_and_save(full, model, data, run, live_dir=live_dir, model_path=model_out, resume=resume,
-                              on_epoch_end=on_epoch_end, keep=keep, patience=patience)
+    # The start model is loaded, the model built, compiled and fit in the strategy's scope.
+    with training_strategy(compute.strategy, finetune.batch_size).scope():
+        full = finetune_model(model_in, backbone, compute.precision, finetune.unfreeze_from)
+        if model_info(full)["class_names"] != list(classes):
+            raise ModelFileError(f"{model_in}: trained for classes {model_info(full)['class_names']}, the split "
+                                 f"has {classes}; rerun the stage that writes it")
+        run = RunSettings.from_params(finetune)
+        # auto resolved against the model's layer (finetune_model), as the viewcache stage resolved it.
+        expect = {**cache_expect(backbone, augment, compute, classes),
+                  "unfreeze_from": model_info(full)["trainable_from"]}
+        model, data = choose_data(full, augment, run.seed, cache=cache, split_dir=split_dir,
+                                  images_dir=images_dir, expect=expect)
+        with data:
+            result = fit_and_save(full, model, data, run, live_dir=live_dir, model_path=model_out,
+                                  resume=resume, on_epoch_end=on_epoch_end, keep=keep, patience=patience)
     write_json(metrics_out, metrics_of(result, model_out))
     return result

@@ -18,6 +18,7 @@ def run_head_aug(*, cache, split_dir, images_dir, model_out, metrics_out, live_d
     from tlpipe.atomic import write_json
     from tlpipe.train.loop import metrics_of
     from tlpipe.train.models import new_model
+    from tlpipe.train.strategy import training_strategy
 
     classes = read_class_names(Path(split_dir) / "classes.json")
     run = RunSettings.from_params(head_aug)
@@ -29,11 +30,12 @@ def run_head_aug(*, cache, split_dir, images_dir, model_out, metrics_out, live_d
         x = read_features(train_features, expect={"layer": backbone.layer, "pooling": backbone.pooling,
                                                   "class_names": list(classes)})[0]
         stats = feature_stats(x)
-    full = new_model(backbone, compute.precision, head.units, head.dropout, run.seed, classes, stats=stats)
-    model, data = choose_data(full, augment, run.seed, cache=cache, split_dir=split_dir, images_dir=images_dir,
-                              expect=cache_expect(backbone, augment, compute, classes))
-    with data:
-        result = fit_and_save(full, model, data, run, live_dir=live_dir, model_path=model_out, resume=resume,
-                              on_epoch_end=on_epoch_end, keep=keep, patience=patience)
+    with training_strategy(compute.strategy, run.batch_size).scope():  # models built, compiled, fit in it
+        full = new_model(backbone, compute.precision, head.units, head.dropout, run.seed, classes, stats=stats)
+        model, data = choose_data(full, augment, run.seed, cache=cache, split_dir=split_dir,
+                                  images_dir=images_dir, expect=cache_expect(backbone, augment, compute, classes))
+        with data:
+            result = fit_and_save(full, model, data, run, live_dir=live_dir, model_path=model_out,
+                                  resume=resume, on_epoch_end=on_epoch_end, keep=keep, patience=patience)
     write_json(metrics_out, metrics_of(result, model_out))
     return result
