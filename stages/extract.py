@@ -20,11 +20,13 @@ def main(argv=None):
 
     from tlpipe.atomic import write_json
     from tlpipe.features import cut
+    from tlpipe.features.engine import Engine
     from tlpipe.features.extract import BaseSpec
     from tlpipe.features.splits import extract_splits
 
     extract_splits(args.split_dir, args.images, args.out, BaseSpec.from_params(params.backbone),
-                   batch_size=params.compute.batch_size, precision=params.compute.precision)
+                   batch_size=params.compute.batch_size, precision=params.compute.precision,
+                   engine=Engine.from_params(params.compute))
     write_json(args.metrics, cut.metrics(f"{args.out}/{cut.CUT_FILE}"))
 
 

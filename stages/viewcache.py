@@ -21,10 +21,12 @@ def main(argv=None):
     p = load_params()
 
     from tlpipe.features.cut import with_cut
+    from tlpipe.features.engine import Engine
     from tlpipe.features.viewcache import build_from_manifests
 
-    build_from_manifests(args.split_dir, args.images, args.out, backbone=with_cut(p.backbone, args.cut), augment=p.augment,
-                         compute=p.compute, unfreeze_from=p.finetune.unfreeze_from)
+    build_from_manifests(args.split_dir, args.images, args.out, backbone=with_cut(p.backbone, args.cut),
+                         augment=p.augment, compute=p.compute, unfreeze_from=p.finetune.unfreeze_from,
+                         engine=Engine.from_params(p.compute))
 
 
 if __name__ == "__main__":

@@ -15,3 +15,16 @@ def class_images(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("images")
     make_class_folders(root, classes={"circle": 16, "square": 16, "stripes": 16}, size=48, seed=0)
     return root
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray of 2 CPUs for the whole run (starting one costs seconds), shut down at the end.
+    The engine joins a session already started rather than starting its own."""
+    import logging
+
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -88,12 +88,12 @@ def listing(folder: Path) -> list[str]:
 
 
 def extract_scenario(project: Path) -> dict:
-    """SIGKILL extract after train's first chunk; rerun on a file system too small for train.h5; rerun."""
+    """SIGKILL extract after train's first shard; rerun on a file system too small for its second; rerun."""
     cmd = stage_cmd("extract", "--split-dir", "data/split", "--images", "data/images", "--out", "features")
-    seen = {"killed": kill_at(project, cmd, "tlpipe.features.extract:save_chunk:1"),
+    seen = {"killed": kill_at(project, cmd, "tlpipe.features.shards:write_shard:1"),
             "after_kill": listing(project / "features")}
-    # chunk 1 (4 rows, ~8 KB) fits; the 520 KB train.h5 does not.
-    seen["small_fs"] = run(project, cmd, limit_fsize=64 * 1024)
+    # Shard 1 (4 rows of 512 floats: 8 KB and HDF5's metadata) does not fit in 4 KB.
+    seen["small_fs"] = run(project, cmd, limit_fsize=4 * 1024)
     seen["after_small_fs"] = listing(project / "features")
     seen["resumed"] = run(project, cmd)
     seen["after_resume"] = listing(project / "features")
@@ -135,9 +135,9 @@ def train_scenario(project: Path) -> dict:
 
 
 def viewcache_scenario(project: Path) -> dict:
-    """SIGKILL the view cache after its second batch, then rerun."""
+    """SIGKILL the view cache after its second shard, then rerun."""
     cmd = stage_cmd("viewcache", "--split-dir", "data/split", "--images", "data/images", "--out", "features/views.h5")
-    seen = {"killed": kill_at(project, cmd, "tlpipe.features.extract:save_chunk:2"),
+    seen = {"killed": kill_at(project, cmd, "tlpipe.features.shards:write_shard:2"),
             "after_kill": listing(project / "features")}
     seen["resumed"] = run(project, cmd)
     seen["after_resume"] = listing(project / "features")
@@ -227,20 +227,18 @@ def ok(proc) -> None:
 # ---------------------------------------------------------------- extract
 
 
-def test_extract_killed_mid_split_keeps_only_finished_chunks(scenarios):
+def test_extract_killed_mid_split_keeps_only_finished_shards(scenarios):
     seen = scenario(scenarios, "extract")
     assert seen["killed"] == -signal.SIGKILL
-    # No feature file (finished-looking or temp), just the work folder with its one finished chunk.
-    assert seen["after_kill"] == [".train.h5.work", ".train.h5.work/chunk_000000.npy",
-                                  ".train.h5.work/fingerprint"]
+    # No feature file (finished-looking or temp), just the work folder with its one finished shard.
+    assert seen["after_kill"] == [".train.h5.work", ".train.h5.work/000000.h5", ".train.h5.work/fingerprint"]
 
 
 def test_extract_on_a_full_file_system_leaves_no_feature_file(scenarios):
     seen = scenario(scenarios, "extract")
     assert seen["small_fs"].returncode != 0
-    # The chunk that fitted was kept for the next run; no train.h5 and no temp file were left.
-    assert seen["after_small_fs"] == [".train.h5.work", ".train.h5.work/chunk_000000.npy",
-                                      ".train.h5.work/chunk_000001.npy", ".train.h5.work/fingerprint"]
+    # The finished shard was kept for the next run; no train.h5 and no temp file were left.
+    assert seen["after_small_fs"] == [".train.h5.work", ".train.h5.work/000000.h5", ".train.h5.work/fingerprint"]
 
 
 def test_extract_on_a_full_file_system_fails_with_a_clear_error(scenarios):
@@ -253,11 +251,14 @@ def test_extract_on_a_full_file_system_fails_with_a_clear_error(scenarios):
 
 def test_extract_rerun_resumes_and_matches_an_uninterrupted_run_byte_for_byte(scenarios):
     seen = scenario(scenarios, "extract")
-    # The run after the kill started at row 256 (chunk 1); the one after that had no train rows left.
+    # The runs after the kill kept shard 0 (256 rows) and computed shard 1 only.
     assert re.search(r"extract train\.h5:\s+98%\|[^\r\n]*\| 256/260 ", seen["small_fs"].stderr)
     ok(seen["resumed"])
-    assert "extract train.h5" not in seen["resumed"].stderr and "extract validation.h5" in seen["resumed"].stderr
-    assert seen["after_resume"] == ["test.h5", "train.h5", "validation.h5"]  # work folders removed
+    assert "extract train.h5" in seen["resumed"].stderr and "extract validation.h5" in seen["resumed"].stderr
+    shards = [f"{s}.shards/{f}" for s in ("test", "train", "validation")
+              for f in (["000000.h5", "000001.h5"] if s == "train" else ["000000.h5"]) + ["manifest.json"]]
+    assert seen["after_resume"] == sorted(["cut.json", "test.h5", "train.h5", "validation.h5", "test.shards",
+                                           "train.shards", "validation.shards", *shards])  # work folders removed
     root = scenarios["root"]
     for name in ("train.h5", "validation.h5", "test.h5"):
         assert (root["extract"] / "features" / name).read_bytes() == \
@@ -310,9 +311,13 @@ def test_training_without_resume_starts_cleanly_over_a_stale_checkpoint(scenario
 def test_viewcache_killed_then_rerun_matches_an_uninterrupted_run(scenarios):
     seen = scenario(scenarios, "viewcache")
     assert seen["killed"] == -signal.SIGKILL
+    # One shard per part here (8, 4 and 4 images; shards of 64): train's and validation's were written.
     assert seen["after_kill"] == [".views.h5.work", ".views.h5.work/fingerprint",
-                                  ".views.h5.work/train-000000.npy", ".views.h5.work/train-000002.npy"]
+                                  ".views.h5.work/train-000000.h5", ".views.h5.work/validation-000000.h5",
+                                  "cut.json"]
     ok(seen["resumed"])
-    assert seen["after_resume"] == ["views.h5"]
+    assert seen["after_resume"] == ["cut.json", "views.h5", "views.shards", "views.shards/manifest.json",
+                                    "views.shards/test-000000.h5", "views.shards/train-000000.h5",
+                                    "views.shards/validation-000000.h5"]
     root = scenarios["root"]
     assert (root["viewcache"] / "features/views.h5").read_bytes() == (root["reference"] / "views.h5").read_bytes()

@@ -21,6 +21,7 @@ from PIL import Image
 from tlpipe.features import backbones
 
 from tlpipe.features import extract as features
+from tlpipe.features import shards
 from tlpipe.errors import DataError, FeatureFileError
 from tlpipe.features.extract import BaseSpec, Extractor, extract_split, read_features
 
@@ -88,20 +89,25 @@ def test_contents_match_the_model_and_manifest(extractor, split, tmp_path):
         x = backbones.preprocess(read_resized(str(images / df["file"][i]), 32)[None], "caffe")
         np.testing.assert_allclose(feats[i], extractor.model(x).numpy()[0], rtol=1e-4, atol=1e-4)
     assert not features.work_dir(out).exists()
-    assert sorted(p.name for p in out.parent.iterdir()) == ["train.h5"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["train.h5", "train.shards"]
+    # Rows 0-7, 8-15 and 16-21 in three shard files; train.h5 maps onto them.
+    assert sorted(p.name for p in (out.parent / "train.shards").iterdir()) == [
+        "000000.h5", "000001.h5", "000002.h5", "manifest.json"]
+    with h5py.File(out) as f:
+        assert f["features"].is_virtual
 
 
 def test_rerun_is_byte_identical(extractor, split, clean, tmp_path):
     time.sleep(1.1)  # a stored timestamp would now differ
     out = run(extractor, split, tmp_path / "again" / "train.h5")
     assert out.read_bytes() == clean
-    with h5py.File(out) as f:
-        assert f["features"].chunks is not None and f["features"].compression is None
+    for shard in (tmp_path / "clean" / "train.shards").iterdir():
+        assert (out.parent / "train.shards" / shard.name).read_bytes() == shard.read_bytes(), shard.name
 
 
 def test_resume_after_failure_matches_clean_run(extractor, split, clean, tmp_path, monkeypatch):
     out = tmp_path / "r" / "train.h5"
-    real_save, saved = features.save_chunk, []
+    real_save, saved = shards.write_shard, []
 
     def fail_after_one(path, array):
         if saved:
@@ -109,14 +115,14 @@ def test_resume_after_failure_matches_clean_run(extractor, split, clean, tmp_pat
         saved.append(path)
         real_save(path, array)
 
-    monkeypatch.setattr(features, "save_chunk", fail_after_one)
+    monkeypatch.setattr(shards, "write_shard", fail_after_one)
     with pytest.raises(RuntimeError, match="injected"):
         run(extractor, split, out)
     assert not out.exists()
     work = features.work_dir(out)
-    assert sorted(p.name for p in work.glob("chunk_*")) == ["chunk_000000.npy"]
+    assert sorted(p.name for p in work.glob("*.h5")) == ["000000.h5"]
 
-    monkeypatch.setattr(features, "save_chunk", real_save)
+    monkeypatch.setattr(shards, "write_shard", real_save)
     batches = []
     real_call = Extractor.__call__
     monkeypatch.setattr(Extractor, "__call__", lambda self, b: batches.append(len(b)) or real_call(self, b))
@@ -129,13 +135,13 @@ def test_resume_after_failure_matches_clean_run(extractor, split, clean, tmp_pat
 def test_changed_inputs_discard_saved_progress(extractor, split, tmp_path, monkeypatch):
     manifest, images = split
     out = tmp_path / "c" / "train.h5"
-    monkeypatch.setattr(features, "save_chunk", lambda p, a: (_ for _ in ()).throw(RuntimeError("stop")))
+    monkeypatch.setattr(shards, "write_shard", lambda p, a: (_ for _ in ()).throw(RuntimeError("stop")))
     with pytest.raises(RuntimeError):
         run(extractor, split, out)
     monkeypatch.undo()
-    # Plant a chunk that would be wrong for the new inputs: a new fingerprint must not reuse it.
+    # Plant a shard that would be wrong for the new inputs: a new fingerprint must not reuse it.
     work = features.work_dir(out)
-    np.save(work / "chunk_000000.npy", np.zeros((CHUNK, 2048), np.float32))
+    shards.write_shard(work / "000000.h5", np.zeros((CHUNK, 2048), np.float32))
     df = pd.read_csv(manifest)
     df.iloc[::-1].to_csv(manifest, index=False)  # same images, other order
     run(extractor, split, out)
@@ -150,13 +156,13 @@ def test_sigkill_then_resume_matches_clean_run(split, clean, tmp_path):
     out = tmp_path / "k" / "train.h5"
     script = textwrap.dedent(f"""
         import os, signal
-        from tlpipe.features import extract as features
-        real, n = features.save_chunk, []
+        from tlpipe.features import extract as features, shards
+        real, n = shards.write_shard, []
         def save_then_die(path, array):
             real(path, array); n.append(1)
             if len(n) == 2:
                 os.kill(os.getpid(), signal.SIGKILL)
-        features.save_chunk = save_then_die
+        shards.write_shard = save_then_die
         features.extract_split({str(manifest)!r}, {str(images)!r}, {str(out)!r}, features.{SPEC!r},
                                {CLASSES!r}, {BATCH}, chunk_rows={CHUNK})
     """)
@@ -164,7 +170,7 @@ def test_sigkill_then_resume_matches_clean_run(split, clean, tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert not out.exists()
-    assert len(list(features.work_dir(out).glob("chunk_*.npy"))) == 2
+    assert len(list(features.work_dir(out).glob("*.h5"))) == 2
     extract_split(manifest, images, out, SPEC, CLASSES, BATCH, chunk_rows=CHUNK)  # a fresh model, too
     assert out.read_bytes() == clean
 
@@ -175,35 +181,33 @@ def test_disk_full_while_saving_chunks(extractor, split, tmp_path, monkeypatch):
     def full(path, array):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(features, "save_chunk", full)
+    monkeypatch.setattr(shards, "write_shard", full)
     with pytest.raises(FeatureFileError) as err:
         run(extractor, split, out)
     assert str(out) in str(err.value) and "disk full" in str(err.value)
     assert not out.exists()
 
 
-def test_disk_full_while_assembling_leaves_no_file(extractor, split, clean, tmp_path, monkeypatch):
+def test_disk_full_while_writing_the_table_leaves_no_file(extractor, split, clean, tmp_path, monkeypatch):
     out = tmp_path / "a" / "train.h5"
-    real_setitem = h5py.Dataset.__setitem__
-    calls = []
 
-    def full_on_second_write(self, key, value):
-        calls.append(key)
-        if len(calls) == 2:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real_setitem(self, key, value)
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(h5py.Dataset, "__setitem__", full_on_second_write)
+    monkeypatch.setattr(shards, "create_virtual", full)
     with pytest.raises(FeatureFileError, match="disk full"):
         run(extractor, split, out)
-    assert sorted(p.name for p in out.parent.iterdir()) == [".train.h5.work"]  # no final or temp file
+    # No feature file, final or temp; the finished shards wait in their folder.
+    assert sorted(p.name for p in out.parent.iterdir()) == [".train.h5.work", "train.shards"]
     monkeypatch.undo()
+    written = []
+    monkeypatch.setattr(shards, "write_shard", lambda p, a: written.append(p))
     assert run(extractor, split, out).read_bytes() == clean  # space freed: the rerun finishes
+    assert written == []  # from the shards already there, after checking their hashes
 
 
 def test_read_features_rejects_damaged_and_mismatched_files(extractor, split, clean, tmp_path):
-    good = tmp_path / "good.h5"
-    good.write_bytes(clean)
+    good = tmp_path / "clean" / "train.h5"
 
     with pytest.raises(FeatureFileError, match=r"not found.*dvc repro extract"):
         read_features(tmp_path / "missing.h5")
@@ -228,8 +232,12 @@ def test_read_features_rejects_damaged_and_mismatched_files(extractor, split, cl
         with pytest.raises(FeatureFileError) as err:
             read_features(good, expect={key: value})
         msg = str(err.value)
-        assert "good.h5" in msg and shown in msg and "dvc repro extract" in msg
+        assert "train.h5" in msg and shown in msg and "dvc repro extract" in msg
     assert read_features(good, expect={"pooling": "flatten", "backbone": "vgg16"})[0].shape == (22, 2048)
+    # A virtual dataset reads a missing shard as zeros: read_features refuses instead.
+    (tmp_path / "clean" / "train.shards" / "000001.h5").unlink()
+    with pytest.raises(FeatureFileError, match=r"000001\.h5 is missing or damaged.*dvc repro extract"):
+        read_features(good)
 
 
 def test_manifest_problems_are_data_errors(extractor, split, tmp_path):
@@ -273,8 +281,8 @@ def test_extract_stage_writes_three_files_the_cut_and_its_metrics(tmp_path, monk
         feats, labels, _, attrs = read_features(tmp_path / "features" / f"{name}.h5",
                                                 expect={"layer": "block3_pool", "pooling": "avg"})
         assert feats.shape == (3 + i, 256)
-    assert sorted(p.name for p in (tmp_path / "features").iterdir()) == ["cut.json", "test.h5", "train.h5",
-                                                                       "validation.h5"]
+    assert sorted(p.name for p in (tmp_path / "features").iterdir()) == [
+        "cut.json", "test.h5", "test.shards", "train.h5", "train.shards", "validation.h5", "validation.shards"]
     cut = json.loads((tmp_path / "features" / "cut.json").read_text())
     assert (cut["layer"], cut["pooling"], cut["chosen_by"]) == ("block3_pool", "avg", "params")
     assert [(r["layer"], r["pooling"], r["dim"]) for r in cut["probe"]] == [("block3_pool", "avg", 256)]

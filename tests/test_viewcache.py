@@ -85,12 +85,14 @@ def test_cache_contents_views_and_plain_parts(tmp_path, base, parts):
 
 def test_cache_is_deterministic_and_resumable(tmp_path, base, parts, monkeypatch):
     spec = spec_for(base)
-    a = viewcache.build_cache(tmp_path / "a.h5", parts, base=base, spec=spec, batch_size=4, progress=False)
-    # interrupt a second build after two batches, then resume it
+    a = viewcache.build_cache(tmp_path / "a" / "v.h5", parts, base=base, spec=spec, batch_size=4, rows_per_shard=4,
+                              progress=False)
+    # interrupt a second build after two shards (4 rows each: train 2, validation 1, test 1), then resume it
     import tlpipe.features.extract as features
+    from tlpipe.features import shards
 
     calls = {"n": 0}
-    real = features.save_chunk
+    real = shards.write_shard
 
     def flaky(path, array):
         calls["n"] += 1
@@ -98,19 +100,28 @@ def test_cache_is_deterministic_and_resumable(tmp_path, base, parts, monkeypatch
             raise KeyboardInterrupt
         real(path, array)
 
-    monkeypatch.setattr(features, "save_chunk", flaky)
+    monkeypatch.setattr(shards, "write_shard", flaky)
     with pytest.raises(KeyboardInterrupt):
-        viewcache.build_cache(tmp_path / "b.h5", parts, base=base, spec=spec, batch_size=4, progress=False)
-    assert not (tmp_path / "b.h5").exists()
-    work = features.work_dir(tmp_path / "b.h5")
-    assert len(list(work.glob("*.npy"))) == 2
-    monkeypatch.setattr(features, "save_chunk", real)
+        viewcache.build_cache(tmp_path / "b" / "v.h5", parts, base=base, spec=spec, batch_size=4, rows_per_shard=4,
+                              progress=False)
+    assert not (tmp_path / "b" / "v.h5").exists()
+    work = features.work_dir(tmp_path / "b" / "v.h5")
+    assert sorted(p.name for p in work.glob("*.h5")) == ["train-000000.h5", "train-000001.h5"]
     seen = []
-    monkeypatch.setattr(features, "save_chunk", lambda p, a: (seen.append(p.name), real(p, a)))
-    b = viewcache.build_cache(tmp_path / "b.h5", parts, base=base, spec=spec, batch_size=4, progress=False)
-    assert len(seen) == 2  # only the 4 - 2 missing batches were computed
-    assert a.read_bytes() == b.read_bytes()
-    assert not work.exists() and not list(tmp_path.glob(".*tmp"))
+    monkeypatch.setattr(shards, "write_shard", lambda p, a: (seen.append(p.name), real(p, a)))
+    b = viewcache.build_cache(tmp_path / "b" / "v.h5", parts, base=base, spec=spec, batch_size=4, rows_per_shard=4,
+                              progress=False)
+    assert seen == ["validation-000000.h5", "test-000000.h5"]  # only the missing shards were computed
+    assert a.read_bytes() == b.read_bytes()  # same name: the file maps rows onto v.shards/...
+    for name in ("train-000000.h5", "train-000001.h5", "validation-000000.h5", "manifest.json"):
+        assert (tmp_path / "a/v.shards" / name).read_bytes() == (tmp_path / "b/v.shards" / name).read_bytes()
+    assert not work.exists() and not list(tmp_path.glob("*/.*tmp"))
+    with h5py.File(a) as f, h5py.File(b) as g:
+        assert f["train/activations"].is_virtual
+        np.testing.assert_array_equal(f["train/activations"][...], g["train/activations"][...])
+    (tmp_path / "b/v.shards/test-000000.h5").unlink()  # a virtual dataset would read zeros: refused
+    with pytest.raises(FeatureFileError, match="test-000000.h5 is missing or damaged"):
+        viewcache.load_part(b, "test")
 
 
 def test_online_mode_writes_a_marker(tmp_path, base, parts):

@@ -1,15 +1,23 @@
-"""Feature files: images of one split -> the base's activations, as an HDF5 file (docs/design.md).
+"""Feature files: images of one split -> the base's activations, as an HDF5 table (docs/design.md).
 
-Extraction streams batches through the feature model and keeps its progress in a work folder next
-to the output (`features/.train.h5.work/`): a fingerprint of everything the features depend on,
-and one `.npy` per finished chunk of rows, each written to a temp name and renamed. A killed run
-resumes from its last finished chunk when rerun with the same fingerprint; a changed input or
-parameter discards the folder. Once all chunks exist, the .h5 is assembled chunk by chunk under a
-temp name, renamed, and the work folder removed. Chunks hold whole batches, so a resumed run feeds
-the model exactly the batches a clean run would, and (with TF op determinism) gives the same bytes.
+Extraction cuts the split into shards of fixed rows (`chunk_rows`, a multiple of the batch size)
+and runs one job per shard on the engine of `compute.engine` (features/engine.py: this process,
+or a Ray actor pool); each worker writes its shard whole into a work folder next to the output
+(`features/.train.h5.work/`, with a fingerprint of everything the features depend on), under a
+temp name then renamed. A killed run resumes from the shards it finished when rerun with the same
+fingerprint; a changed input or parameter discards the folder. Once all shards exist, they move
+into `features/train.shards/` with a manifest of their hashes, and `features/train.h5` is written
+under a temp name and renamed: labels, paths, attributes, and `features` as a virtual dataset over
+the shards (features/shards.py). A shard holds whole batches from its first row, so any worker
+feeds the model exactly the batches a one-process run would, and (with TF op determinism) the
+bytes are the same whatever the engine and the number of workers.
 
-HDF5 bytes are deterministic: no timestamps (`track_times=False`), fixed dtypes and chunk shapes,
-no compression, attributes written in a fixed order.
+HDF5 bytes are deterministic: no timestamps (`track_times=False`), fixed dtypes, no compression,
+attributes written in a fixed order.
+
+With backbone.layer or pooling `auto` the shards hold every candidate layer's activations
+(features.splits runs the probe on them); the published shards are then the chosen candidate's,
+one derived file per shard.
 """
 
 from __future__ import annotations
@@ -17,7 +25,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-import math
 import os
 import shutil
 import sys
@@ -28,12 +35,12 @@ from typing import Sequence
 import numpy as np
 
 from tlpipe import atomic
+from tlpipe.features import shards
 from tlpipe.data.manifests import manifest_rows
 from tlpipe.errors import DataError, FeatureFileError
 
 FORMAT = 1
-CHUNK_TARGET_ROWS = 256  # rows per resumable chunk: ~17 s of VGG16 work at 150 px on 2 CPU cores
-H5_CHUNK_BYTES = 1 << 20  # HDF5 storage chunk of `features`: about 1 MiB of whole rows
+CHUNK_TARGET_ROWS = 256  # rows per shard: ~17 s of VGG16 work at 150 px on 2 CPU cores
 EXPECT_KEYS = ("backbone", "weights", "layer", "pooling", "image_size", "class_names")
 RERUN = "rerun the extract stage (`dvc repro extract`)"
 
@@ -128,34 +135,19 @@ class Extractor:
         return self._infer(batch).numpy()
 
 
-# ---------------------------------------------------------------- atomic writes
+# ---------------------------------------------------------------- work folder
 
 
 def _is_disk_full(exc: OSError) -> bool:
     return exc.errno == errno.ENOSPC or "No space left" in str(exc) or "errno = 28" in str(exc)
 
 
-def save_chunk(path: Path, array: np.ndarray) -> None:
-    """One finished chunk, atomically: a chunk file that exists is complete."""
-    with atomic.target(path, fsync=True) as tmp, open(tmp, "wb") as f:
-        np.save(f, array, allow_pickle=False)
-
-
-def _chunk_path(work: Path, i: int) -> Path:
-    return work / f"chunk_{i:06d}.npy"
-
-
-def _valid_chunk(path: Path, rows: int, dim: int) -> bool:
-    try:
-        a = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError):
-        return False
-    return a.shape == (rows, dim) and a.dtype == np.float32
-
-
 def work_dir(out_h5) -> Path:
     out = Path(out_h5)
     return out.with_name(f".{out.name}.work")
+
+
+prepare_work = shards.prepare_work  # the work folder's rules are the shards' (kept under this name)
 
 
 # ---------------------------------------------------------------- extraction
@@ -187,54 +179,93 @@ def fingerprint(extractor: Extractor, files, labels, paths, class_names, batch_s
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
-def prepare_work(work: Path, fp: str) -> None:
-    marker = work / "fingerprint"
-    if work.exists() and (not marker.is_file() or marker.read_text() != fp):
-        shutil.rmtree(work)  # stale progress of other inputs or parameters
-    work.mkdir(parents=True, exist_ok=True)
-    if not marker.is_file():
-        atomic.write_bytes(marker, fp.encode(), fsync=True)
-
-
-def _done_chunks(work: Path, n_rows: int, chunk_rows: int, dim: int) -> int:
-    """How many chunks, from the first, are complete; later chunk files are removed."""
-    n_chunks = math.ceil(n_rows / chunk_rows)
-    done = 0
-    while done < n_chunks and _valid_chunk(_chunk_path(work, done), min(chunk_rows, n_rows - done * chunk_rows), dim):
-        done += 1
-    for stray in work.glob(".chunk_*.tmp"):  # temp file of a killed write
-        stray.unlink()
-    for stray in work.glob("chunk_*.npy*"):
-        if stray.name.endswith(".tmp") or int(stray.name[6:12]) >= done:
-            stray.unlink()
-    return done
-
-
 def default_chunk_rows(batch_size: int) -> int:
     return batch_size * max(1, round(CHUNK_TARGET_ROWS / batch_size))
 
 
+class ExtractWork:
+    """What a worker needs to compute feature shards; called once per worker to build it. Pickled
+    to Ray's actors without the built extractor: each actor builds its own from the spec."""
+
+    def __init__(self, spec: BaseSpec, precision: str, batch_size: int, extractor: Extractor | None = None):
+        self.spec, self.precision, self.batch_size, self.extractor = spec, precision, batch_size, extractor
+
+    def __getstate__(self):
+        return {**self.__dict__, "extractor": None}
+
+    def __call__(self):
+        return ExtractWorker(self)
+
+
+class ExtractWorker:
+    """Holds the feature model once; turns a shard job into its shard file (shards.ensure_shard)."""
+
+    def __init__(self, work: ExtractWork):
+        import tensorflow as tf
+
+        self.extractor = work.extractor or Extractor(work.spec, work.precision)
+        self.batch_size = work.batch_size
+        tf.config.experimental.enable_op_determinism()  # same inputs -> same features, on every worker
+
+    def __call__(self, job: dict) -> dict:
+        return shards.ensure_shard(job, lambda timings: self.compute(job, timings))
+
+    def compute(self, job: dict, timings: dict) -> np.ndarray:
+        """The shard's rows: its images in batches from its first row, as a whole run batches them."""
+        import time
+
+        import tensorflow as tf
+
+        from tlpipe.features.inputs import image_dataset
+
+        files, ex = job["files"], self.extractor
+        problem = shards.unreadable(files)
+        if problem:
+            raise DataError(problem)
+        timings.update(decode_s=0.0, forward_s=0.0)
+        it, out = iter(image_dataset(files, ex.spec.image_size, self.batch_size, ex.preprocessing)), []
+        for start in range(0, len(files), self.batch_size):
+            t = time.perf_counter()
+            try:
+                batch = next(it)  # decoding runs ahead (prefetch): this is the time the model waited
+            except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as exc:
+                raise DataError(
+                    f"cannot read an image among {files[start]} and the {self.batch_size - 1} after it "
+                    f"({exc.message.splitlines()[0]}); rerun the data stage (`dvc repro data`)"
+                ) from None
+            t2 = time.perf_counter()
+            out.append(ex(batch))
+            timings["decode_s"] += t2 - t
+            timings["forward_s"] += time.perf_counter() - t2
+        return np.concatenate(out).astype(np.float32)
+
+
 @dataclass
 class SplitWork:
-    """One split's finished chunks in its work folder, ready to assemble."""
+    """One split's finished shards in its work folder, ready to assemble."""
 
     out: Path
     work: Path
     labels: list
     paths: list
     chunk_rows: int
+    entries: list  # per shard: file, start, rows, sha256, bytes (in row order)
+    fingerprint: str
 
     @property
     def n(self) -> int:
         return len(self.labels)
 
     def chunks(self):
-        """Each chunk's rows in order, memory-mapped."""
-        for i in range(math.ceil(self.n / self.chunk_rows)):
-            yield np.load(_chunk_path(self.work, i), mmap_mode="r", allow_pickle=False)
+        """Each shard's rows in order, one shard in memory at a time."""
+        import h5py
+
+        for e in self.entries:
+            with h5py.File(self.work / e["file"], "r") as f:
+                yield f[shards.DATA][()]
 
     def rows(self, index: np.ndarray) -> np.ndarray:
-        """The rows at sorted `index`, one chunk mapped at a time."""
+        """The rows at sorted `index`, one shard read at a time."""
         parts = []
         for i, chunk in enumerate(self.chunks()):
             local = index[(index >= i * self.chunk_rows) & (index < (i + 1) * self.chunk_rows)] - i * self.chunk_rows
@@ -244,7 +275,7 @@ class SplitWork:
 
 
 def _write_errors(out: Path, work: Path):
-    """OSError while extracting -> FeatureFileError saying what to do (finished chunks are kept)."""
+    """OSError while extracting -> FeatureFileError saying what to do (finished shards are kept)."""
     import contextlib
 
     @contextlib.contextmanager
@@ -255,7 +286,7 @@ def _write_errors(out: Path, work: Path):
             if _is_disk_full(exc):
                 raise FeatureFileError(
                     f"{out}: disk full while writing features ({exc.strerror or exc}); free some space and "
-                    f"{RERUN}: finished chunks in {work} are kept and reused"
+                    f"{RERUN}: finished shards in {work} are kept and reused"
                 ) from None
             raise FeatureFileError(f"{out}: cannot write features ({exc}); fix the folder and {RERUN}") from None
 
@@ -263,12 +294,10 @@ def _write_errors(out: Path, work: Path):
 
 
 def compute_split(manifest_csv, images_dir, out_h5, extractor: Extractor, classes: Sequence[str],
-                  batch_size: int = 32, chunk_rows: int | None = None) -> SplitWork:
-    """Run one split's images through `extractor` into chunk files (resumable; see the module docstring)."""
-    import tensorflow as tf
+                  batch_size: int = 32, chunk_rows: int | None = None, engine=None) -> SplitWork:
+    """Run one split's images through `extractor` into shard files in its work folder (resumable; see
+    the module docstring), on `engine` (a features.engine.Engine; None: this process)."""
     from tqdm import tqdm
-
-    from tlpipe.features.inputs import image_dataset
 
     out = Path(out_h5)
     files, labels, paths = manifest_rows(manifest_csv, images_dir, classes)
@@ -276,44 +305,51 @@ def compute_split(manifest_csv, images_dir, out_h5, extractor: Extractor, classe
     if chunk_rows % batch_size:
         raise ValueError(f"chunk_rows ({chunk_rows}) must be a multiple of batch_size ({batch_size})")
 
-    # Same inputs -> same features, on every run and after a resume.
-    tf.config.experimental.enable_op_determinism()
     out.parent.mkdir(parents=True, exist_ok=True)
-    work = work_dir(out)
+    work = work_dir(out).absolute()  # workers elsewhere (Ray) do not share this process's cwd
     n, dim = len(files), extractor.dim
     with _write_errors(out, work):
-        prepare_work(work, fingerprint(extractor, files, labels, paths, classes, batch_size, chunk_rows))
-        done = _done_chunks(work, n, chunk_rows, dim)
-        start = done * chunk_rows
-        if start < n:
-            ds = image_dataset(files[start:], extractor.spec.image_size, batch_size, extractor.preprocessing)
-            chunk, buffered = done, []
-            with tqdm(total=n, initial=start, unit="img", desc=f"extract {out.name}", file=sys.stderr,
-                      dynamic_ncols=True) as bar:
-                it = iter(ds)
-                row = start
-                while row < n:
-                    try:
-                        batch = next(it)
-                    except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as exc:
-                        raise DataError(
-                            f"cannot read an image among {files[row]} and the {batch_size - 1} after it "
-                            f"({exc.message.splitlines()[0]}); rerun the data stage (`dvc repro data`)"
-                        ) from None
-                    buffered.append(extractor(batch))
-                    row += len(buffered[-1])
-                    bar.update(len(buffered[-1]))
-                    if row - chunk * chunk_rows >= chunk_rows or row >= n:
-                        save_chunk(_chunk_path(work, chunk), np.concatenate(buffered).astype(np.float32))
-                        chunk, buffered = chunk + 1, []
-    return SplitWork(out, work, list(labels), list(paths), chunk_rows)
+        fp = fingerprint(extractor, files, labels, paths, classes, batch_size, chunk_rows)
+        prepare_work(work, fp)
+        reuse = shards.reusable(out, fp)
+        final = shards.shards_dir(out).absolute()
+        jobs = []
+        for i, (s, e) in enumerate(shards.ranges(n, chunk_rows)):
+            name = shards.shard_name(i)
+            jobs.append({"shard": name, "start": s, "files": [os.path.abspath(f) for f in files[s:e]],
+                         "target": str(work / name), "shape": [e - s, dim], "dtype": "float32",
+                         "reuse": [str(final / name), reuse[name]] if name in reuse else None})
+        sizes = {j["shard"]: len(j["files"]) for j in jobs}
+        done = all(Path(j["target"]).exists() for j in jobs)  # nothing to compute: no bar
+        run = engine.run if engine is not None else shards.run_local
+        with tqdm(total=n, unit="img", desc=f"extract {out.name}", file=sys.stderr, dynamic_ncols=True,
+                  disable=done) as bar:
+            results = run(jobs, ExtractWork(extractor.spec, extractor.precision, batch_size, extractor),
+                          progress=lambda r: bar.update(sizes[r["shard"]]))
+    entries = [{"file": j["shard"], "start": j["start"], "rows": len(j["files"]),
+                "sha256": results[j["shard"]]["sha256"], "bytes": results[j["shard"]]["bytes"]} for j in jobs]
+    return SplitWork(out, work, list(labels), list(paths), chunk_rows, entries, fp)
 
 
 def assemble_split(split: SplitWork, dim: int, attrs: dict, select=None) -> Path:
-    """Write the split's .h5 from its chunks (`select`: rows -> stored features; None: as they are)."""
+    """Publish the split's shards and write its .h5 over them (`select`: rows -> stored features,
+    each shard then derived into a new one; None: the shards as they are, linked, so the work
+    folder stays whole until the caller removes it)."""
     with _write_errors(split.out, split.work):
-        _check_room(split.out, _assembled_size(split.n, dim, split.paths))
-        _assemble(split.out, split.work, split.n, dim, split.chunk_rows, split.labels, split.paths, attrs, select)
+        entries, source, fp = split.entries, split.work, split.fingerprint
+        if select is not None:
+            source = split.work / "selected"
+            shutil.rmtree(source, ignore_errors=True)
+            entries = []
+            for e, rows in zip(split.entries, split.chunks()):
+                shards.write_shard(source / e["file"], np.ascontiguousarray(select(rows), np.float32))
+                entries.append({**e, "sha256": shards.file_sha256(source / e["file"]),
+                                "bytes": (source / e["file"]).stat().st_size})
+            # Not the raw shards' fingerprint: a later run must not take these for raw candidates.
+            fp = hashlib.sha256(f"{fp} {attrs['layer']} {attrs['pooling']}".encode()).hexdigest()
+        manifest_sha = shards.publish(split.out, source, entries, fp, keep=select is None)
+        _write_table(split.out, split.n, dim, entries, split.labels, split.paths,
+                     {**attrs, "shards_sha256": manifest_sha})
     return split.out
 
 
@@ -329,13 +365,16 @@ def extract_split(
     extractor: Extractor | None = None,
     chunk_rows: int | None = None,
     keep_work: bool = False,
+    engine=None,
 ) -> Path:
-    """Extract the features of one split into `out_h5` (resumable; see the module docstring); for a
-    spec that names its layer and pooling (`auto` needs every split: see `features.splits`).
+    """Extract the features of one split into `out_h5` and its shard folder (resumable; see the
+    module docstring); for a spec that names its layer and pooling (`auto` needs every split: see
+    `features.splits`).
 
     `extractor`: a prebuilt `Extractor(spec, precision)`, to build the model once for all splits.
-    `chunk_rows`: rows per resumable chunk, a multiple of `batch_size` (default ~256).
-    `keep_work`: leave the finished chunks for the caller to remove (see `features.splits`).
+    `chunk_rows`: rows per shard, a multiple of `batch_size` (default ~256).
+    `keep_work`: leave the finished shards for the caller to remove (see `features.splits`).
+    `engine`: a features.engine.Engine (compute.engine) to run the shards on; None: this process.
     """
     if extractor is None:
         extractor = Extractor(spec, precision)
@@ -343,49 +382,24 @@ def extract_split(
         raise ValueError("extractor was built for another spec or precision")
     if extractor.probing:
         raise ValueError("backbone.layer/pooling auto choose on the validation split: use features.splits")
-    split = compute_split(manifest_csv, images_dir, out_h5, extractor, classes, batch_size, chunk_rows)
+    split = compute_split(manifest_csv, images_dir, out_h5, extractor, classes, batch_size, chunk_rows, engine)
     assemble_split(split, extractor.dim, extractor.attrs(classes))
     if not keep_work:
         shutil.rmtree(split.work, ignore_errors=True)
     return split.out
 
 
-def _h5_chunk_rows(n: int, dim: int) -> int:
-    return max(1, min(n, H5_CHUNK_BYTES // (4 * max(dim, 1))))
-
-
-def _assembled_size(n: int, dim: int, paths) -> int:
-    """Upper estimate of the final file's bytes: data, string heap, and room for HDF5's metadata."""
-    return n * dim * 4 + n * 8 + sum(len(p.encode("utf-8")) + 32 for p in paths) + (1 << 20)
-
-
-def _check_room(out: Path, size: int) -> None:
-    """Refuse before writing: HDF5 reports a failed write only when the file closes, as a
-    RuntimeError, and h5py may then crash while freeing it; so a full disk must not get that far."""
-    import resource
-
-    free = shutil.disk_usage(out.parent).free
-    if free < size:
-        raise OSError(errno.ENOSPC, f"No space left on device: {size >> 20} MiB needed, {free >> 20} MiB free")
-    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-    if limit != resource.RLIM_INFINITY and limit < size:
-        raise OSError(errno.EFBIG, f"File too large: {size} bytes needed, the file-size limit (ulimit -f) is {limit}")
-
-
-def _assemble(out: Path, work: Path, n: int, dim: int, chunk_rows: int, labels, paths, attrs: dict,
-              select=None) -> None:
-    """Write the final .h5 from the chunk files, one chunk in memory at a time, under a temp name
-    (`select`: chunk rows -> the features stored)."""
+def _write_table(out: Path, n: int, dim: int, entries: list[dict], labels, paths, attrs: dict) -> None:
+    """The feature file, under a temp name: `features` a virtual dataset over the shard files (no
+    feature bytes pass through here), labels, paths and attrs."""
     import h5py
 
+    folder = shards.shards_dir(out).name
+    shards.check_room(out.parent, n * 8 + sum(len(p.encode("utf-8")) + 32 for p in paths) + (1 << 20))
     try:
         with atomic.target(out) as tmp, h5py.File(tmp, "w", track_order=False) as f:
-            chunks = (_h5_chunk_rows(n, dim), dim) if n else None
-            feats = f.create_dataset("features", shape=(n, dim), dtype="float32", chunks=chunks,
-                                     track_times=False)
-            for i in range(math.ceil(n / chunk_rows)):
-                rows = np.load(_chunk_path(work, i), mmap_mode="r", allow_pickle=False)
-                feats[i * chunk_rows:(i + 1) * chunk_rows] = rows if select is None else select(rows)
+            shards.create_virtual(f, "features", (n, dim), np.float32,
+                                  [(e["start"], e["rows"], f"{folder}/{e['file']}") for e in entries])
             f.create_dataset("labels", data=np.asarray(labels, dtype=np.int64).reshape(n), track_times=False)
             f.create_dataset("paths", data=np.asarray(paths, dtype=object).reshape(n),
                              dtype=h5py.string_dtype("utf-8"), track_times=False)
@@ -437,6 +451,8 @@ def read_features(path, expect: dict | None = None):
             if missing:
                 raise FeatureFileError(f"{path}: datasets {', '.join(missing)} missing; {RERUN}")
             attrs = plain_attrs(f.attrs)
+            if "shards_sha256" in attrs:  # a virtual dataset would read a missing shard as zeros
+                shards.check(path, attrs["shards_sha256"], RERUN)
             features = f["features"][()]
             labels = f["labels"][()]
             paths = [p.decode() if isinstance(p, bytes) else str(p) for p in f["paths"][()]]

@@ -20,16 +20,17 @@ from tlpipe.features.extract import BaseSpec, Extractor, SplitWork, assemble_spl
 
 
 def extract_splits(split_dir, images_dir, out_dir, spec: BaseSpec, batch_size: int = 32,
-                   precision: str = "float32", splits: Sequence[str] = SPLITS) -> list[Path]:
+                   precision: str = "float32", splits: Sequence[str] = SPLITS, engine=None) -> list[Path]:
     """`<out_dir>/<split>.h5` for each split manifest `<split_dir>/<split>.csv`, one model for all, and
-    `<out_dir>/cut.json`: the layer and pooling stored, with the linear probe's table (features.cut)."""
+    `<out_dir>/cut.json`: the layer and pooling stored, with the linear probe's table (features.cut).
+    `engine`: a features.engine.Engine (compute.engine) the shards run on; None: this process."""
     split_dir, out_dir = Path(split_dir), Path(out_dir)
     classes = read_class_names(split_dir / "classes.json")
     extractor = Extractor(spec, precision)
     # Work folders stay until every split is done: DVC deletes a stage's outputs before rerunning
     # it, so a kill during `validation` would otherwise re-extract all of `train`.
     work = {name: compute_split(split_dir / f"{name}.csv", images_dir, out_dir / f"{name}.h5", extractor, classes,
-                                batch_size)
+                                batch_size, engine=engine)
             for name in splits}
     rows = _probe(extractor, work["train"], work["validation"]) if {"train", "validation"} <= set(work) else []
     if extractor.probing and not rows:

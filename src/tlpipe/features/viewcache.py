@@ -8,19 +8,23 @@ frozen PREFIX once over `views` augmented copies of each training image and over
 validation and test images, and store its activations (float16) in one HDF5 file. Training then runs
 only the SUFFIX (block5 here) + pooling + head, each epoch on a different stored view of each image.
 
-File layout (`features/views.h5`):
+File layout (`features/views.h5`, its activations in `features/views.shards/`, see shards.py):
     /train/activations       float16 [N, views, h, w, c]   view v of image i = augment view v
+                             (a virtual dataset over views.shards/train-000000.h5, ...)
     /train/labels            int64 [N];   /train/paths  utf-8 [N]
     /validation/..., /test/...  activations [N, h, w, c] of the plain (never augmented) images
     attrs: tlpipe_format, kind="views", mode, backbone, weights, weights_sha256, image_size,
-           preprocessing, precision, boundary, unfreeze_from, views, augment (JSON), class_names (JSON)
+           preprocessing, precision, boundary, unfreeze_from, views, augment (JSON), class_names (JSON),
+           shards_sha256 (of views.shards/manifest.json)
 
 In `augment.mode: online` the file is a marker: the same attrs, no groups (online training reads
-the images themselves, and dvc.yaml cannot make the stage conditional).
+the images themselves, and dvc.yaml cannot make the stage conditional); the shard folder is empty.
 
-Building is resumable with features.py's machinery: finished batches are kept in `.<out>.work/`
-(a fingerprint + one .npy per batch, written atomically) until the final file is assembled under a
-temp name and renamed; a changed input or setting discards the folder.
+Building runs one job per shard (`rows_per_shard` images of one part) on the engine of
+`compute.engine` (features/engine.py): locally, or on a Ray actor pool. Finished shards are kept in
+`.<out>.work/` (a fingerprint + one file per shard, written atomically) until every shard exists;
+then they move into the shard folder and the table file is written under a temp name and renamed;
+a changed input or setting discards the folder.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from tlpipe.errors import ConfigError, DataError, FeatureFileError
 
 FORMAT = 1
 KIND = "views"
+RERUN = "rerun the viewcache stage (dvc repro viewcache)"
 
 
 # ---------------------------------------------------------------- splitting the base
@@ -132,7 +137,7 @@ class CacheSpec:
             "class_names": json.dumps(list(self.class_names)),
         }
 
-    def fingerprint(self, parts: dict, batch_size: int, activation_dtype) -> str:
+    def fingerprint(self, parts: dict, batch_size: int, activation_dtype, rows_per_shard: int = 0) -> str:
         """Hash of everything the cache bytes depend on; a different one discards saved progress."""
         import keras
         import tensorflow as tf
@@ -141,116 +146,204 @@ class CacheSpec:
         rows = {p: [[os.path.basename(f), os.path.getsize(f), int(l), str(q)] for f, l, q in zip(*parts[p])]
                 for p in sorted(parts)}
         blob = json.dumps({"attrs": self.attrs(), "rows": rows, "batch_size": int(batch_size),
-                           "dtype": np.dtype(activation_dtype).name,
+                           "dtype": np.dtype(activation_dtype).name, "rows_per_shard": int(rows_per_shard),
                            "versions": [tf.__version__, keras.__version__]}, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()
 
 
 # ---------------------------------------------------------------- building
 
+CACHE_TARGET_ROWS = 64  # images per shard: a training image costs `views` passes, so fewer than extract's
+
+
+def default_rows_per_shard(batch_size: int) -> int:
+    """A multiple of the batch size, so a shard's batches are the batches a whole run would make."""
+    return batch_size * max(1, round(CACHE_TARGET_ROWS / batch_size))
+
+
 def _batches(n: int, batch_size: int):
     for start in range(0, n, batch_size):
         yield start, min(n, start + batch_size)
 
 
-def _write_h5(out: Path, spec: CacheSpec, parts: dict, work: Path | None, batch_size: int,
+def shard_prefix(part: str) -> str:
+    return f"{part}-"
+
+
+def _write_h5(out: Path, spec: CacheSpec, parts: dict, tables: dict, manifest_sha256: str | None,
               activation_dtype) -> None:
-    """Assemble the final file from the work folder's batches, under a temp name, then rename."""
+    """The table file: per part a virtual `activations` over its shards (`tables[part]`: shape and
+    (start, rows, file) of each shard), labels and paths; under a temp name, then renamed."""
     import h5py
 
+    from tlpipe.features import shards
+
+    folder = shards.shards_dir(out).name
     with atomic.target(out) as tmp:
         with h5py.File(tmp, "w", libver=("earliest", "v110")) as f:
             for k, v in spec.attrs().items():
                 f.attrs[k] = v
-            if work is not None:
-                for part, (files, labels, paths) in parts.items():
-                    g = f.create_group(part, track_order=False)
-                    n = len(files)
-                    first = np.load(work / f"{part}-000000.npy") if n else None
-                    shape = (n,) + (first.shape[1:] if n else ())
-                    chunk = (1,) + shape[1:] if n else None
-                    d = g.create_dataset("activations", shape=shape, dtype=activation_dtype,
-                                         chunks=chunk, track_times=False)
-                    for start, stop in _batches(n, batch_size):
-                        d[start:stop] = np.load(work / f"{part}-{start:06d}.npy")
-                    g.create_dataset("labels", data=np.asarray(labels, np.int64), track_times=False)
-                    g.create_dataset("paths", data=np.asarray([str(p) for p in paths], dtype=object),
-                                     dtype=h5py.string_dtype("utf-8"), track_times=False)
+            if manifest_sha256 is not None:
+                f.attrs["shards_sha256"] = manifest_sha256
+            for part, (files, labels, paths) in parts.items():
+                if part not in tables:
+                    continue
+                g = f.create_group(part, track_order=False)
+                shape, pieces = tables[part]
+                shards.create_virtual(g, "activations", shape, activation_dtype,
+                                      [(start, rows, f"{folder}/{name}") for start, rows, name in pieces])
+                g.create_dataset("labels", data=np.asarray(labels, np.int64), track_times=False)
+                g.create_dataset("paths", data=np.asarray([str(p) for p in paths], dtype=object),
+                                 dtype=h5py.string_dtype("utf-8"), track_times=False)
 
 
 def build_cache(out_path, parts: dict, *, base, spec: CacheSpec, batch_size: int = 32,
-                activation_dtype="float16", progress: bool = True) -> Path:
+                activation_dtype="float16", progress: bool = True, engine=None,
+                rows_per_shard: int | None = None) -> Path:
     """Write the cache for `parts` = {"train"|"validation"|"test": (files, labels, paths)}.
 
-    `base` is the built backbone (its weights as named in `spec`); `spec.mode == "online"` writes the
-    marker file only. `activation_dtype` is float16 in the pipeline (float32 for exactness tests)."""
-    import tensorflow as tf
-
-    from tlpipe.features.backbones import preprocess
-    from tlpipe.features.extract import prepare_work, work_dir
-    from tlpipe.features.inputs import read_resized
+    `base` is the built backbone (its weights as named in `spec`; the local engine uses it, Ray's
+    actors build their own); `spec.mode == "online"` writes the marker file only. `activation_dtype`
+    is float16 in the pipeline (float32 for exactness tests). `engine`: a features.engine.Engine
+    (None: this process). `rows_per_shard`: images per shard, a multiple of `batch_size`."""
+    from tlpipe.features import shards
+    from tlpipe.features.extract import work_dir
 
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     if spec.mode not in AUGMENT_MODES:
         raise ConfigError(f"augment.mode: must be one of {', '.join(AUGMENT_MODES)}, got {spec.mode!r}")
     if spec.mode == "online":
-        _write_h5(out, spec, parts, None, batch_size, activation_dtype)
+        shards.publish(out, work_dir(out), [], "online")  # the (empty) shard folder dvc.yaml lists
+        _write_h5(out, spec, parts, {}, None, activation_dtype)
         return out
     if int(spec.views) < 1:
         raise ConfigError(f"augment.views: must be >= 1, got {spec.views}")
-    settings = augment_settings(spec.augment)
-    prefix = prefix_model(base, spec.boundary)
-    work = work_dir(out)
-    prepare_work(work, spec.fingerprint(parts, batch_size, activation_dtype))
+    rows = rows_per_shard or default_rows_per_shard(batch_size)
+    if rows % batch_size:
+        raise ValueError(f"rows_per_shard ({rows}) must be a multiple of batch_size ({batch_size})")
+    work = work_dir(out).absolute()  # workers elsewhere (Ray) do not share this process's cwd
+    fp = spec.fingerprint(parts, batch_size, activation_dtype, rows)
+    reuse = shards.reusable(out, fp)
+    act_shape = tuple(int(d) for d in prefix_model(base, spec.boundary).output_shape[1:])
+    dtype = np.dtype(activation_dtype).name
+    jobs, tables = [], {}
+    for part in (p for p in SPLITS if p in parts):
+        files = [os.path.abspath(f) for f in parts[part][0]]
+        lead = (spec.views,) if part == "train" else ()
+        pieces = []
+        for i, (start, stop) in enumerate(shards.ranges(len(files), rows)):
+            name = shards.shard_name(i, shard_prefix(part))
+            pieces.append((start, stop - start, name))
+            jobs.append({"shard": name, "part": part, "start": start, "files": files[start:stop],
+                         "target": str(work / name), "shape": [stop - start, *lead, *act_shape], "dtype": dtype,
+                         "reuse": [str(shards.shards_dir(out).absolute() / name), reuse[name]] if name in reuse else None,
+                         "images": (stop - start) * (spec.views if part == "train" else 1)})
+        tables[part] = ((len(files), *lead, *act_shape), pieces)
 
-    def images_of(files):
-        try:
-            return tf.stack([read_resized(tf.constant(str(f)), spec.image_size) for f in files])
-        except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as exc:
-            raise DataError(f"cannot read an image among {files[0]} and the {len(files) - 1} after it "
-                            f"({exc.message.splitlines()[0]}); rerun the data stage (`dvc repro data`)") from None
-
-    def run_prefix(images):
-        x = prefix(preprocess(images, spec.preprocessing), training=False)
-        return np.asarray(tf.cast(x, tf.float32)).astype(activation_dtype)
-
-    tf.config.experimental.enable_op_determinism()  # same inputs -> same bytes, also after a resume
-    jobs = [(p, s, e) for p in SPLITS if p in parts for s, e in _batches(len(parts[p][0]), batch_size)]
     try:
-        _run_jobs(jobs, work, parts, spec, settings, images_of, run_prefix, progress, out.name)
-        _write_h5(out, spec, parts, work, batch_size, activation_dtype)
+        shards.prepare_work(work, fp)
+        results = _run(engine, jobs, CacheWork(spec, batch_size, dtype, base), progress, out.name)
+        entries = [{"file": j["shard"], "start": j["start"], "rows": len(j["files"]),
+                    "sha256": results[j["shard"]]["sha256"], "bytes": results[j["shard"]]["bytes"]} for j in jobs]
+        manifest_sha = shards.publish(out, work, entries, fp)
+        _write_h5(out, spec, parts, tables, manifest_sha, activation_dtype)
     except OSError as exc:
         raise FeatureFileError(f"{out}: cannot write the view cache ({exc}); fix the folder or free space and "
-                               f"rerun the viewcache stage: finished batches in {work} are kept") from None
+                               f"rerun the viewcache stage: finished shards in {work} are kept") from None
     shutil.rmtree(work, ignore_errors=True)
     return out
 
 
-def _run_jobs(jobs, work, parts, spec, settings, images_of, run_prefix, progress, name) -> None:
+def _run(engine, jobs, make_worker, progress: bool, name: str) -> dict:
     from tqdm import tqdm
 
-    from tlpipe.features import extract as features
+    from tlpipe.features import shards
 
-    def passes(part, start, stop):  # images through the prefix: a training batch runs once per view
-        return (stop - start) * (spec.views if part == "train" else 1)
-
-    # Counted in images, not batches: a training batch costs `views` times a validation one, so a
-    # bar in batches would promise far too early an end.
-    with tqdm(total=sum(passes(*job) for job in jobs), desc=f"view cache -> {name}", unit="img",
+    # Counted in images through the prefix, not shards: a training image costs `views` passes.
+    with tqdm(total=sum(j["images"] for j in jobs), desc=f"view cache -> {name}", unit="img",
               disable=not progress, file=sys.stderr) as bar:
-        for part, start, stop in jobs:
-            target = work / f"{part}-{start:06d}.npy"
-            if not target.exists():
-                images = images_of(parts[part][0][start:stop])
-                if part == "train":
-                    idx = np.arange(start, stop)
-                    acts = np.stack([run_prefix(augment_images(images, image_seeds(settings["seed"], v, idx),
-                                                               settings)) for v in range(spec.views)], axis=1)
-                else:  # validation and test images are never augmented
-                    acts = run_prefix(images)
-                features.save_chunk(target, acts)
-            bar.update(passes(part, start, stop))
+        sizes = {j["shard"]: j["images"] for j in jobs}
+        run = engine.run if engine is not None else shards.run_local
+        return run(jobs, make_worker, progress=lambda r: bar.update(sizes[r["shard"]]))
+
+
+class CacheWork:
+    """What a worker needs to compute view-cache shards; called once per worker to build it.
+
+    Pickled to Ray's actors without the built base: each actor builds its own from the spec."""
+
+    def __init__(self, spec: CacheSpec, batch_size: int, dtype: str, base=None):
+        self.spec, self.batch_size, self.dtype, self.base = spec, batch_size, dtype, base
+
+    def __getstate__(self):
+        return {**self.__dict__, "base": None}
+
+    def __call__(self):
+        return CacheWorker(self)
+
+
+class CacheWorker:
+    """Holds the frozen prefix once; turns a shard job into its shard file (see shards.ensure_shard)."""
+
+    def __init__(self, work: CacheWork):
+        import tensorflow as tf
+
+        from tlpipe.features.backbones import build_base
+
+        spec = self.spec = work.spec
+        base = work.base if work.base is not None else build_base(spec.backbone, spec.weights, spec.image_size,
+                                                                  spec.precision)
+        self.prefix = prefix_model(base, spec.boundary)
+        self.settings = augment_settings(spec.augment)
+        self.batch_size, self.dtype = work.batch_size, work.dtype
+        tf.config.experimental.enable_op_determinism()  # same inputs -> same bytes, also after a resume
+
+    def __call__(self, job: dict) -> dict:
+        from tlpipe.features import shards
+
+        return shards.ensure_shard(job, lambda timings: self.compute(job, timings))
+
+    def compute(self, job: dict, timings: dict) -> np.ndarray:
+        import time
+
+        import tensorflow as tf
+
+        from tlpipe.features.shards import unreadable
+        from tlpipe.features.inputs import read_resized
+
+        spec, files = self.spec, job["files"]
+        problem = unreadable(files)
+        if problem:
+            raise DataError(problem)
+        timings.update(decode_s=0.0, forward_s=0.0)
+        out = []
+        for start, stop in _batches(len(files), self.batch_size):
+            t = time.perf_counter()
+            try:
+                images = tf.stack([read_resized(tf.constant(f), spec.image_size) for f in files[start:stop]])
+            except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as exc:
+                raise DataError(f"cannot read an image among {files[start]} and the {stop - start - 1} after it "
+                                f"({exc.message.splitlines()[0]}); rerun the data stage (`dvc repro data`)") from None
+            t2 = time.perf_counter()
+            if job["part"] == "train":
+                idx = np.arange(job["start"] + start, job["start"] + stop)
+                acts = np.stack([self._prefix(augment_images(images, image_seeds(self.settings["seed"], v, idx),
+                                                             self.settings)) for v in range(spec.views)], axis=1)
+            else:  # validation and test images are never augmented
+                acts = self._prefix(images)
+            timings["decode_s"] += t2 - t
+            timings["forward_s"] += time.perf_counter() - t2
+            out.append(acts)
+        return np.concatenate(out)
+
+    def _prefix(self, images):
+        import tensorflow as tf
+
+        from tlpipe.features.backbones import preprocess
+
+        x = self.prefix(preprocess(images, self.spec.preprocessing), training=False)
+        return np.asarray(tf.cast(x, tf.float32)).astype(self.dtype)
 
 
 # ---------------------------------------------------------------- reading
@@ -272,6 +365,10 @@ def read_attrs(path) -> dict:
                                f"the viewcache stage") from None
     if attrs.get("kind") != KIND or int(attrs.get("tlpipe_format", -1)) != FORMAT:
         raise FeatureFileError(f"{path}: not a tlpipe view cache of format {FORMAT}; rerun the viewcache stage")
+    if "shards_sha256" in attrs:  # the activations live in the shard folder beside the file
+        from tlpipe.features import shards
+
+        shards.check(path, attrs["shards_sha256"], RERUN)
     attrs["augment"] = json.loads(attrs["augment"])
     attrs["class_names"] = json.loads(attrs["class_names"])
     return attrs
@@ -290,6 +387,7 @@ def load_part(path, part: str) -> tuple[np.ndarray, np.ndarray]:
     """(activations float16, labels) of a plain part (validation/test), in memory."""
     import h5py
 
+    read_attrs(path)  # a missing shard would read as zeros
     with h5py.File(path, "r") as f:
         if part not in f:
             raise FeatureFileError(f"{path}: has no {part!r} part (built in online mode?); rerun viewcache "
@@ -355,8 +453,9 @@ class ViewReader:
 
 
 def build_from_manifests(split_dir, images_dir, out, *, backbone, augment, compute, unfreeze_from: str,
-                         progress: bool = True) -> Path:
-    """The viewcache stage: the split manifests -> `out` (params sections as plain arguments)."""
+                         progress: bool = True, engine=None) -> Path:
+    """The viewcache stage: the split manifests -> `out` (params sections as plain arguments;
+    `engine`: features.engine.Engine of compute.engine, None: this process)."""
     from tlpipe.features.backbones import build_base
 
     split_dir = Path(split_dir)
@@ -364,4 +463,5 @@ def build_from_manifests(split_dir, images_dir, out, *, backbone, augment, compu
     parts = {p: manifest_rows(split_dir / f"{p}.csv", images_dir, classes) for p in SPLITS}
     base = build_base(backbone.name, backbone.weights, backbone.image_size, compute.precision)
     spec = CacheSpec.from_params(backbone, augment, compute, unfreeze_from, classes, base)
-    return build_cache(out, parts, base=base, spec=spec, batch_size=compute.batch_size, progress=progress)
+    return build_cache(out, parts, base=base, spec=spec, batch_size=compute.batch_size, progress=progress,
+                       engine=engine)
