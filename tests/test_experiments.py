@@ -94,7 +94,10 @@ def test_exp_show_has_each_figure_once(ran):
     for name in RATES:
         metrics = exps[name]["data"]["metrics"]
         # Only the short files: dvclive's summaries repeat the training figures and are not metrics.
-        assert set(metrics) == {"metrics/evaluate.json", *(f"metrics/{s}.json" for s in TRAINING)}, sorted(metrics)
+        assert set(metrics) == {"metrics/evaluate.json", "metrics/extract.json",
+                                *(f"metrics/{s}.json" for s in TRAINING)}, sorted(metrics)
+        cut = metrics["metrics/extract.json"]["data"]
+        assert sorted(leaf_names(cut)) == ["cut.layer", "cut.pooling", "cut.probe_val_accuracy"], cut
         test = metrics["metrics/evaluate.json"]["data"]
         assert set(test) == set(MODELS)
         for model in MODELS:
@@ -104,8 +107,8 @@ def test_exp_show_has_each_figure_once(ran):
             figures = metrics[f"metrics/{stage}.json"]["data"]
             model = {"train_head": "head", "train_head_aug": "head_aug", "finetune": "finetuned"}[stage]
             assert sorted(leaf_names(figures)) == [f"{model}.best_epoch", f"{model}.val_accuracy"], figures
-        # 3 figures per model, 2 per training stage: nothing else reaches the table.
-        assert sum(len(leaf_names(m["data"])) for m in metrics.values()) == 3 * len(MODELS) + 2 * len(TRAINING)
+        # 3 figures per model, 2 per training stage, 3 of the cut: nothing else reaches the table.
+        assert sum(len(leaf_names(m["data"])) for m in metrics.values()) == 3 * len(MODELS) + 2 * len(TRAINING) + 3
 
 
 def test_metric_names_are_unique_across_files(ran):
