@@ -22,6 +22,7 @@ one derived file per shard.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -145,9 +146,6 @@ def _is_disk_full(exc: OSError) -> bool:
 def work_dir(out_h5) -> Path:
     out = Path(out_h5)
     return out.with_name(f".{out.name}.work")
-
-
-prepare_work = shards.prepare_work  # the work folder's rules are the shards' (kept under this name)
 
 
 # ---------------------------------------------------------------- extraction
@@ -274,23 +272,18 @@ class SplitWork:
         return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 
 
+@contextlib.contextmanager
 def _write_errors(out: Path, work: Path):
     """OSError while extracting -> FeatureFileError saying what to do (finished shards are kept)."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def guard():
-        try:
-            yield
-        except OSError as exc:
-            if _is_disk_full(exc):
-                raise FeatureFileError(
-                    f"{out}: disk full while writing features ({exc.strerror or exc}); free some space and "
-                    f"{RERUN}: finished shards in {work} are kept and reused"
-                ) from None
-            raise FeatureFileError(f"{out}: cannot write features ({exc}); fix the folder and {RERUN}") from None
-
-    return guard()
+    try:
+        yield
+    except OSError as exc:
+        if _is_disk_full(exc):
+            raise FeatureFileError(
+                f"{out}: disk full while writing features ({exc.strerror or exc}); free some space and "
+                f"{RERUN}: finished shards in {work} are kept and reused"
+            ) from None
+        raise FeatureFileError(f"{out}: cannot write features ({exc}); fix the folder and {RERUN}") from None
 
 
 def compute_split(manifest_csv, images_dir, out_h5, extractor: Extractor, classes: Sequence[str],
@@ -310,7 +303,7 @@ def compute_split(manifest_csv, images_dir, out_h5, extractor: Extractor, classe
     n, dim = len(files), extractor.dim
     with _write_errors(out, work):
         fp = fingerprint(extractor, files, labels, paths, classes, batch_size, chunk_rows)
-        prepare_work(work, fp)
+        shards.prepare_work(work, fp)
         reuse = shards.reusable(out, fp)
         final = shards.shards_dir(out).absolute()
         jobs = []

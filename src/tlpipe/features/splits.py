@@ -37,8 +37,8 @@ def extract_splits(split_dir, images_dir, out_dir, spec: BaseSpec, batch_size: i
         raise DataError(f"backbone.layer/pooling auto: the probe needs training images of at least two classes "
                         f"and validation images in {split_dir}; check data.split, or name backbone.layer and "
                         f"backbone.pooling")
-    layer, pooling = (probe.best(rows)["layer"], probe.best(rows)["pooling"]) if extractor.probing \
-        else (extractor.layer, spec.pooling)
+    winner = probe.best(rows) if extractor.probing else {"layer": extractor.layer, "pooling": spec.pooling}
+    layer, pooling = winner["layer"], winner["pooling"]
     select = selector(extractor, layer, pooling)
     dim = extractor.dim if select is None else extractor.pooled_dim(layer, pooling)
     outs = [assemble_split(w, dim, extractor.attrs(classes, layer, pooling), select) for w in work.values()]
