@@ -275,6 +275,19 @@ def stored_cats_and_dogs(root: Path, per_class: int = 6, size: int = 40) -> tupl
     return images, rows
 
 
+def image_parts(root: Path, per_class: int) -> dict[str, tuple[list, list, list]]:
+    """Generated cat and dog images split per class into train (all but two), validation (one) and
+    test (one): {part: (files, labels, paths)}, as the view cache's builders take them."""
+    from imagegen import make_class_folders
+
+    written = make_class_folders(root, {"cat": per_class, "dog": per_class}, size=40)
+    rows = [(str(p), label, f"{name}/{p.name}") for label, name in enumerate(written) for p in written[name]]
+    n = per_class
+    split = {"train": rows[0:n - 2] + rows[n:2 * n - 2], "validation": [rows[n - 2], rows[2 * n - 2]],
+             "test": [rows[n - 1], rows[2 * n - 1]]}
+    return {k: tuple(map(list, zip(*v))) for k, v in split.items()}
+
+
 def write_split(root: Path, parts: dict[str, list[dict]], classes=("cat", "dog")) -> Path:
     """root/data/split: one manifest per part (rows sorted by path, as the data stage writes them)."""
     import pandas as pd

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import image_parts
 from imagegen import make_class_folders
 
 from tlpipe.errors import ConfigError, DataError
@@ -68,11 +69,7 @@ def base():
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("imgs")
-    written = make_class_folders(root, {"cat": 6, "dog": 6}, size=40)
-    rows = [(str(p), label, f"{name}/{p.name}") for label, name in enumerate(written) for p in written[name]]
-    split = {"train": rows[0:4] + rows[6:10], "validation": [rows[4], rows[10]], "test": [rows[5], rows[11]]}
-    return {k: tuple(map(list, zip(*v))) for k, v in split.items()}
+    return image_parts(tmp_path_factory.mktemp("imgs"), per_class=6)
 
 
 def spec_for(base, views=2):

@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from imagegen import make_class_folders
+from helpers import image_parts
 
 from tlpipe.features import viewcache
 from tlpipe.features.augment import augment_images, augment_settings, image_seeds
@@ -26,11 +26,7 @@ def base():
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("imgs")
-    written = make_class_folders(root, {"cat": 5, "dog": 5}, size=40)
-    rows = [(str(p), label, f"{name}/{p.name}") for label, name in enumerate(written) for p in written[name]]
-    split = {"train": rows[0:3] + rows[5:8], "validation": [rows[3], rows[8]], "test": [rows[4], rows[9]]}
-    return {k: tuple(map(list, zip(*v))) for k, v in split.items()}
+    return image_parts(tmp_path_factory.mktemp("imgs"), per_class=5)
 
 
 def spec_for(base, views=2, mode="cached", unfreeze="block5_conv1"):
