@@ -24,15 +24,20 @@ import subprocess
 import sys
 import time
 from datetime import datetime
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from helpers import experiments  # noqa: E402  (tests/helpers.py: reads `dvc exp show --json`)
 
 TRAINING = (("train_head", "metrics/train_head.json", "head"),
             ("train_head_aug", "metrics/train_head_aug.json", "head_aug"),
             ("finetune", "metrics/finetune.json", "finetuned"))
-MODELS = ("head", "head_aug", "finetuned")
+MODELS = tuple(model for _, _, model in TRAINING)
+DVC = [sys.executable, "-m", "dvc"]
 
 
 def dvc(*args: str) -> str:
-    proc = subprocess.run([sys.executable, "-m", "dvc", *args], capture_output=True, text=True)
+    proc = subprocess.run([*DVC, *args], capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"dvc {' '.join(args)} failed:\n{proc.stdout}{proc.stderr}")
     return proc.stdout + proc.stderr
@@ -48,19 +53,15 @@ def flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def experiments(show: list) -> dict[str, dict]:
-    """{name: {"params", "metrics", "timestamp", "error"}} from `dvc exp show --json` (DVC 3 layout)."""
-    found = {}
-    for baseline in show:
-        for exp in baseline.get("experiments") or []:
-            for rev in exp.get("revs") or []:
-                data = rev.get("data") or {}
-                if rev.get("name"):
-                    found[rev["name"]] = {
-                        "params": flat((data.get("params") or {}).get("params.yaml", {}).get("data")),
-                        "metrics": {path: (m or {}).get("data") or {} for path, m in (data.get("metrics") or {}).items()},
-                        "timestamp": data.get("timestamp"), "error": rev.get("error")}
-    return found
+def runs(show: list) -> dict[str, dict]:
+    """{name: {"params" (flattened), "metrics" ({path: data}), "timestamp", "error"}} from `dvc exp show --json`."""
+    out = {}
+    for name, exp in experiments(show).items():
+        data = exp["data"]
+        out[name] = {"params": flat((data.get("params") or {}).get("params.yaml", {}).get("data")),
+                     "metrics": {path: (m or {}).get("data") or {} for path, m in (data.get("metrics") or {}).items()},
+                     "timestamp": data.get("timestamp"), "error": exp["error"]}
+    return out
 
 
 def grid_keys(sets: list[str]) -> list[str]:
@@ -123,8 +124,8 @@ def main(argv=None) -> int:
         print(f"queued {len(names)}: {', '.join(names)}", file=sys.stderr)
         started = time.time()
         # DVC's logs go to stderr: stdout is the table alone.
-        subprocess.run([sys.executable, "-m", "dvc", "exp", "run", "--run-all", "-j", "1"], check=False, stdout=sys.stderr)
-    found = experiments(json.loads(dvc("exp", "show", "--json")))
+        subprocess.run([*DVC, "exp", "run", "--run-all", "-j", "1"], check=False, stdout=sys.stderr)
+    found = runs(json.loads(dvc("exp", "show", "--json")))
     missing = [n for n in names if n not in found]
     if missing:
         print(f"not in `dvc exp show`: {', '.join(missing)}", file=sys.stderr)

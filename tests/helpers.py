@@ -298,3 +298,15 @@ def write_split(root: Path, parts: dict[str, list[dict]], classes=("cat", "dog")
         pd.DataFrame(sorted(rows, key=lambda x: x["path"])).to_csv(split / f"{part}.csv", index=False)
     (split / "classes.json").write_text(json.dumps({"classes": list(classes)}))
     return split
+
+
+def experiments(show: list) -> dict[str, dict]:
+    """{experiment name: its data (params, metrics)} from `dvc exp show --json` (DVC 3 layout)."""
+    found = {}
+    for baseline in show:
+        for exp in baseline.get("experiments") or []:
+            for rev in exp.get("revs") or []:
+                if rev.get("name"):
+                    found[rev["name"]] = {"data": rev.get("data") or {}, "error": rev.get("error"),
+                                          "state": (exp.get("executor") or {}).get("state")}
+    return found

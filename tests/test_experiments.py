@@ -12,7 +12,7 @@ from collections import Counter
 
 import pytest
 
-from helpers import REPO, dvc, make_project, sh
+from helpers import REPO, dvc, experiments, make_project, sh
 
 pytestmark = pytest.mark.slow
 
@@ -25,18 +25,6 @@ DROP_DEPS = "[^:]*/[^:]*$"
 NARROW = ["exp", "show", "--only-changed", "--drop", DROP_DEPS]
 # Experiment, Created, State, Executor, head.lr, head's 3 test metrics, train_head's 2: 10.
 MAX_NARROW_COLUMNS = 10
-
-
-def experiments(show: list) -> dict[str, dict]:
-    """{experiment name: its data (params, metrics)} from `dvc exp show --json` (DVC 3 layout)."""
-    found = {}
-    for baseline in show:
-        for exp in baseline.get("experiments") or []:
-            for rev in exp.get("revs") or []:
-                if rev.get("name"):
-                    found[rev["name"]] = {"data": rev.get("data") or {}, "error": rev.get("error"),
-                                          "state": (exp.get("executor") or {}).get("state")}
-    return found
 
 
 def leaf_names(d: dict, prefix: str = "") -> list[str]:
