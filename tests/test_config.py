@@ -202,3 +202,34 @@ def test_unfreeze_auto_needs_a_known_architecture_and_a_frozen_layer_for_the_cac
     first = with_value(raw, "backbone", "layer", "block1_pool")
     assert "auto resolves to block1_conv1, the base's first layer" in error_text(first)
     validate_params(with_value(first, "augment", "mode", "online"))
+
+
+CPUINFO = "processor\t: {n}\nmodel name\t: Some CPU\nflags\t\t: fpu sse2 avx2 avx512f {extra}\n\n"
+
+
+@pytest.mark.parametrize("extra, expected", [("avx512_bf16", "bfloat16"), ("amx_bf16 amx_tile", "bfloat16"),
+                                             ("avx512_vnni", "float32"), ("", "float32")])
+def test_auto_precision_reads_the_cpu_flags(tmp_path, monkeypatch, raw, extra, expected):
+    import tlpipe.config as config
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("".join(CPUINFO.format(n=n, extra=extra) for n in range(2)))
+    monkeypatch.setattr(config, "CPUINFO", info)
+    # Resolved once, in the validated params: every stage (and the files they record it in) sees the value.
+    assert validate_params(with_value(raw, "compute", "precision", "auto")).compute.precision == expected
+    # A flag's name inside another word is not the flag.
+    info.write_text(CPUINFO.format(n=0, extra="no_avx512_bf16x"))
+    assert config.auto_precision() == "float32"
+
+
+def test_auto_precision_without_cpuinfo_is_float32(tmp_path, monkeypatch, raw):
+    import tlpipe.config as config
+
+    monkeypatch.setattr(config, "CPUINFO", tmp_path / "absent")
+    assert validate_params(with_value(raw, "compute", "precision", "auto")).compute.precision == "float32"
+
+
+@pytest.mark.parametrize("section", ["head_aug", "finetune"])
+def test_schedule_is_constant_or_cosine(raw, section):
+    assert validate_params(with_value(raw, section, "schedule", "cosine")).model_dump()[section]["schedule"] == "cosine"
+    assert f"{section}.schedule" in error_text(with_value(raw, section, "schedule", "linear"))

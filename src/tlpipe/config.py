@@ -20,8 +20,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tlpipe.choices import (AUGMENT_MODES, AUTO, BACKBONES, ENGINES, FILL_MODES, FINETUNE_FROM, MODEL_NAMES,
-                            POOLING_CHOICES, PRECISIONS, STRATEGIES, TRAIN_KEEPS, UNFREEZE_AUTO, known_layers,
-                            probe_layers, unfreeze_layer)
+                            POOLING_CHOICES, PRECISION_CHOICES, SCHEDULES, STRATEGIES, TRAIN_KEEPS, UNFREEZE_AUTO,
+                            known_layers, probe_layers, unfreeze_layer)
 from tlpipe.data.manifests import SPLITS
 from tlpipe.errors import ConfigError
 
@@ -105,13 +105,37 @@ class BackboneParams(Section):
         return v
 
 
+# CPU flags of native bfloat16 arithmetic (Intel/AMD AVX-512 BF16, Intel AMX). Without them TensorFlow
+# emulates bfloat16, about 4x slower than float32 (docs/benchmarks.md); with them it is about 1.9x faster.
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+CPUINFO = Path("/proc/cpuinfo")
+
+
+def auto_precision(cpuinfo: Path | None = None) -> str:
+    """compute.precision: auto -> bfloat16 where the CPU computes it natively (`cpuinfo`'s flags list one of
+    BF16_CPU_FLAGS), else float32 (also where there is no /proc/cpuinfo to read). The CPU only: a GPU's
+    precision is set by name (mixed_float16)."""
+    try:
+        text = (cpuinfo or CPUINFO).read_text(errors="replace")
+    except OSError:
+        return "float32"
+    flags = {f for line in text.splitlines() if line.startswith("flags") for f in line.partition(":")[2].split()}
+    return "bfloat16" if flags & set(BF16_CPU_FLAGS) else "float32"
+
+
 class ComputeParams(Section):
-    precision: Literal[PRECISIONS] = "float32"  # type: ignore[valid-type]
+    # auto is resolved here, once, so every stage and the files they write see float32 or bfloat16.
+    precision: Literal[PRECISION_CHOICES] = "float32"  # type: ignore[valid-type]
     batch_size: PosInt = 32
     # How, not what (HOW_KEYS): outputs do not depend on these, so no stage declares them in dvc.yaml.
     engine: Literal[ENGINES] = "local"  # type: ignore[valid-type]
     ray_address: str | None = None
     strategy: Literal[STRATEGIES] = "auto"  # type: ignore[valid-type]
+
+    @field_validator("precision")
+    @classmethod
+    def _resolve_auto_precision(cls, v: str) -> str:
+        return auto_precision() if v == AUTO else v
 
 
 # Keys that change how a stage computes, never what it writes (byte-identical outputs, or training
@@ -144,6 +168,7 @@ class AugmentParams(Section):
 
 class TrainRunParams(Section):
     lr: LearningRate = 2e-5
+    schedule: Literal[SCHEDULES] = "constant"  # type: ignore[valid-type]
     epochs: PosInt = 30
     batch_size: PosInt = 20
     seed: NonNegInt = 42

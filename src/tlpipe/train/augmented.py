@@ -23,15 +23,17 @@ from tlpipe.errors import ConfigError
 
 @dataclass(frozen=True)
 class RunSettings:
-    """One training run's `lr, epochs, batch_size, seed` (params.head_aug or params.finetune)."""
+    """One training run's `lr, epochs, batch_size, seed, schedule` (params.head_aug or params.finetune)."""
     lr: float
     epochs: int
     batch_size: int
     seed: int
+    schedule: str = "constant"
 
     @classmethod
     def from_params(cls, section) -> "RunSettings":
-        return cls(float(section.lr), int(section.epochs), int(section.batch_size), int(section.seed))
+        return cls(float(section.lr), int(section.epochs), int(section.batch_size), int(section.seed),
+                   str(section.schedule))
 
 
 def cache_expect(backbone, augment, compute, class_names) -> dict:
@@ -78,15 +80,19 @@ def fit_and_save(full, model, data, run: RunSettings, *, live_dir, model_path, r
     returns fit's summary with the per-epoch history. keep="best" (train.keep) restores the best
     epoch's variables into `model`'s layers, which are `full`'s, so `full` is saved with them."""
     from tlpipe.model.saved import model_info, save_model
-    from tlpipe.train.compile import compile_classifier
+    from tlpipe.train.compile import compile_classifier, learning_rates
     from tlpipe.train.loop import fit, work_dir_for
     from tlpipe.train.models import detached
 
     compile_classifier(model, len(model_info(full)["class_names"]), run.lr)
+    rates = learning_rates(run.lr, run.epochs, run.schedule)
+    # A checkpoint resumes only under the same rates: a cosine's depend on the epochs too.
+    finger = {"lr": run.lr} if run.schedule == "constant" else {"lr": run.lr, "schedule": run.schedule,
+                                                               "epochs": run.epochs}
     t0 = time.perf_counter()
     result = fit(model, data, run.epochs, run.batch_size, run.seed, live_dir, work_dir=work_dir_for(model_path),
-                 resume=resume, fingerprint={"lr": run.lr}, on_epoch_end=on_epoch_end, keep=keep,
-                 patience=patience)
+                 resume=resume, fingerprint=finger, on_epoch_end=on_epoch_end, keep=keep,
+                 patience=patience, learning_rates=rates)
     seconds = time.perf_counter() - t0
     print(f"{Path(model_path).name}: {data.fingerprint['mode']} mode, "
           f"{seconds / max(1, len(result['history'])):.1f} s/epoch",

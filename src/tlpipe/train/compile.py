@@ -1,9 +1,26 @@
 """The optimizer and loss every training stage uses: RMSprop on integer class labels, its loss scaled
-where layers compute in float16 (compute.precision: mixed_float16)."""
+where layers compute in float16 (compute.precision: mixed_float16); and the learning rate per epoch
+(head_aug.schedule, finetune.schedule)."""
 
 from __future__ import annotations
 
+import math
+
+from tlpipe.choices import SCHEDULES
 from tlpipe.errors import ConfigError
+
+
+def learning_rates(lr: float, epochs: int, schedule: str) -> list[float]:
+    """The learning rate of each epoch. constant: `lr` throughout. cosine: from `lr` in the first epoch
+    down a half cosine towards 0 (never reached: the last epoch gets lr * (1 + cos(pi (E-1)/E)) / 2),
+    so the last epochs take small steps and the weights settle instead of swinging from epoch to epoch.
+    A function of the epoch alone, so a resumed run sets the rates an uninterrupted one would."""
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"schedule: must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    epochs = int(epochs)
+    if schedule == "constant":
+        return [float(lr)] * epochs
+    return [float(lr) * 0.5 * (1 + math.cos(math.pi * e / epochs)) for e in range(epochs)]
 
 
 def loss_for(n_classes: int) -> str:

@@ -203,7 +203,7 @@ def _batch_bar(total: int | None, desc: str):
 def fit(model, data, epochs: int, batch_size: int, seed: int, live_dir, work_dir=None, resume: bool = False,
         fingerprint: dict | None = None, keep_work: bool = False,
         on_epoch_end: Callable[[int, dict], None] | None = None, keep: str = "best",
-        patience: int | None = None) -> dict:
+        patience: int | None = None, learning_rates: list[float] | None = None) -> dict:
     """Train a compiled model for `epochs` on `data` (a tlpipe.train.data.TrainingData); log per-epoch
     metrics to dvclive at `live_dir`.
 
@@ -214,6 +214,7 @@ def fit(model, data, epochs: int, batch_size: int, seed: int, live_dir, work_dir
     on_epoch_end(epoch, row): called after each epoch is logged and checkpointed (1-based epoch).
     keep: "best" ends with the variables of the best epoch (summarize's), "last" with the last epoch's.
     patience: stop after that many epochs without a new best (None: run all `epochs`).
+    learning_rates: the optimizer's learning rate per epoch (compile.learning_rates; None: as compiled).
     Returns `summarize(history)` plus "history" (a list of per-epoch dicts) and "kept_epoch" (the
     epoch whose variables the model holds).
     """
@@ -229,6 +230,8 @@ def fit(model, data, epochs: int, batch_size: int, seed: int, live_dir, work_dir
         raise ConfigError(f"train.keep: must be one of {', '.join(TRAIN_KEEPS)}, got {keep!r}")
     if patience is not None and (isinstance(patience, bool) or int(patience) != patience or int(patience) < 1):
         raise ConfigError(f"train.patience: must be a positive integer or null, got {patience!r}")
+    if learning_rates is not None and len(learning_rates) != int(epochs):
+        raise ValueError(f"learning_rates: {len(learning_rates)} rates for {epochs} epochs")
     set_determinism(seed)
     reseed_layers(model, seed)
 
@@ -267,6 +270,8 @@ def fit(model, data, epochs: int, batch_size: int, seed: int, live_dir, work_dir
                 bar.write(f"early stop after epoch {len(history)}: no lower val_loss in {patience} epochs "
                           f"(best epoch {best_epoch_of(history)})", file=sys.stderr)
                 break
+            if learning_rates is not None:
+                model.optimizer.learning_rate = learning_rates[epoch]
             train = data.epoch(epoch)
             kwargs = {}
             if isinstance(train, tuple):

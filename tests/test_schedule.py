@@ -1,0 +1,81 @@
+"""The learning rate per epoch (head_aug.schedule, finetune.schedule): its values, fit applying them,
+and a resumed cosine run equal to an uninterrupted one."""
+
+import math
+
+import numpy as np
+import pytest
+
+from tlpipe.errors import ConfigError
+from tlpipe.train import loop as training
+from tlpipe.train.compile import learning_rates
+from test_training import Interrupt, _model, _stored
+
+
+def test_constant_is_the_rate_every_epoch():
+    assert learning_rates(3e-5, 4, "constant") == [3e-5] * 4
+
+
+def test_cosine_starts_at_the_rate_and_falls_to_near_zero():
+    rates = learning_rates(1e-4, 10, "cosine")
+    assert len(rates) == 10 and rates[0] == pytest.approx(1e-4)
+    assert all(a > b > 0 for a, b in zip(rates, rates[1:]))
+    assert rates[5] == pytest.approx(0.5e-4)  # half way: half the rate
+    assert rates[-1] == pytest.approx(1e-4 * 0.5 * (1 + math.cos(math.pi * 0.9)))
+    assert learning_rates(1e-4, 1, "cosine") == [pytest.approx(1e-4)]
+
+
+def test_unknown_schedule_is_a_config_error():
+    with pytest.raises(ConfigError, match="schedule.*constant, cosine.*'linear'"):
+        learning_rates(1e-4, 3, "linear")
+
+
+class RecordRate:
+    """on_epoch_end: the optimizer's learning rate each epoch trained with."""
+
+    def __init__(self, model):
+        self.model, self.seen = model, []
+
+    def __call__(self, epoch, row):
+        self.seen.append(float(np.asarray(self.model.optimizer.learning_rate)))
+
+
+def test_fit_trains_each_epoch_at_its_rate(tmp_path):
+    model = _model()
+    rates = learning_rates(1e-2, 4, "cosine")
+    record = RecordRate(model)
+    training.fit(model, _stored(40, 10), epochs=4, batch_size=8, seed=7, live_dir=tmp_path / "l",
+                 learning_rates=rates, on_epoch_end=record)
+    assert record.seen == pytest.approx(rates, rel=1e-6)
+    # The rates change the training: a constant rate gives other weights.
+    other = _model()
+    training.fit(other, _stored(40, 10), epochs=4, batch_size=8, seed=7, live_dir=tmp_path / "c")
+    assert any(not np.array_equal(a, b) for a, b in zip(model.get_weights(), other.get_weights()))
+
+
+def test_rates_must_match_the_epochs(tmp_path):
+    with pytest.raises(ValueError, match="2 rates for 3 epochs"):
+        training.fit(_model(), _stored(20, 10), epochs=3, batch_size=8, seed=7, live_dir=tmp_path / "l",
+                     learning_rates=[1e-3, 1e-3])
+
+
+def test_a_resumed_cosine_run_equals_an_uninterrupted_one(tmp_path):
+    data, rates = _stored(60, 20), learning_rates(1e-2, 5, "cosine")
+    full_model = _model()
+    full = training.fit(full_model, data, epochs=5, batch_size=8, seed=7, live_dir=tmp_path / "full",
+                        learning_rates=rates)
+
+    def stop(epoch, row):
+        if epoch == 3:
+            raise Interrupt
+
+    work = tmp_path / "work"
+    with pytest.raises(Interrupt):
+        training.fit(_model(), data, epochs=5, batch_size=8, seed=7, live_dir=tmp_path / "part", work_dir=work,
+                     learning_rates=rates, on_epoch_end=stop)
+    resumed_model = _model(seed=99)
+    resumed = training.fit(resumed_model, data, epochs=5, batch_size=8, seed=7, live_dir=tmp_path / "part",
+                           work_dir=work, resume=True, learning_rates=rates)
+    assert resumed["history"] == full["history"]
+    for a, b in zip(full_model.get_weights(), resumed_model.get_weights()):
+        np.testing.assert_array_equal(a, b)
