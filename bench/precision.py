@@ -5,7 +5,11 @@ Both in one run (--against picks the precision compared).
 On the same split of real photos, for each precision:
   - the extract stage's real path (files -> tf.data -> feature model -> HDF5) over every split,
     images/s (the model is built and traced before the clock starts);
-  - the train_head stage on those features (same head seed and settings), then its test accuracy.
+  - the train_head stage on those features (same head seed and settings), then its test accuracy;
+  - fine-tuning's training step: VGG16's block 4 and a dense head trained on block3_pool-shaped
+    inputs (what finetune runs on the view cache at the cut block4_pool), images/s, the two
+    precisions interleaved over --rounds rounds, the fastest of each counting (the machine's speed
+    jumps between levels from minute to minute: docs/benchmarks.md).
 Also prints how far the other precision's features are from the float32 ones (relative L2 error), and the
 paired difference of test accuracy with a 95% bootstrap interval.
 
@@ -44,6 +48,40 @@ def extract(split: Path, source: Path, out: Path, spec, precision: str, batch_si
     return time.perf_counter() - t0
 
 
+def train_step_rates(precisions, size: int, rounds: int, batch: int = 20, steps: int = 5) -> dict:
+    """{precision: training images/s} of block 4 + a dense head under each precision (the fastest round)."""
+    import keras
+    import numpy as np
+
+    from tlpipe.features import backbones
+    from tlpipe.train.compile import compile_classifier
+
+    models = {}
+    for precision in precisions:
+        base = backbones.build_base("vgg16", "none", size, precision)
+        boundary = base.get_layer("block3_pool").output.shape[1:]
+        x = inp = keras.Input(boundary)
+        for name in ("block4_conv1", "block4_conv2", "block4_conv3", "block4_pool"):
+            x = base.get_layer(name)(x)
+        with backbones.dtype_policy(precision):
+            x = keras.layers.Dense(256, activation="relu")(keras.layers.GlobalAveragePooling2D()(x))
+            out = keras.layers.Dense(1, activation="sigmoid", dtype="float32")(x)
+        models[precision] = compile_classifier(keras.Model(inp, out), 2, 1e-5)
+    rng = np.random.default_rng(0)
+    xb = rng.random((batch, *boundary), dtype=np.float32)
+    yb = (np.arange(batch) % 2).astype(np.float32)
+    best = {p: float("inf") for p in precisions}
+    for m in models.values():
+        m.train_on_batch(xb, yb)  # trace
+    for _ in range(rounds):
+        for precision, m in models.items():
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                m.train_on_batch(xb, yb)
+            best[precision] = min(best[precision], time.perf_counter() - t0)
+    return {p: batch * steps / s for p, s in best.items()}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--source", type=Path, default=Path(DEFAULT_SOURCE))
@@ -52,13 +90,17 @@ def main(argv=None) -> None:
     ap.add_argument("--test-per-class", type=int, default=150)
     ap.add_argument("--size", type=int, default=150)
     ap.add_argument("--weights", default="hed-bsds500")
-    ap.add_argument("--layer", default=None, help="feature layer (default: the base's last, block5_pool)")
+    # A named cut (auto is chosen by the extract stage's probe, not by extract_split): the one the probe
+    # picks on the shared photos with the offline weights.
+    ap.add_argument("--layer", default="block4_pool", help="feature layer (null: the base's last, block5_pool)")
+    ap.add_argument("--pooling", default="avg", choices=("flatten", "avg", "max"))
     ap.add_argument("--epochs", type=int, default=30, help="head epochs (params.yaml default: 30)")
     ap.add_argument("--head-lr", type=float, default=2e-5)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--against", default="bfloat16", choices=("bfloat16", "mixed_float16"),
                     help="the precision compared with float32 (mixed_float16 needs a GPU)")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir)")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the fine-tuning step timing")
     args = ap.parse_args(argv)
     if not args.source.is_dir():
         raise SystemExit(f"{args.source}: not found; pass --source (a folder with train/ and validation/)")
@@ -74,8 +116,9 @@ def main(argv=None) -> None:
 
     work = args.work or Path(tempfile.mkdtemp(prefix="tlpipe-bench-precision-"))
     split = make_split(args.source, work, args.train_per_class, args.val_per_class, args.test_per_class)
-    p = validate_params({"backbone": {"name": "vgg16", "weights": args.weights, "layer": args.layer,
-                                      "image_size": args.size},
+    layer = None if args.layer in ("null", "none") else args.layer
+    p = validate_params({"backbone": {"name": "vgg16", "weights": args.weights, "layer": layer,
+                                      "pooling": args.pooling, "image_size": args.size},
                          "head": {"epochs": args.epochs, "lr": args.head_lr}})
     spec = BaseSpec.from_params(p.backbone)
     n = 2 * (args.train_per_class + args.val_per_class + args.test_per_class)
@@ -99,11 +142,15 @@ def main(argv=None) -> None:
         print(f"# {precision}: {n / seconds:.2f} images/s, test accuracy {correct.mean():.3f}", file=sys.stderr)
 
     other = args.against
+    keras.backend.clear_session()
+    rates = train_step_rates(("float32", other), args.size, args.rounds)
     f32, bf16 = result["float32"], result[other]
     rel = np.linalg.norm(bf16["train"] - f32["train"]) / np.linalg.norm(f32["train"])
     diff, lo, hi = paired_difference(bf16["correct"], f32["correct"])
     print(f"extract images/s: float32 {n / f32['seconds']:.2f}, {other} {n / bf16['seconds']:.2f} "
           f"-> {other} is {f32['seconds'] / bf16['seconds']:.2f}x the speed of float32")
+    print(f"fine-tuning step (block 4 + head) images/s: float32 {rates['float32']:.1f}, {other} "
+          f"{rates[other]:.1f} -> {other} is {rates[other] / rates['float32']:.2f}x the speed of float32")
     print(f"features: {other} vs float32 relative L2 error {rel:.4f}")
     print(f"test accuracy ({len(f32['correct'])} images): float32 {f32['correct'].mean():.3f}, "
           f"{other} {bf16['correct'].mean():.3f}; {other} - float32 = {100 * diff:+.1f} points "
