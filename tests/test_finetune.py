@@ -256,3 +256,25 @@ def test_a_boundary_at_the_cut_is_not_called_a_residual_connection(cached_run):
     with pytest.raises(ConfigError, match="lies after the cut") as err:
         cached_training_model(full, "block5_pool")
     assert "residual" not in str(err.value)
+
+
+def test_bfloat16_cache_head_aug_and_cosine_finetune(tmp_path):
+    # What the README's offline command runs where compute.precision: auto picks bfloat16.
+    p, split, images = make_project(tmp_path, {"compute": {"precision": "bfloat16"},
+                                               "finetune": {"epochs": 2, "schedule": "cosine"}})
+    build_cache(tmp_path, p, split, images)
+    with viewcache.ViewReader(tmp_path / "views.h5") as reader:
+        assert reader.attrs["precision"] == "bfloat16"
+    head_aug(tmp_path, p, split, images)
+    start = base_weights(load_model(tmp_path / "head_aug_a.keras"))
+    result = fine(tmp_path, p, split, images, tmp_path / "head_aug_a.keras")
+    model = load_model(tmp_path / "finetuned_f.keras")
+    conv = model.get_layer("base").get_layer("block5_conv1")
+    # Mixed precision: bfloat16 arithmetic, float32 variables (small updates are not rounded away).
+    assert conv.compute_dtype == "bfloat16" and conv.kernel.dtype == "float32"
+    after = base_weights(model)
+    assert all(np.array_equal(a, b) for a, b in zip(after["block4_conv1"], start["block4_conv1"]))
+    assert not all(np.array_equal(a, b) for a, b in zip(after["block5_conv1"], start["block5_conv1"]))
+    assert len(result["history"]) == 2 and all(np.isfinite(r["val_loss"]) for r in result["history"])
+    x = np.random.default_rng(0).uniform(0, 255, (2, SIZE, SIZE, 3)).astype("float32")
+    assert np.all(np.isfinite(np.asarray(model.predict(x, verbose=0), np.float32)))
