@@ -4,7 +4,8 @@ Both in one run (--against picks the precision compared).
 
 On the same split of real photos, for each precision:
   - the extract stage's real path (files -> tf.data -> feature model -> HDF5) over every split,
-    images/s (the model is built and traced before the clock starts);
+    images/s (the models are built and traced before the clock starts; the precisions take turns
+    split by split);
   - the train_head stage on those features (same head seed and settings), then its test accuracy;
   - fine-tuning's training step: VGG16's block 4 and a dense head trained on block3_pool-shaped
     inputs (what finetune runs on the view cache at the cut block4_pool), images/s, the two
@@ -31,21 +32,27 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import DEFAULT_SOURCE, make_split, paired_difference  # noqa: E402  (bench/common.py)
 
 
-def extract(split: Path, source: Path, out: Path, spec, precision: str, batch_size: int) -> float:
-    """Seconds to extract every split in `precision` (model built and traced beforehand)."""
+def extract(split: Path, source: Path, work: Path, spec, precisions, batch_size: int) -> dict:
+    """{precision: seconds to extract every split}, features to work/<precision>/. The precisions take
+    turns split by split (models built and traced beforehand), so a change in the machine's speed
+    part-way falls on both."""
     import numpy as np
 
     from tlpipe.data.manifests import SPLITS, read_class_names
     from tlpipe.features.extract import Extractor, extract_split
 
     classes = read_class_names(split / "classes.json")
-    extractor = Extractor(spec, precision)
-    extractor(np.zeros((batch_size, spec.image_size, spec.image_size, 3), np.float32))  # trace
-    t0 = time.perf_counter()
+    extractors = {p: Extractor(spec, p) for p in precisions}
+    for e in extractors.values():
+        e(np.zeros((batch_size, spec.image_size, spec.image_size, 3), np.float32))  # trace
+    seconds = dict.fromkeys(precisions, 0.0)
     for name in SPLITS:
-        extract_split(split / f"{name}.csv", source, out / f"{name}.h5", spec, classes, batch_size, precision,
-                      extractor=extractor)
-    return time.perf_counter() - t0
+        for precision, extractor in extractors.items():
+            t0 = time.perf_counter()
+            extract_split(split / f"{name}.csv", source, work / precision / f"{name}.h5", spec, classes,
+                          batch_size, precision, extractor=extractor)
+            seconds[precision] += time.perf_counter() - t0
+    return seconds
 
 
 def train_step_rates(precisions, size: int, rounds: int, batch: int = 20, steps: int = 5) -> dict:
@@ -126,11 +133,10 @@ def main(argv=None) -> None:
           f"{args.weights}, head {args.epochs} epochs lr {args.head_lr}; {os.cpu_count()} CPUs", file=sys.stderr)
 
     result = {}
-    for precision in ("float32", args.against):
+    times = extract(split, args.source, work, spec, ("float32", args.against), args.batch_size)
+    for precision, seconds in times.items():
         keras.backend.clear_session()
         feats = work / precision
-        seconds = extract(split, args.source, feats, spec, precision, args.batch_size)
-        keras.backend.clear_session()
         run_train_head(feats, work / f"head_{precision}.keras", work / f"head_{precision}.json",
                        work / f"live_{precision}", p.head)
         test = read_features(feats / "test.h5")
