@@ -7,8 +7,8 @@ On the same split of real photos, for each precision:
     images/s (the models are built and traced before the clock starts; the precisions take turns
     split by split);
   - the train_head stage on those features (same head seed and settings), then its test accuracy;
-  - fine-tuning's training step: VGG16's block 4 and a dense head trained on block3_pool-shaped
-    inputs (what finetune runs on the view cache at the cut block4_pool), images/s, the two
+  - fine-tuning's training step: the model finetune trains on the view cache at the cut block4_pool
+    (block 4 and the head, on block3_pool activations), images/s, the two
     precisions interleaved over --rounds rounds, the fastest of each counting (the machine's speed
     jumps between levels from minute to minute: docs/benchmarks.md).
 Also prints how far the other precision's features are from the float32 ones (relative L2 error), and the
@@ -56,24 +56,24 @@ def extract(split: Path, source: Path, work: Path, spec, precisions, batch_size:
 
 
 def train_step_rates(precisions, size: int, rounds: int, batch: int = 20, steps: int = 5) -> dict:
-    """{precision: training images/s} of block 4 + a dense head under each precision (the fastest round)."""
-    import keras
+    """{precision: training images/s} of what finetune trains at the cut block4_pool (the pipeline's own
+    models: train.models.new_model, block 4 unfrozen, cached_training_model from block3_pool) under
+    each precision (the fastest round)."""
     import numpy as np
 
-    from tlpipe.features import backbones
+    from tlpipe.config import validate_params
+    from tlpipe.model.saved import set_trainable_from
     from tlpipe.train.compile import compile_classifier
+    from tlpipe.train.models import cached_training_model, new_model
 
+    backbone = validate_params({"backbone": {"weights": "none", "image_size": size, "layer": "block4_pool",
+                                             "pooling": "avg"}}).backbone
     models = {}
     for precision in precisions:
-        base = backbones.build_base("vgg16", "none", size, precision)
-        boundary = base.get_layer("block3_pool").output.shape[1:]
-        x = inp = keras.Input(boundary)
-        for name in ("block4_conv1", "block4_conv2", "block4_conv3", "block4_pool"):
-            x = base.get_layer(name)(x)
-        with backbones.dtype_policy(precision):
-            x = keras.layers.Dense(256, activation="relu")(keras.layers.GlobalAveragePooling2D()(x))
-            out = keras.layers.Dense(1, activation="sigmoid", dtype="float32")(x)
-        models[precision] = compile_classifier(keras.Model(inp, out), 2, 1e-5)
+        full = new_model(backbone, precision, 256, 0.5, 0, ["a", "b"])
+        set_trainable_from(full, "block4_conv1")
+        models[precision] = compile_classifier(cached_training_model(full, "block3_pool"), 2, 1e-5)
+    boundary = tuple(next(iter(models.values())).input_shape[1:])
     rng = np.random.default_rng(0)
     xb = rng.random((batch, *boundary), dtype=np.float32)
     yb = (np.arange(batch) % 2).astype(np.float32)
