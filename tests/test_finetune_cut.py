@@ -1,6 +1,7 @@
 """End to end: fine-tuning follows the cut. Every backbone.layer x finetune.unfreeze_from that params
 validation accepts runs the whole pipeline (`dvc repro`, generated images); one it refuses stops every
-stage before any work, naming both keys. (backbone.layer null with auto is test_pipeline's run.)"""
+stage before any work, naming both keys. (backbone.layer auto with auto is test_pipeline's run; every
+pair's model, without DVC, is test_cut_combinations.py's.)"""
 
 from __future__ import annotations
 
@@ -42,6 +43,11 @@ def test_an_explicit_layer_inside_the_kept_base(repo):
     ran = set(stages_run(dvc(repo, "repro")))
     assert {"viewcache", "train_head_aug", "finetune", "evaluate"} <= ran and not ran & {"data", "extract"}, ran
     assert trained_from(repo) == ("block4_conv1", "block4_conv2")
+    # Across a block boundary: the cache stops inside block 3 and fine-tuning trains on into block 4.
+    set_params(repo, {"finetune": {"unfreeze_from": "block3_conv2"}})
+    ran = set(stages_run(dvc(repo, "repro")))
+    assert {"viewcache", "train_head_aug", "finetune", "evaluate"} <= ran and not ran & {"data", "extract"}, ran
+    assert trained_from(repo) == ("block3_conv1", "block3_conv2")
 
 
 def test_a_layer_after_the_cut_stops_every_stage_before_any_work(repo):
