@@ -3,8 +3,8 @@
 dvclive writes each logged metric to `<live>/<stage>/plots/metrics/<name>.tsv` with columns
 `step` (0-based epoch) and the metric. Names vary with how training logs them ("train/loss",
 "val/loss", or Keras-style "loss", "val_loss"), so we read whatever exists and group by metric.
-Each panel marks the best epoch as training defines it (lowest validation loss, earliest on ties:
-train.loop.summarize, the metrics files' best_epoch), the epoch `train.keep: best` saves.
+Each panel marks the best epoch as training defines it (tlpipe.history.best_index: lowest validation
+loss, earliest on ties, never a NaN; the metrics files' best_epoch), the epoch `train.keep: best` saves.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from tlpipe.errors import DataError
+from tlpipe.history import best_index
 from tlpipe.report.plotting import new_figure, save_figure
 
 VALIDATION = {"val", "validation", "eval", "valid"}
@@ -62,8 +63,7 @@ def best_epoch(metrics: dict[str, dict[str, pd.Series]]) -> int | None:
     s = metrics.get("loss", {}).get("validation")
     if s is None or s.empty:
         return None
-    values, epochs = s.to_numpy(), s.index.to_numpy()
-    return int(epochs[min(range(len(values)), key=lambda i: (values[i], i))])
+    return int(s.index.to_numpy()[best_index(s.to_numpy())])
 
 
 def plot_stage(metrics: dict[str, dict[str, pd.Series]], title: str):

@@ -11,7 +11,8 @@ Resume: after each epoch the model's variables (weights and RNG layer states, wh
 uninterrupted run on the same machine, as long as `data.epoch(e)` depends on e alone (every source in
 tlpipe.train.data does; a tf.data.Dataset whose shuffling depends on how often it was iterated does not).
 
-Best epoch: the epoch of lowest validation loss, the earliest on ties (`summarize`). With keep="best"
+Best epoch: the epoch of lowest validation loss, the earliest on ties, a NaN loss never best
+(`summarize`, by tlpipe.history.best_index). With keep="best"
 (train.keep) the model ends with that epoch's variables: `fit` holds a copy of them and the checkpoint
 holds them too (in the same .npz as the last epoch's, so one atomic write), so a resumed run keeps the
 same epoch. patience=N (train.patience) stops after N epochs in a row without a new best; the check
@@ -32,6 +33,7 @@ import numpy as np
 from tlpipe import atomic
 from tlpipe.choices import TRAIN_KEEPS
 from tlpipe.errors import ConfigError
+from tlpipe.history import best_index
 
 METRICS = ("loss", "accuracy")
 CKPT_FORMAT = 2  # 2: the best epoch's variables ride in the checkpoint (b0, b1, ...)
@@ -67,7 +69,7 @@ def summarize(history: list[dict]) -> dict:
     """Final metrics: epochs run, the best epoch (lowest val loss, earliest on ties) and the last one."""
     if not history:
         return {"epochs": 0}
-    best_i = min(range(len(history)), key=lambda i: (history[i]["val_loss"], i))
+    best_i = best_index([row["val_loss"] for row in history])
     return {
         "epochs": len(history),
         "best_epoch": best_i + 1,
