@@ -26,9 +26,9 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
 
     import keras
-    import numpy as np
 
     from tlpipe.features.extract import read_features
+    from tlpipe.history import best_index
     from tlpipe.model.head import build_head, feature_stats
     from tlpipe.train.compile import compile_classifier
 
@@ -43,7 +43,7 @@ def main(argv=None) -> None:
             model = compile_classifier(build_head(xt.shape[1], 2, 256, 0.5, seed=42,
                                                   stats=feature_stats(xt) if standardize else None), 2, lr)
             h = model.fit(xt, yt, batch_size=20, epochs=args.epochs, validation_data=(xv, yv), verbose=0).history
-            best = int(np.argmin(h["val_loss"]))
+            best = best_index(h["val_loss"])  # the rule train.keep: best applies
             print(f"| {'yes' if standardize else 'no'} | {lr:g} | {best + 1} | {h['val_accuracy'][best]:.1%} | "
                   f"{h['val_loss'][best]:.3f} | {h['loss'][0]:.3f} |", flush=True)
 
