@@ -22,16 +22,17 @@ def main(argv=None):
     ap.add_argument("--live", default="dvclive", help="dvclive folder: one sub-folder per training stage")
     ap.add_argument("--plots", default="plots", help="folder holding confusion/<model>.csv")
     ap.add_argument("--out", default="reports", help="writes <out>/index.html and <out>/viz/")
-    ap.add_argument("--params", default="params.yaml", help="shown in the report")
+    ap.add_argument("--params", default="params.yaml", help="its values that outputs depend on are shown in the report")
     ap.add_argument("--cut", default="features/cut.json", help="the cut extract stored, with the probe's table")
     args = ap.parse_args(argv)
     params = load_params(args.params)
 
-    from tlpipe.report.build import build_report, load_params_text
+    from tlpipe.config import what_params
+    from tlpipe.report.build import build_report, params_text
 
     page = build_report(args.models, args.split_dir, args.images, args.scores, args.train_metrics,
                         args.predictions, args.live, args.plots, args.out, params.visualize,
-                        load_params_text(args.params), cut_path=args.cut)
+                        params_text(what_params(params)), cut_path=args.cut)
     print(f"wrote {page}")
 
 

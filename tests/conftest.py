@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+import tlpipe.cli  # noqa: F401  (as a stage does, first: TensorFlow's thread pool fixed, tlpipe.threads)
+
 
 @pytest.fixture(scope="session")
 def class_images(tmp_path_factory) -> Path:

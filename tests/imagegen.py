@@ -164,3 +164,36 @@ def tar_folder(folder, tar_path, prefix: str = "") -> Path:
     with tarfile.open(tar_path, "w:gz") as tf:
         tf.add(folder, arcname=prefix or ".")
     return tar_path
+
+
+def textured_photo(size: tuple[int, int], seed: int) -> np.ndarray:
+    """uint8 RGB [h, w, 3] with photo-like texture: gratings of random frequency and angle, a few soft
+    blobs, and pixel noise. Real-size convolutions need such content: flat colours give mostly equal
+    sums, whose order then makes no difference."""
+    rng = np.random.default_rng(seed)
+    h, w = size[1], size[0]
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.zeros((h, w, 3), np.float32)
+    for _ in range(6):
+        angle, freq, phase = rng.uniform(0, np.pi), rng.uniform(0.02, 0.4), rng.uniform(0, 2 * np.pi)
+        wave = np.sin(freq * (x * np.cos(angle) + y * np.sin(angle)) + phase)
+        img += wave[..., None] * rng.uniform(10, 40, 3)
+    for _ in range(4):
+        cy, cx, r = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(8, 40)
+        img += np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * r * r))[..., None] * rng.uniform(-80, 80, 3)
+    img += rng.normal(0, 12, img.shape) + 128
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def make_textured_folders(root, classes: dict[str, int], seed: int = 0) -> Path:
+    """root/<class>/<class>_<i>.jpg: textured JPEGs of a few real-photo sizes (150-220 px a side)."""
+    from PIL import Image
+
+    root = Path(root)
+    sizes = [(150, 150), (200, 160), (170, 220)]
+    for c, (name, count) in enumerate(classes.items()):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            pixels = textured_photo(sizes[i % len(sizes)], seed * 10_000 + c * 1_000 + i)
+            Image.fromarray(pixels, "RGB").save(root / name / f"{name}_{i}.jpg", quality=90)
+    return root

@@ -207,26 +207,29 @@ def test_unfreeze_auto_needs_a_known_architecture_and_a_frozen_layer_for_the_cac
 CPUINFO = "processor\t: {n}\nmodel name\t: Some CPU\nflags\t\t: fpu sse2 avx2 avx512f {extra}\n\n"
 
 
-@pytest.mark.parametrize("extra, expected", [("avx512_bf16", "bfloat16"), ("amx_bf16 amx_tile", "bfloat16"),
-                                             ("avx512_vnni", "float32"), ("", "float32")])
-def test_auto_precision_reads_the_cpu_flags(tmp_path, monkeypatch, raw, extra, expected):
+@pytest.mark.parametrize("extra, native", [("avx512_bf16", True), ("amx_bf16 amx_tile", True),
+                                           ("avx512_vnni", False), ("", False), ("no_avx512_bf16x", False)])
+def test_native_bfloat16_reads_the_cpu_flags(tmp_path, monkeypatch, extra, native):
     import tlpipe.config as config
 
     info = tmp_path / "cpuinfo"
     info.write_text("".join(CPUINFO.format(n=n, extra=extra) for n in range(2)))
-    monkeypatch.setattr(config, "CPUINFO", info)
-    # Resolved once, in the validated params: every stage (and the files they record it in) sees the value.
-    assert validate_params(with_value(raw, "compute", "precision", "auto")).compute.precision == expected
-    # A flag's name inside another word is not the flag.
-    info.write_text(CPUINFO.format(n=0, extra="no_avx512_bf16x"))
-    assert config.auto_precision() == "float32"
+    assert config.native_bfloat16(info) is native  # a flag's name inside another word is not the flag
+    assert config.native_bfloat16(tmp_path / "absent") is False
 
 
-def test_auto_precision_without_cpuinfo_is_float32(tmp_path, monkeypatch, raw):
+@pytest.mark.parametrize("extra, says", [("avx512_bf16", "this CPU lists avx512_bf16 or amx_bf16"),
+                                         ("", "this CPU lists neither, so float32 is the fast one here")])
+def test_auto_precision_is_refused_with_what_this_cpu_has(tmp_path, monkeypatch, raw, extra, says):
+    # DVC records the param as written: auto would let a bfloat16 machine's outputs pass for float32 ones.
     import tlpipe.config as config
 
-    monkeypatch.setattr(config, "CPUINFO", tmp_path / "absent")
-    assert validate_params(with_value(raw, "compute", "precision", "auto")).compute.precision == "float32"
+    info = tmp_path / "cpuinfo"
+    info.write_text(CPUINFO.format(n=0, extra=extra))
+    monkeypatch.setattr(config, "CPUINFO", info)
+    text = error_text(with_value(raw, "compute", "precision", "auto"))
+    assert "compute.precision" in text and "write the precision: bfloat16" in text and says in text
+    assert validate_params(with_value(raw, "compute", "precision", "bfloat16")).compute.precision == "bfloat16"
 
 
 @pytest.mark.parametrize("section", ["head_aug", "finetune"])

@@ -259,7 +259,7 @@ def test_a_boundary_at_the_cut_is_not_called_a_residual_connection(cached_run):
 
 
 def test_bfloat16_cache_head_aug_and_cosine_finetune(tmp_path):
-    # What the README's offline command runs where compute.precision: auto picks bfloat16.
+    # What compute.precision: bfloat16 runs (the fast choice on a CPU with AVX-512 BF16 or AMX).
     p, split, images = make_project(tmp_path, {"compute": {"precision": "bfloat16"},
                                                "finetune": {"epochs": 2, "schedule": "cosine"}})
     build_cache(tmp_path, p, split, images)

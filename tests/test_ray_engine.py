@@ -141,9 +141,10 @@ def test_engine_ray_without_ray_names_the_key_and_the_install_command(monkeypatc
         engines.Engine("ray").run([{"shard": "x"}], lambda: None)
 
 
-def test_pool_shape_one_actor_per_gpu_else_per_cpu():
+def test_pool_shape_one_actor_per_gpu_else_per_thread_pool():
     assert engines.pool_shape(engines.Engine("ray"), 100, {"CPU": 16.0, "GPU": 4.0}) == (4, 4.0, 1.0)
-    assert engines.pool_shape(engines.Engine("ray"), 100, {"CPU": 2.0}) == (2, 1.0, 0.0)
+    assert engines.pool_shape(engines.Engine("ray"), 100, {"CPU": 16.0}) == (4, 4.0, 0.0)  # 4 threads each
+    assert engines.pool_shape(engines.Engine("ray"), 100, {"CPU": 2.0}) == (1, 2.0, 0.0)
     assert engines.pool_shape(engines.Engine("ray", actors=1), 100, {"CPU": 2.0}) == (1, 2.0, 0.0)
     assert engines.pool_shape(engines.Engine("ray"), 1, {"CPU": 8.0}) == (1, 8.0, 0.0)  # no idle actors
 

@@ -7,10 +7,9 @@ finetune.unfreeze_from against backbone.layer, so params are checked without bui
 BACKBONES = ("vgg16", "vgg19", "resnet50", "inception_v3", "xception", "mobilenet", "mobilenet_v2",
              "efficientnet_b0")  # features.backbones.ARCHS implements each (a test checks they match)
 POOLINGS = ("flatten", "avg", "max")  # how a layer's output becomes one vector per image
-AUTO = "auto"  # backbone.layer, backbone.pooling, finetune.unfreeze_from, compute.precision: chosen by the pipeline
+AUTO = "auto"  # backbone.layer, backbone.pooling, finetune.unfreeze_from: chosen by the pipeline
 POOLING_CHOICES = POOLINGS + (AUTO,)  # backbone.pooling: auto lets the extract stage's probe choose
 PRECISIONS = ("float32", "bfloat16", "mixed_float16")  # compute.precision (mixed_float16: GPUs only)
-PRECISION_CHOICES = PRECISIONS + (AUTO,)  # compute.precision: auto resolves by the CPU (config.auto_precision)
 ENGINES = ("local", "ray")  # compute.engine: where extract and viewcache run (outputs identical)
 STRATEGIES = ("auto", "default", "mirrored")  # compute.strategy: tf.distribute strategy for training
 FILL_MODES = ("nearest", "reflect", "wrap", "constant")  # augment.fill_mode

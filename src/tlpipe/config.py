@@ -20,7 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tlpipe.choices import (AUGMENT_MODES, AUTO, BACKBONES, ENGINES, FILL_MODES, FINETUNE_FROM, MODEL_NAMES,
-                            POOLING_CHOICES, PRECISION_CHOICES, SCHEDULES, STRATEGIES, TRAIN_KEEPS, UNFREEZE_AUTO,
+                            POOLING_CHOICES, PRECISIONS, SCHEDULES, STRATEGIES, TRAIN_KEEPS, UNFREEZE_AUTO,
                             known_layers, probe_layers, unfreeze_layer)
 from tlpipe.data.manifests import SPLITS
 from tlpipe.errors import ConfigError
@@ -106,36 +106,43 @@ class BackboneParams(Section):
 
 
 # CPU flags of native bfloat16 arithmetic (Intel/AMD AVX-512 BF16, Intel AMX). Without them TensorFlow
-# emulates bfloat16, about 4x slower than float32 (docs/benchmarks.md); with them it is about 1.9x faster.
+# emulates bfloat16, several times slower than float32 (docs/benchmarks.md).
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 CPUINFO = Path("/proc/cpuinfo")
 
 
-def auto_precision(cpuinfo: Path | None = None) -> str:
-    """compute.precision: auto -> bfloat16 where the CPU computes it natively (`cpuinfo`'s flags list one of
-    BF16_CPU_FLAGS), else float32 (also where there is no /proc/cpuinfo to read). The CPU only: a GPU's
-    precision is set by name (mixed_float16)."""
+def native_bfloat16(cpuinfo: Path | None = None) -> bool:
+    """Whether this CPU computes bfloat16 natively (`cpuinfo`'s flags list one of BF16_CPU_FLAGS);
+    False where there is no /proc/cpuinfo to read."""
     try:
         text = (cpuinfo or CPUINFO).read_text(errors="replace")
     except OSError:
-        return "float32"
+        return False
     flags = {f for line in text.splitlines() if line.startswith("flags") for f in line.partition(":")[2].split()}
-    return "bfloat16" if flags & set(BF16_CPU_FLAGS) else "float32"
+    return bool(flags & set(BF16_CPU_FLAGS))
 
 
 class ComputeParams(Section):
-    # auto is resolved here, once, so every stage and the files they write see float32 or bfloat16.
-    precision: Literal[PRECISION_CHOICES] = "float32"  # type: ignore[valid-type]
+    precision: Literal[PRECISIONS] = "float32"  # type: ignore[valid-type]
     batch_size: PosInt = 32
     # How, not what (HOW_KEYS): outputs do not depend on these, so no stage declares them in dvc.yaml.
     engine: Literal[ENGINES] = "local"  # type: ignore[valid-type]
     ray_address: str | None = None
     strategy: Literal[STRATEGIES] = "auto"  # type: ignore[valid-type]
 
-    @field_validator("precision")
+    @field_validator("precision", mode="before")
     @classmethod
-    def _resolve_auto_precision(cls, v: str) -> str:
-        return auto_precision() if v == AUTO else v
+    def _no_auto_precision(cls, v):
+        # DVC records the value as written: an `auto` that meant bfloat16 on one CPU and float32 on
+        # another would let the run cache and `dvc pull` hand one machine's outputs to the other.
+        if v == AUTO:
+            here = ("this CPU lists " + " or ".join(BF16_CPU_FLAGS) if native_bfloat16()
+                    else "this CPU lists neither, so float32 is the fast one here")
+            raise ValueError(f"auto is not accepted: DVC records the value as written, so machines resolving it "
+                             f"to bfloat16 and to float32 would share each other's outputs as if they were the "
+                             f"same; write the precision: bfloat16 (fast only where the CPU lists "
+                             f"{' or '.join(BF16_CPU_FLAGS)}; {here}) or float32")
+        return v
 
 
 # Keys that change how a stage computes, never what it writes (byte-identical outputs, or training
@@ -376,6 +383,27 @@ def param_leaves(section: type[BaseModel] = Params, prefix: str = "") -> list[st
         else:
             keys.append(key)
     return keys
+
+
+def what_params(params) -> dict:
+    """Every param the outputs depend on (all leaves but HOW_KEYS), nested as in params.yaml: what the
+    report shows. Read key by key, so the visualize stage declares exactly these and switching a how
+    key reruns nothing."""
+    def attr(node, key: str):
+        model = node._model if isinstance(node, Recorded) else node
+        name = next(n for n, f in type(model).model_fields.items() if (f.alias or n) == key)
+        return getattr(node, name)
+
+    out: dict = {}
+    for key in param_leaves():
+        if key in HOW_KEYS:
+            continue
+        *path, leaf = key.split(".")
+        node, target = params, out
+        for part in path:
+            node, target = attr(node, part), target.setdefault(part, {})
+        target[leaf] = attr(node, leaf)
+    return out
 
 
 class _Recorder:

@@ -1,7 +1,8 @@
 """The command line: `run_stage` (the wrapper every stage script runs under), `main` (`tlpipe <command>`)
 and the commands themselves (`predict`, `augment-preview`).
 
-Importing this package sets up TensorFlow for whoever imports it first (keras, a stage): memory
+Importing this package sets up TensorFlow for whoever imports it first (keras, a stage): its intra-op
+pool fixed at tlpipe.threads.INTRA_OP_THREADS (so no stored number depends on the core count), memory
 growth on for every GPU it sees (TensorFlow otherwise reserves nearly all of each card's memory),
 and its start-up lines (oneDNN notes, CUDA stubs, "failed call to cuInit" on a machine without a
 GPU) kept away from the user, who sees only tlpipe's own messages; set TLPIPE_VERBOSE=1 (or
@@ -18,11 +19,13 @@ import sys
 import tempfile
 from typing import Callable
 
+from tlpipe import threads
 from tlpipe.errors import TlpipeError
 
 
 class _TensorFlowImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Runs `import tensorflow`, then `grow_gpu_memory` before anything can allocate on a GPU.
+    """Runs `import tensorflow`, then fixes its thread pool (tlpipe.threads) and `grow_gpu_memory`, before
+    TensorFlow's first op.
 
     quiet: file descriptor 2 points at a temp file meanwhile. TensorFlow's C++ libraries log while
     they load, before absl reads TF_CPP_MIN_LOG_LEVEL, straight to fd 2 (TF 2.21): no setting
@@ -53,6 +56,7 @@ class _TensorFlowImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         module.__loader__ = module.__spec__.loader = self._loader  # as if imported plainly
         with _stderr_to_temp() if self.quiet else contextlib.nullcontext():
             self._loader.exec_module(module)
+            threads.configure()
             grow_gpu_memory(module)  # lists the GPUs: CUDA's lines, hidden too
 
 

@@ -6,7 +6,8 @@ the frozen model and turns a job into a result dict (the shard's hash and timing
 builds one worker here and runs the jobs in order. The Ray engine runs the same workers as a Ray
 Data actor pool (`map_batches(..., compute=ActorPoolStrategy(size=...))`), one job per call, each
 actor building its worker (and so the model) once: one actor per GPU with `num_gpus=1` where the
-cluster has GPUs, else one per CPU, each with as many TensorFlow intra-op threads as CPUs it holds.
+cluster has GPUs, else one per tlpipe.threads.INTRA_OP_THREADS CPUs; every actor runs TensorFlow with
+that fixed intra-op pool, as the local engine does, so the bytes do not depend on the pool's shape.
 
 Results come back keyed by shard, in whatever order Ray finishes them; nothing depends on that
 order, because each worker writes its own shard file and the stage assembles the table from the
@@ -104,9 +105,11 @@ def connect(address: str | None):
 
 def pool_shape(engine: Engine, n_jobs: int, resources: dict) -> tuple[int, float, float]:
     """(actors, num_cpus, num_gpus) per actor from the cluster's resources: one actor per GPU, else
-    one per CPU (or engine.actors), never more actors than jobs."""
+    one per INTRA_OP_THREADS CPUs (or engine.actors), never more actors than jobs."""
+    from tlpipe.threads import INTRA_OP_THREADS
+
     gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
-    actors = engine.actors or (gpus or cpus)
+    actors = engine.actors or (gpus or max(1, cpus // INTRA_OP_THREADS))
     actors = max(1, min(actors, n_jobs))
     if engine.cpus_per_actor:
         cpu = engine.cpus_per_actor
@@ -121,8 +124,11 @@ class _Actor:
     def __init__(self, make_worker, threads: int, gpu: bool):
         import tensorflow as tf
 
-        # Before TensorFlow initialises: one actor's ops must not spread over its neighbours' cores.
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        from tlpipe import threads as pools
+
+        # Before TensorFlow initialises. The intra-op pool has the size every engine uses (the bytes
+        # depend on it, not on the CPUs the actor holds); inter-op work stays within the actor's share.
+        pools.configure()
         tf.config.threading.set_inter_op_parallelism_threads(threads)
         if gpu:  # TensorFlow otherwise takes the whole card at start-up
             for device in tf.config.list_physical_devices("GPU"):

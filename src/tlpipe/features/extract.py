@@ -156,6 +156,8 @@ def fingerprint(extractor: Extractor, files, labels, paths, class_names, batch_s
     import keras
     import tensorflow as tf
 
+    from tlpipe.threads import INTRA_OP_THREADS
+
     def file_id(f):
         # Store files are content-addressed, so name and size identify them (mtime changes on checkout).
         return [os.path.basename(f), os.path.getsize(f)]
@@ -173,6 +175,7 @@ def fingerprint(extractor: Extractor, files, labels, paths, class_names, batch_s
         "class_names": list(class_names),
         "rows": [file_id(f) + [int(l), p] for f, l, p in zip(files, labels, paths)],
         "versions": [tf.__version__, keras.__version__],
+        "intra_op_threads": INTRA_OP_THREADS,
     }
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
@@ -201,6 +204,9 @@ class ExtractWorker:
     def __init__(self, work: ExtractWork):
         import tensorflow as tf
 
+        from tlpipe import threads
+
+        threads.ensure()  # before the first op: the bytes depend on the pool's size (tlpipe.threads)
         self.extractor = work.extractor or Extractor(work.spec, work.precision)
         self.batch_size = work.batch_size
         tf.config.experimental.enable_op_determinism()  # same inputs -> same features, on every worker

@@ -142,12 +142,15 @@ class CacheSpec:
         import keras
         import tensorflow as tf
 
+        from tlpipe.threads import INTRA_OP_THREADS
+
         # Store files are content-addressed, so name and size identify them (mtime changes on checkout).
         rows = {p: [[os.path.basename(f), os.path.getsize(f), int(l), str(q)] for f, l, q in zip(*parts[p])]
                 for p in sorted(parts)}
         blob = json.dumps({"attrs": self.attrs(), "rows": rows, "batch_size": int(batch_size),
                            "dtype": np.dtype(activation_dtype).name, "rows_per_shard": int(rows_per_shard),
-                           "versions": [tf.__version__, keras.__version__]}, sort_keys=True).encode()
+                           "versions": [tf.__version__, keras.__version__],
+                           "intra_op_threads": INTRA_OP_THREADS}, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()
 
 
@@ -289,8 +292,10 @@ class CacheWorker:
     def __init__(self, work: CacheWork):
         import tensorflow as tf
 
+        from tlpipe import threads
         from tlpipe.features.backbones import build_base
 
+        threads.ensure()  # before the first op: the bytes depend on the pool's size (tlpipe.threads)
         spec = self.spec = work.spec
         base = work.base if work.base is not None else build_base(spec.backbone, spec.weights, spec.image_size,
                                                                   spec.precision)

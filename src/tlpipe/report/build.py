@@ -249,11 +249,11 @@ def build_report(models_dir, split_dir, images_dir, scores_path, train_metrics, 
     return rpt.write_report(out_dir, html)
 
 
-def load_params_text(path="params.yaml") -> str:
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return "(params.yaml not found)"
+def params_text(values: dict) -> str:
+    """The run's parameters as YAML, in params.yaml's order (config.what_params: the how keys left out)."""
+    import yaml
+
+    return yaml.safe_dump(values, sort_keys=False, default_flow_style=None, width=100)
 
 
-__all__ = ["build_report", "choose_model", "select_images", "load_params_text"]
+__all__ = ["build_report", "choose_model", "select_images", "params_text"]

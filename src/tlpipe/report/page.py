@@ -260,7 +260,8 @@ def render_html(title: str, subtitle: str, notes: list[str], metrics: dict[str, 
          f'{metrics_table(per_class, first="model · class", mark_best=False)}' if per_class else ""),
         "</section>",
         *(_section(s) for s in sections),
-        '<section id="params"><h2>Parameters</h2><p class="intro">params.yaml of this run.</p>'
+        '<section id="params"><h2>Parameters</h2><p class="intro">The params.yaml values this run\'s outputs '
+        'depend on (the how keys compute.engine, compute.ray_address and compute.strategy change none).</p>'
         f"<pre>{escape(params_text)}</pre></section>",
         "</main>",
     ]

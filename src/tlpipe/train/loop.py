@@ -40,10 +40,14 @@ CKPT_FORMAT = 2  # 2: the best epoch's variables ride in the checkpoint (b0, b1,
 
 
 def set_determinism(seed: int) -> None:
-    """Seed every RNG Keras/TF/NumPy use and make TF kernels deterministic."""
+    """Seed every RNG Keras/TF/NumPy use and make TF kernels deterministic (and their thread pool the
+    fixed size of tlpipe.threads, where TensorFlow has not started yet)."""
     import keras
     import tensorflow as tf
 
+    from tlpipe import threads
+
+    threads.ensure()
     keras.utils.set_random_seed(int(seed))
     tf.config.experimental.enable_op_determinism()
 
@@ -99,8 +103,10 @@ def _fingerprint(model, seed: int, batch_size: int, extra: dict | None, keep: st
                  patience: int | None = None) -> dict:
     # What must be unchanged for a checkpoint to continue this run (epochs may grow). keep: a
     # keep="last" checkpoint lacks the best weights; patience: a smaller one may have stopped earlier.
+    from tlpipe.threads import INTRA_OP_THREADS
+
     shapes = [list(map(int, v.shape)) for v in model.variables]
-    return {"format": CKPT_FORMAT, "seed": int(seed), "batch_size": int(batch_size),
+    return {"format": CKPT_FORMAT, "intra_op_threads": INTRA_OP_THREADS, "seed": int(seed), "batch_size": int(batch_size),
             "variables": shapes, "extra": extra or {}, "keep": keep,
             "patience": None if patience is None else int(patience)}
 
