@@ -3,6 +3,7 @@
 import argparse
 
 from tlpipe.cli import run_stage
+from tlpipe import device
 from tlpipe.config import load_params
 
 
@@ -21,6 +22,7 @@ def main(argv=None):
                     "scores.json (every score per model and class)")
     args = ap.parse_args(argv)
     params = load_params()
+    device.use(params.compute.device)  # before TensorFlow's first op
 
     from tlpipe.evaluate.run import run_evaluate
 

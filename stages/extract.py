@@ -5,6 +5,7 @@ backbone.pooling is auto)."""
 import argparse
 
 from tlpipe.cli import run_stage
+from tlpipe import device
 from tlpipe.config import load_params
 
 
@@ -17,6 +18,7 @@ def main(argv=None):
     ap.add_argument("--metrics", default="metrics/extract.json", help="the cut and its probe score (JSON)")
     args = ap.parse_args(argv)
     params = load_params()
+    device.use(params.compute.device)  # before TensorFlow's first op
 
     from tlpipe.atomic import write_json
     from tlpipe.features import cut

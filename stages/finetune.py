@@ -7,6 +7,7 @@ finetune.unfreeze_from on, trained jointly with augmentation -> models/finetuned
 import argparse
 
 from tlpipe.cli import run_stage
+from tlpipe import device
 from tlpipe.config import load_params
 
 
@@ -23,6 +24,7 @@ def main(argv=None):
     ap.add_argument("--cut", default="features/cut.json", help="the layer and pooling extract stored (features.cut)")
     args = ap.parse_args(argv)
     p = load_params()
+    device.use(p.compute.device)  # before TensorFlow's first op
 
     from tlpipe.features.cut import with_cut
     from tlpipe.train.finetune import run_finetune

@@ -3,6 +3,7 @@
 import argparse
 
 from tlpipe.cli import run_stage
+from tlpipe import device
 from tlpipe.config import load_params
 
 
@@ -15,6 +16,7 @@ def main(argv=None):
     ap.add_argument("--live", default="dvclive/train_head", help="dvclive folder for per-epoch metrics")
     args = ap.parse_args(argv)
     params = load_params()
+    device.use(params.compute.device)  # before TensorFlow's first op
 
     from tlpipe.features.cut import CUT_FILE, with_cut
     from tlpipe.train.head import run_train_head

@@ -7,6 +7,7 @@ on augmented images (cached views or online), validated on plain images -> model
 import argparse
 
 from tlpipe.cli import run_stage
+from tlpipe import device
 from tlpipe.config import load_params
 
 
@@ -23,6 +24,7 @@ def main(argv=None):
                     help="the training split's stored features (statistics for head.standardize)")
     args = ap.parse_args(argv)
     p = load_params()
+    device.use(p.compute.device)  # before TensorFlow's first op
 
     from tlpipe.features.cut import with_cut
     from tlpipe.train.head_aug import run_head_aug

@@ -7,6 +7,7 @@ image and the plain validation/test images -> features/views.h5 (see tlpipe.view
 import argparse
 
 from tlpipe.cli import run_stage
+from tlpipe import device
 from tlpipe.config import load_params
 
 
@@ -19,6 +20,7 @@ def main(argv=None):
     ap.add_argument("--cut", default="features/cut.json", help="the layer and pooling extract stored (features.cut)")
     args = ap.parse_args(argv)
     p = load_params()
+    device.use(p.compute.device)  # before TensorFlow's first op
 
     from tlpipe.features.cut import with_cut
     from tlpipe.features.engine import Engine

@@ -3,6 +3,7 @@
 import argparse
 
 from tlpipe.cli import run_stage
+from tlpipe import device
 from tlpipe.config import load_params
 
 TRAIN_METRICS = ("metrics/train_head.json", "metrics/train_head_aug.json", "metrics/finetune.json")
@@ -26,6 +27,7 @@ def main(argv=None):
     ap.add_argument("--cut", default="features/cut.json", help="the cut extract stored, with the probe's table")
     args = ap.parse_args(argv)
     params = load_params(args.params)
+    device.use(params.compute.device)  # before TensorFlow's first op
 
     from tlpipe.config import what_params
     from tlpipe.report.build import build_report, params_text

@@ -142,8 +142,11 @@ def test_engine_ray_without_ray_names_the_key_and_the_install_command(monkeypatc
 
 
 def test_pool_shape_one_actor_per_gpu_else_per_thread_pool():
-    assert engines.pool_shape(engines.Engine("ray"), 100, {"CPU": 16.0, "GPU": 4.0}) == (4, 4.0, 1.0)
-    assert engines.pool_shape(engines.Engine("ray"), 100, {"CPU": 16.0}) == (4, 4.0, 0.0)  # 4 threads each
+    gpu = engines.Engine("ray", device="gpu")
+    assert engines.pool_shape(gpu, 100, {"CPU": 16.0, "GPU": 4.0}) == (4, 4.0, 1.0)
+    # compute.device: cpu leaves the cards alone: one actor per pool of 4 intra-op threads.
+    assert engines.pool_shape(engines.Engine("ray"), 100, {"CPU": 16.0, "GPU": 4.0}) == (4, 4.0, 0.0)
+    assert engines.pool_shape(engines.Engine("ray"), 100, {"CPU": 16.0}) == (4, 4.0, 0.0)
     assert engines.pool_shape(engines.Engine("ray"), 100, {"CPU": 2.0}) == (1, 2.0, 0.0)
     assert engines.pool_shape(engines.Engine("ray", actors=1), 100, {"CPU": 2.0}) == (1, 2.0, 0.0)
     assert engines.pool_shape(engines.Engine("ray"), 1, {"CPU": 8.0}) == (1, 8.0, 0.0)  # no idle actors

@@ -10,6 +10,7 @@ POOLINGS = ("flatten", "avg", "max")  # how a layer's output becomes one vector 
 AUTO = "auto"  # backbone.layer, backbone.pooling, finetune.unfreeze_from: chosen by the pipeline
 POOLING_CHOICES = POOLINGS + (AUTO,)  # backbone.pooling: auto lets the extract stage's probe choose
 PRECISIONS = ("float32", "bfloat16", "mixed_float16")  # compute.precision (mixed_float16: GPUs only)
+DEVICES = ("cpu", "gpu")  # compute.device: which processor computes (their kernels' bits differ)
 ENGINES = ("local", "ray")  # compute.engine: where extract and viewcache run (outputs identical)
 STRATEGIES = ("auto", "default", "mirrored")  # compute.strategy: tf.distribute strategy for training
 FILL_MODES = ("nearest", "reflect", "wrap", "constant")  # augment.fill_mode

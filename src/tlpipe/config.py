@@ -20,7 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tlpipe.choices import (AUGMENT_MODES, AUTO, BACKBONES, ENGINES, FILL_MODES, FINETUNE_FROM, MODEL_NAMES,
-                            POOLING_CHOICES, PRECISIONS, SCHEDULES, STRATEGIES, TRAIN_KEEPS, UNFREEZE_AUTO,
+                            POOLING_CHOICES, PRECISIONS, DEVICES, SCHEDULES, STRATEGIES, TRAIN_KEEPS, UNFREEZE_AUTO,
                             known_layers, probe_layers, unfreeze_layer)
 from tlpipe.data.manifests import SPLITS
 from tlpipe.errors import ConfigError
@@ -124,6 +124,7 @@ def native_bfloat16(cpuinfo: Path | None = None) -> bool:
 
 class ComputeParams(Section):
     precision: Literal[PRECISIONS] = "float32"  # type: ignore[valid-type]
+    device: Literal[DEVICES] = "cpu"  # type: ignore[valid-type]
     batch_size: PosInt = 32
     # How, not what (HOW_KEYS): outputs do not depend on these, so no stage declares them in dvc.yaml.
     engine: Literal[ENGINES] = "local"  # type: ignore[valid-type]
@@ -143,6 +144,13 @@ class ComputeParams(Section):
                              f"same; write the precision: bfloat16 (fast only where the CPU lists "
                              f"{' or '.join(BF16_CPU_FLAGS)}; {here}) or float32")
         return v
+
+    @model_validator(mode="after")
+    def _float16_on_a_gpu(self):
+        if self.precision == "mixed_float16" and self.device != "gpu":
+            raise ValueError("compute.precision: mixed_float16 computes on a GPU; set compute.device: gpu "
+                             "(or use float32, or bfloat16 on a CPU with AVX-512 BF16)")
+        return self
 
 
 # Keys that change how a stage computes, never what it writes (byte-identical outputs, or training

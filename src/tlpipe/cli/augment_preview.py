@@ -21,6 +21,7 @@ def _parser(prog: str | None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> Path:
+    from tlpipe import device
     from tlpipe.config import load_params
     from tlpipe.data.manifests import first_image
     from tlpipe.errors import DataError
@@ -33,6 +34,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> Path:
     if args.image is not None and not Path(args.image).is_file():
         raise DataError(f"{args.image}: no such image file")
     p = load_params(args.params)
+    device.use(p.compute.device)  # before TensorFlow's first op
     image = args.image or first_image(args.first_of, args.images)
     out = preview(image, args.out, p.augment, n=args.n, image_size=p.backbone.image_size)
     print(f"augment preview of {image} -> {out}", file=sys.stderr)

@@ -208,9 +208,10 @@ def dtype_policy(precision: str):
     if precision == "mixed_float16":
         import tensorflow as tf
 
-        if not tf.config.list_physical_devices("GPU"):
+        if not tf.config.get_visible_devices("GPU"):  # compute.device: cpu hides them
             raise ConfigError("compute.precision: mixed_float16 needs a GPU and TensorFlow sees none; use "
-                              "float32, or bfloat16 on a CPU with AVX-512 BF16 (see docs/benchmarks.md)")
+                              "float32, or bfloat16 on a CPU with AVX-512 BF16 (see docs/benchmarks.md), or "
+                              "compute.device: gpu on a machine with one")
     previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy(POLICIES[precision])
     try:

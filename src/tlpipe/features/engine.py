@@ -33,16 +33,18 @@ RAY_MISSING = ("compute.engine: ray needs Ray, which is not installed; install i
 
 @dataclass(frozen=True)
 class Engine:
-    """compute.engine and compute.ray_address; `actors`, `cpus_per_actor`: the pool (None: per GPU or CPU)."""
+    """compute.engine, compute.ray_address and compute.device; `actors`, `cpus_per_actor`: the pool
+    (None: per GPU or per INTRA_OP_THREADS CPUs)."""
 
     kind: str = "local"
     address: str | None = None
     actors: int | None = None
     cpus_per_actor: int | None = None
+    device: str = "cpu"  # compute.device: the actors compute on the GPUs only with "gpu"
 
     @classmethod
     def from_params(cls, compute) -> "Engine":
-        return cls(compute.engine, compute.ray_address)
+        return cls(compute.engine, compute.ray_address, device=compute.device)
 
     def run(self, jobs: list[dict], make_worker: Callable, progress: Callable[[dict], None] | None = None) -> dict:
         """{job["shard"]: result} for every job; `progress(result)` is called as each one finishes."""
@@ -108,7 +110,8 @@ def pool_shape(engine: Engine, n_jobs: int, resources: dict) -> tuple[int, float
     one per INTRA_OP_THREADS CPUs (or engine.actors), never more actors than jobs."""
     from tlpipe.threads import INTRA_OP_THREADS
 
-    gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
+    gpus = int(resources.get("GPU", 0)) if engine.device == "gpu" else 0  # cpu: the cards are not used
+    cpus = max(1, int(resources.get("CPU", 1)))
     actors = engine.actors or (gpus or max(1, cpus // INTRA_OP_THREADS))
     actors = max(1, min(actors, n_jobs))
     if engine.cpus_per_actor:
@@ -124,15 +127,17 @@ class _Actor:
     def __init__(self, make_worker, threads: int, gpu: bool):
         import tensorflow as tf
 
+        from tlpipe import device
         from tlpipe import threads as pools
 
+        device.use("gpu" if gpu else "cpu")  # a CPU actor on a GPU node computes what a CPU does
         # Before TensorFlow initialises. The intra-op pool has the size every engine uses (the bytes
         # depend on it, not on the CPUs the actor holds); inter-op work stays within the actor's share.
         pools.configure()
         tf.config.threading.set_inter_op_parallelism_threads(threads)
         if gpu:  # TensorFlow otherwise takes the whole card at start-up
-            for device in tf.config.list_physical_devices("GPU"):
-                tf.config.experimental.set_memory_growth(device, True)
+            for card in tf.config.list_physical_devices("GPU"):
+                tf.config.experimental.set_memory_growth(card, True)
         self.worker = make_worker()
 
     def __call__(self, batch):
