@@ -81,3 +81,35 @@ def test_grid_pngs(tmp_path):
         assert all(np.abs(a - b).mean() > 5 for i, a in enumerate(tiles) for b in tiles[i + 1:])
     grid = filter_grid(np.zeros((10, 8, 8, 3), np.float32), cols=8, min_tile=8)
     assert grid.shape == (2 * 8 + 2, 8 * 8 + 7 * 2, 3)
+
+
+@pytest.mark.parametrize("cut, expected", [
+    ("block5_pool", ["block1_conv1", "block2_conv1", "block3_conv1", "block4_conv1"]),  # the book's four
+    ("block4_pool", ["block1_conv1", "block2_conv1", "block3_conv1", "block4_conv1"]),
+    ("block3_pool", ["block1_conv1", "block2_conv1", "block3_conv1"]),  # no block 4 to name
+])
+def test_auto_filter_layers_are_the_blocks_the_cut_keeps(tmp_path, cut, expected):
+    from tlpipe.config import validate_params
+    from tlpipe.report.filters import auto_layers
+    from tlpipe.train.models import new_model
+
+    assert validate_params({}).visualize.filter_layers == "auto"
+    backbone = validate_params({"backbone": {"weights": "none", "image_size": 32, "layer": cut,
+                                             "pooling": "avg"}}).backbone
+    model = new_model(backbone, "float32", 4, 0.0, 0, ["a", "b"])
+    layers = auto_layers(model)
+    assert layers == expected
+    assert save_filter_grids(model, layers[-1:], 2, 1, tmp_path, size=32)[0]["layer"] == expected[-1]
+
+
+def test_auto_filter_layers_spread_over_bases_without_vgg_names():
+    from tlpipe.report.filters import auto_layers
+
+    model = conv_model(nested=True)  # block1_conv1, block2_conv1: VGG-like names, both kept
+    assert auto_layers(model) == ["block1_conv1", "block2_conv1"]
+    image = keras.Input((32, 32, 3))
+    x = image
+    for i in range(7):
+        x = keras.layers.Conv2D(4, 3, padding="same", name=f"c{i}")(x)
+    plain = keras.Model(image, keras.layers.Dense(1)(keras.layers.GlobalAveragePooling2D()(x)))
+    assert auto_layers(plain) == ["c0", "c2", "c4", "c6"]

@@ -222,9 +222,9 @@ class VisualizeParams(Section):
     model: Literal[MODEL_NAMES] = "finetuned"  # type: ignore[valid-type]
     images: PosInt | list[str] = 4
     layers: PosInt = 8
-    filter_layers: list[str] = Field(
-        default_factory=lambda: ["block1_conv1", "block2_conv1", "block3_conv1", "block4_conv1"]
-    )
+    # auto: the first convolution of each block the model keeps, up to four (report.filters.auto_layers),
+    # so the default holds for every cut backbone.layer: auto can choose.
+    filter_layers: Literal[AUTO] | list[str] = AUTO  # type: ignore[valid-type]
     filters: PosInt = 16
     filter_steps: PosInt = 30
     gradcam_layer: str | None = None

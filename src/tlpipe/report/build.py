@@ -186,10 +186,11 @@ def build_report(models_dir, split_dir, images_dir, scores_path, train_metrics, 
     train_metrics: the training stages' metrics files (best epoch, validation accuracy);
     cut_path: features/cut.json (None: no section on the cut).
     """
+    from tlpipe.choices import AUTO
     from tlpipe.data.manifests import manifest_rows, read_class_names
     from tlpipe.model.saved import load_model, model_info
     from tlpipe.report.activations import save_activation_grids
-    from tlpipe.report.filters import save_filter_grids
+    from tlpipe.report.filters import auto_layers, save_filter_grids
 
     out_dir = Path(out_dir)
     metrics = rpt.read_metrics(scores_path)
@@ -228,7 +229,8 @@ def build_report(models_dir, split_dir, images_dir, scores_path, train_metrics, 
                                     f"Every channel of the first {viz.layers} conv/pool layers of the base, "
                                     "one tile per channel, each standardised for contrast.", groups))
 
-        frecs = save_filter_grids(model, list(viz.filter_layers), viz.filters, viz.filter_steps, img,
+        layers = auto_layers(model) if viz.filter_layers == AUTO else list(viz.filter_layers)
+        frecs = save_filter_grids(model, layers, viz.filters, viz.filter_steps, img,
                                   size=FILTER_SIZE, seed=FILTER_SEED)
         sections.append(rpt.Section(
             "filters", "Filter patterns",

@@ -21,6 +21,22 @@ from tlpipe.report.plotting import save_png, tile_grid, upscale
 GRID_COLS = 8
 
 
+AUTO_LAYERS = 4
+
+
+def auto_layers(model, n: int = AUTO_LAYERS) -> list[str]:
+    """visualize.filter_layers: auto: the first convolution of each block the base keeps, up to `n`
+    (VGG: block1_conv1, block2_conv1, ...: the book's choice at block5_pool, three at block3_pool);
+    for bases without VGG's names, `n` convolutions spread evenly from the first to the last."""
+    convs = [layer.name for layer in graph.conv_layers(model)]
+    firsts = [name for name in convs if name.endswith("_conv1")]
+    if firsts:
+        return firsts[:n]
+    if len(convs) <= n:
+        return convs
+    return [convs[round(i * (len(convs) - 1) / (n - 1))] for i in range(n)]
+
+
 def filter_patterns(model, layer_name: str, n_filters: int, steps: int = 30, size: int = 64,
                     step: float = 4.0, seed: int = 0):
     """Gradient ascent for filters 0..K-1 of `layer_name`.
