@@ -133,7 +133,7 @@ def test_mixed_float16_stops_train_head_aug_before_any_work(tmp_path):
     split.mkdir()
     (split / "classes.json").write_text(json.dumps({"classes": ["cat", "dog"]}))
     p = validate_params({"backbone": {"weights": "none", "image_size": 32, "layer": "block5_pool", "pooling": "flatten"},
-                         "compute": {"precision": "mixed_float16"}, "head": {"standardize": False}})
+                         "compute": {"precision": "mixed_float16", "device": "gpu"}, "head": {"standardize": False}})
     with pytest.raises(ConfigError, match="compute.precision: mixed_float16"):
         run_head_aug(cache=tmp_path / "views.h5", split_dir=split, images_dir=tmp_path,
                      model_out=tmp_path / "m.keras", metrics_out=tmp_path / "m.json", live_dir=tmp_path / "live",

@@ -228,6 +228,9 @@ def build_base(name: str, weights: str, image_size: int, precision: str = "float
     """
     import keras
 
+    from tlpipe import threads
+
+    threads.ensure()  # usually TensorFlow's first op follows: fix its thread pool first (tlpipe.threads)
     spec = arch(name)
     if not isinstance(image_size, int) or image_size < spec.min_size:
         raise ConfigError(

@@ -226,6 +226,9 @@ def save_model(model: keras.Model, path: str | os.PathLike) -> Path:
 
 def load_model(path: str | os.PathLike, compile: bool = False) -> keras.Model:  # noqa: A002 - keras' name
     """Load a tlpipe model; ModelFileError when it is missing, damaged or not a tlpipe model."""
+    from tlpipe import threads
+
+    threads.ensure()  # before the weights become tensors: the pool's size decides the bits (tlpipe.threads)
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"{path}: model file not found; run the stage that writes it (dvc repro)")
