@@ -76,12 +76,14 @@ def test_one_cpu_and_two_give_the_same_bytes_here_and_on_two_ray_actors(one_cpu_
     # One actor: the next test's `dvc repro` on Ray (two CPUs, one actor of INTRA_OP_THREADS).
 
 
-def test_switching_the_engine_leaves_dvc_status_clean_and_dvc_lock_unchanged(one_cpu_run):
+def test_switching_the_engine_leaves_dvc_status_clean_and_dvc_lock_unchanged(one_cpu_run, ray_session):
     repo, one_cpu, lock = one_cpu_run
-    set_params(repo, {"compute": {"engine": "ray"}})
+    # The stages join the test session's Ray (2 CPUs: one actor) rather than each starting one.
+    address = ray_session.get_runtime_context().gcs_address
+    set_params(repo, {"compute": {"engine": "ray", "ray_address": address}})
     try:
         assert json.loads(dvc(repo, "status", "--json", "extract", "viewcache").stdout) == {}
-        dvc(repo, "repro", "-f", "-s", "extract", "viewcache")  # on Ray now, both CPUs
+        dvc(repo, "repro", "-f", "-s", "extract", "viewcache")  # on Ray now, one actor on both CPUs
         assert digests(repo / "features") == one_cpu
         assert (repo / "dvc.lock").read_text() == lock
     finally:
