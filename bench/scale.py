@@ -2,9 +2,12 @@
 
 One run, the same images for every configuration, each writing its own copy of the features:
   local          the local engine (this process, TensorFlow's default threads)
-  ray 1 actor    one actor holding every CPU (as many intra-op threads)
-  ray 1 x 1      one actor, one intra-op thread
-  ray 2 x 1      two actors, one intra-op thread each
+  ray 1 actor    one actor holding every CPU
+  ray 1 x 1      one actor holding one CPU
+  ray 2 x 1      two actors holding one CPU each
+(Every actor runs TensorFlow with the fixed intra-op pool of tlpipe.threads, whatever CPUs it holds;
+before that pool was fixed, an actor ran one intra-op thread per CPU it held, which is what the
+figures in docs/scale.md measured.)
 Then the decode cost alone (`--decode-only`: just that). Prints images/s per configuration (end to end, and steady: from the first finished shard to the
 last, so a worker's start-up, which a long run pays once, is left out), the ratios the issue asks
 for (ray 1 actor / local, target >= 0.9; ray 2 x 1 / ray 1 x 1, the scaling), where a worker's time
@@ -138,7 +141,7 @@ def main(argv=None) -> None:
           f"{args.rows_per_shard} rows per shard, {args.cpus} CPUs")
     print(f"ray 1 actor / local throughput: steady {r['ray 1 actor']['steady'] / r['local']['steady']:.2f}, "
           f"end to end {r['ray 1 actor']['e2e'] / r['local']['e2e']:.2f} (target >= 0.9)")
-    print(f"ray 2 x 1 / ray 1 x 1 (scaling, one intra-op thread per actor): steady "
+    print(f"ray 2 x 1 / ray 1 x 1 (scaling, one CPU per actor): steady "
           f"{r['ray 2 x 1']['steady'] / r['ray 1 x 1']['steady']:.2f}, end to end "
           f"{r['ray 2 x 1']['e2e'] / r['ray 1 x 1']['e2e']:.2f} (ideal 2.0 on 2 free cores)")
     for name, v in r.items():
