@@ -202,22 +202,3 @@ def test_a_deleted_or_truncated_shard_is_recomputed_alone(ray, tmp_path, split, 
     out = features(tmp_path, split, engine)
     assert sorted(k for k, r in engine.results.items() if r["computed"]) == ["000001.h5", "000003.h5"]
     assert tree_bytes(out) == local_features
-
-
-@pytest.mark.slow
-def test_switching_to_ray_reruns_nothing_and_a_forced_ray_run_writes_the_same_outputs(tmp_path, class_images):
-    """`dvc repro` locally; compute.engine: ray is not a stage param, so `dvc status` has nothing to
-    do; forcing extract and viewcache on Ray (a Ray the stages start themselves) leaves dvc.lock,
-    which holds every output's hash, unchanged."""
-    from helpers import dvc, make_project, set_params, sh, stages_run
-
-    repo = make_project(tmp_path / "p", class_images, {"compute": {"batch_size": 4}})
-    dvc(repo, "repro", "extract", "viewcache")
-    sh(["git", "add", "-A"], repo)
-    sh(["git", "commit", "-qm", "local run"], repo)
-    set_params(repo, {"compute": {"engine": "ray"}})
-    assert "Data and pipelines are up to date" in dvc(repo, "status", "extract", "viewcache").stdout
-    assert stages_run(dvc(repo, "repro", "extract", "viewcache")) == []
-    forced = dvc(repo, "repro", "-f", "-s", "extract", "viewcache")
-    assert sorted(stages_run(forced)) == ["extract", "viewcache"]
-    assert sh(["git", "diff", "--stat", "dvc.lock"], repo).stdout == ""  # every output hash the same
