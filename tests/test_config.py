@@ -236,3 +236,16 @@ def test_auto_precision_is_refused_with_what_this_cpu_has(tmp_path, monkeypatch,
 def test_schedule_is_constant_or_cosine(raw, section):
     assert validate_params(with_value(raw, section, "schedule", "cosine")).model_dump()[section]["schedule"] == "cosine"
     assert f"{section}.schedule" in error_text(with_value(raw, section, "schedule", "linear"))
+
+
+def test_what_params_are_every_key_but_the_how_keys(raw):
+    # What the report shows and visualize declares: a how key (compute.engine ...) reruns nothing.
+    from tlpipe.config import HOW_KEYS, param_leaves, what_params
+    from tlpipe.report.build import params_text
+
+    values = what_params(validate_params(raw))
+    shown = {f"{s}.{k}" for s, section in values.items() for k in section}
+    assert shown == set(param_leaves()) - set(HOW_KEYS)
+    assert values["finetune"]["from"] == raw["finetune"]["from"]  # the alias, as params.yaml spells it
+    text = params_text(values)
+    assert yaml.safe_load(text) == values and "engine" not in text and "strategy" not in text

@@ -255,7 +255,7 @@ def params_text(values: dict) -> str:
     """The run's parameters as YAML, in params.yaml's order (config.what_params: the how keys left out)."""
     import yaml
 
-    return yaml.safe_dump(values, sort_keys=False, default_flow_style=None, width=100)
+    return yaml.safe_dump(values, sort_keys=False, default_flow_style=False, width=100)
 
 
 __all__ = ["build_report", "choose_model", "select_images", "params_text"]
