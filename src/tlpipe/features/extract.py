@@ -204,9 +204,6 @@ class ExtractWorker:
     def __init__(self, work: ExtractWork):
         import tensorflow as tf
 
-        from tlpipe import threads
-
-        threads.ensure()  # before the first op: the bytes depend on the pool's size (tlpipe.threads)
         self.extractor = work.extractor or Extractor(work.spec, work.precision)
         self.batch_size = work.batch_size
         tf.config.experimental.enable_op_determinism()  # same inputs -> same features, on every worker

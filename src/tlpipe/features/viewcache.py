@@ -292,10 +292,8 @@ class CacheWorker:
     def __init__(self, work: CacheWork):
         import tensorflow as tf
 
-        from tlpipe import threads
         from tlpipe.features.backbones import build_base
 
-        threads.ensure()  # before the first op: the bytes depend on the pool's size (tlpipe.threads)
         spec = self.spec = work.spec
         base = work.base if work.base is not None else build_base(spec.backbone, spec.weights, spec.image_size,
                                                                   spec.precision)
