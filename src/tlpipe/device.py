@@ -9,16 +9,13 @@ stage calls `use` right after reading its params, and each Ray actor before buil
 
 from __future__ import annotations
 
-from tlpipe.choices import DEVICES
 from tlpipe.errors import ConfigError
 
 
 def use(device: str) -> None:
-    """Make TensorFlow compute on `device` (compute.device) in this process."""
+    """Make TensorFlow compute on `device` (compute.device, validated by config: cpu or gpu) here."""
     import tensorflow as tf
 
-    if device not in DEVICES:
-        raise ConfigError(f"compute.device: must be one of {', '.join(DEVICES)}, got {device!r}")
     gpus = tf.config.list_physical_devices("GPU")
     if device == "gpu":
         if not gpus:
