@@ -51,6 +51,10 @@ def add_model_args(ap) -> None:
     """The arguments params_for reads besides views and epochs."""
     ap.add_argument("--size", type=int, default=150)
     ap.add_argument("--weights", default="hed-bsds500")
+    ap.add_argument("--layer", default="block4_pool",
+                    help="backbone.layer, named (the benches build no probe; block4_pool: what the probe picks for "
+                         "hed-bsds500 on the shared photos, docs/results.md)")
+    ap.add_argument("--pooling", default="avg", choices=("flatten", "avg", "max"))
     ap.add_argument("--precision", default="float32")
     ap.add_argument("--head-lr", type=float, default=2e-5)
     ap.add_argument("--finetune-lr", type=float, default=1e-5)
@@ -58,13 +62,17 @@ def add_model_args(ap) -> None:
 
 def params_for(args, mode: str, views: int | None = None, augment: dict | None = None):
     """Validated params for a benchmark run: the stages' defaults, with the bench's size, weights,
-    precision, views, epochs and learning rates (args), in augment `mode`."""
+    layer, pooling, precision, views, epochs and learning rates (args), in augment `mode`.
+
+    The layer is always named: `backbone.layer: auto` is the extract stage's probe, which the benches
+    do not run (the view cache and finetune.unfreeze_from: auto need the cut it would store)."""
     from tlpipe.config import validate_params
 
     aug = {"mode": mode, "views": views or args.views}
     aug.update(augment or {})
     return validate_params({
-        "backbone": {"name": "vgg16", "weights": args.weights, "image_size": args.size},
+        "backbone": {"name": "vgg16", "weights": args.weights, "image_size": args.size,
+                     "layer": args.layer, "pooling": args.pooling},
         "compute": {"precision": args.precision, "batch_size": 32},
         "augment": aug,
         "head": {"units": 256, "dropout": 0.5},
