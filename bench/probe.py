@@ -30,7 +30,10 @@ def main(argv=None) -> None:
     ap.add_argument("--val", type=int, default=75, help="validation images per class")
     ap.add_argument("--test", type=int, default=75, help="test images per class")
     ap.add_argument("--weights", default="hed-bsds500")
+    ap.add_argument("--size", type=int, default=150, help="backbone.image_size")
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--keep-features", type=Path, default=None,
+                    help="copy the auto run's features (train/validation/test .h5 and shards, cut.json) here")
     ap.add_argument("--rounds", type=int, default=2,
                     help="named/auto rounds, interleaved; the fastest of each counts (the first pays TF's warm-up)")
     args = ap.parse_args(argv)
@@ -46,11 +49,15 @@ def main(argv=None) -> None:
         seconds = {"named": float("inf"), "auto": float("inf")}
         for r in range(args.rounds):
             for name, layer, pooling in (("named", "block5_pool", "flatten"), ("auto", "auto", "auto")):
-                spec = BaseSpec("vgg16", args.weights, layer, pooling, 150)
+                spec = BaseSpec("vgg16", args.weights, layer, pooling, args.size)
                 t = time.perf_counter()
                 extract_splits(split, args.source, tmp / f"{name}{r}", spec, batch_size=args.batch_size)
                 seconds[name] = min(seconds[name], time.perf_counter() - t)
         chosen = cut.read_cut(tmp / "auto0" / "cut.json")
+        if args.keep_features:
+            import shutil
+
+            shutil.copytree(tmp / "auto0", args.keep_features, dirs_exist_ok=True)
     print(f"{n} images ({args.train}/{args.val}/{args.test} per class), weights {args.weights}")
     print(f"extract, cut named (block5_pool flatten): {seconds['named']:.1f} s (fastest of {args.rounds})")
     print(f"extract, layer and pooling auto:          {seconds['auto']:.1f} s (fastest of {args.rounds})")
