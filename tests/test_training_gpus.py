@@ -92,10 +92,11 @@ def test_memory_growth_is_set_for_every_gpu():
 
 @pytest.mark.parametrize("verbose", ["0", "1"])
 def test_importing_tensorflow_after_tlpipe_cli_sets_memory_growth_first(verbose):
-    # In a fresh process, as a stage: tlpipe.cli, then whatever imports tensorflow. The hook hands
+    # In a fresh process, as a stage: tlpipe.cli's start(), then whatever imports tensorflow. The hook hands
     # grow_gpu_memory the tensorflow module before its devices exist: a device setting still takes
     # (set_logical_device_configuration raises RuntimeError once they are initialised).
-    code = ("import tlpipe.cli as cli\n"
+    code = ("import tlpipe.cli.startup as cli\n"
+            "cli.start()\n"
             "def split_cpu(tf):\n"
             "    cpu = tf.config.list_physical_devices('CPU')[0]\n"
             "    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)\n"

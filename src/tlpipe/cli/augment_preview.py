@@ -4,7 +4,6 @@ a PNG grid of an image and augmented versions of it, from the augment section of
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 
@@ -26,6 +25,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> Path:
     from tlpipe.data.manifests import first_image
     from tlpipe.errors import DataError
     from tlpipe.features.augment import preview
+    from tlpipe.log import log
 
     ap = _parser(prog)
     args = ap.parse_args(argv)
@@ -37,5 +37,5 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> Path:
     device.use(p.compute.device)  # before TensorFlow's first op
     image = args.image or first_image(args.first_of, args.images)
     out = preview(image, args.out, p.augment, n=args.n, image_size=p.backbone.image_size)
-    print(f"augment preview of {image} -> {out}", file=sys.stderr)
+    log.info(f"augment preview of {image} -> {out}")
     return out
