@@ -29,7 +29,7 @@ def main(argv=None) -> None:
 
     from tlpipe.features.extract import read_features
     from tlpipe.history import best_index
-    from tlpipe.model.head import build_head, feature_stats
+    from tlpipe.model.dense_head import build_head, feature_stats
     from tlpipe.train.compile import compile_classifier
 
     xt, yt, _, attrs = read_features(args.features / "train.h5")

@@ -145,7 +145,7 @@ def test_mixed_float16_stops_train_head_aug_before_any_work(tmp_path):
 def test_under_mixed_float16_the_head_outputs_float32_and_the_loss_is_scaled():
     import keras
 
-    from tlpipe.model.head import build_head
+    from tlpipe.model.dense_head import build_head
     from tlpipe.train.compile import compile_classifier
 
     previous = keras.mixed_precision.global_policy()

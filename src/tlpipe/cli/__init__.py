@@ -15,6 +15,19 @@ from tlpipe.cli.startup import grow_gpu_memory, start  # noqa: F401 - the packag
 from tlpipe.errors import TlpipeError
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a positive integer, else a usage error (exit 2) naming the option."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (got {text})")
+    return value
+
+
 def run_stage(main: Callable[..., object], argv: list[str] | None = None) -> None:
     """start(), then the stage's main(); a deliberate TlpipeError becomes one clear line and exit status 1."""
     try:

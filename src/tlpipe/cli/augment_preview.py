@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from tlpipe.cli import positive_int
+
 
 def _parser(prog: str | None) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=prog, description="Write a PNG grid of an image and augmented versions "
@@ -14,7 +16,7 @@ def _parser(prog: str | None) -> argparse.ArgumentParser:
     ap.add_argument("--first-of", metavar="CSV", help="use the first image of this split manifest instead")
     ap.add_argument("--images", default="data/images", help="image store of the --first-of manifest")
     ap.add_argument("--out", default="augment_preview.png", help="PNG to write (default augment_preview.png)")
-    ap.add_argument("-n", type=int, default=8, help="augmented versions to show (default 8)")
+    ap.add_argument("-n", type=positive_int, default=8, help="augmented versions to show (default 8)")
     ap.add_argument("--params", default="params.yaml", help="params file (default params.yaml)")
     return ap
 

@@ -16,18 +16,9 @@ import sys
 from pathlib import Path
 
 from tlpipe import atomic
+from tlpipe.cli import positive_int
 from tlpipe.errors import DataError
 from tlpipe.log import log
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer (got {text})")
-    return value
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
@@ -40,7 +31,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     ap.add_argument("--model", type=Path, default=None,
                     help="model file (default: models/finetuned.keras, else head_aug.keras, else head.keras)")
     ap.add_argument("--out", type=Path, default=None, help="CSV file to write (default: stdout)")
-    ap.add_argument("--batch-size", type=_positive, default=32, help="images per forward pass (default 32)")
+    ap.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass (default 32)")
     ap.add_argument("--evaluate", action="store_true",
                     help="PATH is one folder of class subfolders: also print accuracy and a confusion matrix")
     return ap

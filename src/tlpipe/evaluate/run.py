@@ -18,7 +18,7 @@ from tlpipe.errors import ModelFileError
 from tlpipe.log import log, progress
 from tlpipe.evaluate.metrics import headline, roc_points, scores
 from tlpipe.evaluate.tables import confusion_rows, prediction_rows, roc_rows
-from tlpipe.model.predict import class_probabilities
+from tlpipe.model.outputs import class_probabilities
 from tlpipe.model.saved import FEATURE_KEYS
 
 REQUIRED_MODELS = ("head",)

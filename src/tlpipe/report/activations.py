@@ -8,7 +8,8 @@ import numpy as np
 
 from tlpipe.log import progress
 from tlpipe.report import graph
-from tlpipe.report.plotting import colorize, contrast_stretch, save_png, tile_grid, upscale
+from tlpipe.report.plotting import colorize, contrast_stretch, save_png, upscale
+from tlpipe.tiles import tile_grid
 
 GRID_COLS = 16  # the book's images_per_row
 MIN_TILE = 32   # deep layers have 4-9 px maps: enlarge them so a tile is readable

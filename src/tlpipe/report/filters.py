@@ -16,7 +16,8 @@ import tensorflow as tf
 from tlpipe.errors import ConfigError
 from tlpipe.log import progress
 from tlpipe.report import graph
-from tlpipe.report.plotting import save_png, tile_grid, upscale
+from tlpipe.report.plotting import save_png, upscale
+from tlpipe.tiles import tile_grid
 
 GRID_COLS = 8
 
