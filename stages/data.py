@@ -4,10 +4,10 @@
 """
 
 import argparse
-import sys
 
 from tlpipe.cli import run_stage
 from tlpipe.config import load_params
+from tlpipe.log import log
 from tlpipe.data.sources import resolve_source
 from tlpipe.data.manifests import SPLITS
 from tlpipe.data.split import build_dataset
@@ -24,8 +24,8 @@ def main(argv=None):
     summary = build_dataset(root, args.images, args.out, split=p.split, seed=p.seed,
                             min_per_split=p.min_per_split)
     per_split = ", ".join(f"{summary['totals'][s]} {s}" for s in SPLITS)
-    print(f"data: {len(summary['classes'])} classes, {per_split}; {summary['rejected']} rejected "
-          f"-> {args.images}, {args.out}", file=sys.stderr)
+    log.info(f"data: {len(summary['classes'])} classes, {per_split}; {summary['rejected']} rejected "
+             f"-> {args.images}, {args.out}")
 
 
 if __name__ == "__main__":

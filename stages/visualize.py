@@ -5,6 +5,7 @@ import argparse
 from tlpipe.cli import run_stage
 from tlpipe import device
 from tlpipe.config import load_params
+from tlpipe.log import log
 
 TRAIN_METRICS = ("metrics/train_head.json", "metrics/train_head_aug.json", "metrics/finetune.json")
 
@@ -35,7 +36,7 @@ def main(argv=None):
     page = build_report(args.models, args.split_dir, args.images, args.scores, args.train_metrics,
                         args.predictions, args.live, args.plots, args.out, params.visualize,
                         params_text(what_params(params)), cut_path=args.cut)
-    print(f"wrote {page}")
+    log.info(f"wrote {page}")
 
 
 if __name__ == "__main__":

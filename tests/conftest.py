@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-import tlpipe.cli  # noqa: F401  (as a stage does, first: TensorFlow's thread pool fixed, tlpipe.threads)
+from tlpipe.cli import start
+
+start()  # as a stage does, first: Keras on TensorFlow, TensorFlow's thread pool fixed (tlpipe.threads)
 
 
 @pytest.fixture(scope="session")

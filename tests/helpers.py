@@ -310,3 +310,19 @@ def experiments(show: list) -> dict[str, dict]:
                     found[rev["name"]] = {"data": rev.get("data") or {}, "error": rev.get("error"),
                                           "state": (exp.get("executor") or {}).get("state")}
     return found
+
+
+def read_model_info(path) -> dict:
+    """A saved model's tlpipe metadata without building it (config.json only): what model_info(load_model)
+    would return, for tests that check a stage's output cheaply."""
+    import zipfile
+
+    from tlpipe.model.saved import INFO_KEYS
+
+    with zipfile.ZipFile(path) as zf:
+        config = json.loads(zf.read("config.json"))
+    for layer in config.get("config", {}).get("layers", []):
+        if layer.get("class_name") == "Preprocess" or layer.get("registered_name") == "tlpipe>Preprocess":
+            info = layer.get("config", {}).get("info", {})
+            return {k: info.get(k) for k in INFO_KEYS}
+    raise AssertionError(f"{path}: no Preprocess layer")

@@ -150,13 +150,15 @@ def test_seeds_reproduce_and_differ():
     np.testing.assert_array_equal(alone[0], a[4])
 
 
-def test_bad_settings_name_the_key():
-    with pytest.raises(ConfigError, match="augment.fill_mode"):
-        augment_settings(dict(fill_mode="mirror"))
-    with pytest.raises(ConfigError, match="augment.zoom_range"):
-        augment_settings(dict(zoom_range=1.5))
-    with pytest.raises(ConfigError, match="augment.seed"):
-        augment_settings(dict(seed=-1))
+def test_bad_settings_are_refused_when_params_are_read_naming_the_key():
+    # augment_settings trusts its section: the bounds are config.AugmentParams', checked once.
+    from tlpipe.config import validate_params
+
+    for key, bad in [("fill_mode", "mirror"), ("zoom_range", 1.5), ("seed", -1), ("rotation_range", 181.0)]:
+        with pytest.raises(ConfigError, match=f"augment.{key}"):
+            validate_params({"augment": {key: bad}})
+    settings = augment_settings(validate_params({"augment": {"rotation_range": 40}}).augment)
+    assert settings["rotation_range"] == 40.0 and isinstance(settings["rotation_range"], float)
 
 
 def test_preview_writes_a_deterministic_grid(tmp_path):

@@ -210,23 +210,23 @@ CPUINFO = "processor\t: {n}\nmodel name\t: Some CPU\nflags\t\t: fpu sse2 avx2 av
 @pytest.mark.parametrize("extra, native", [("avx512_bf16", True), ("amx_bf16 amx_tile", True),
                                            ("avx512_vnni", False), ("", False), ("no_avx512_bf16x", False)])
 def test_native_bfloat16_reads_the_cpu_flags(tmp_path, monkeypatch, extra, native):
-    import tlpipe.config as config
+    from tlpipe import cpu
 
     info = tmp_path / "cpuinfo"
     info.write_text("".join(CPUINFO.format(n=n, extra=extra) for n in range(2)))
-    assert config.native_bfloat16(info) is native  # a flag's name inside another word is not the flag
-    assert config.native_bfloat16(tmp_path / "absent") is False
+    assert cpu.native_bfloat16(info) is native  # a flag's name inside another word is not the flag
+    assert cpu.native_bfloat16(tmp_path / "absent") is False
 
 
 @pytest.mark.parametrize("extra, says", [("avx512_bf16", "this CPU lists avx512_bf16 or amx_bf16"),
                                          ("", "this CPU lists neither, so float32 is the fast one here")])
 def test_auto_precision_is_refused_with_what_this_cpu_has(tmp_path, monkeypatch, raw, extra, says):
     # DVC records the param as written: auto would let a bfloat16 machine's outputs pass for float32 ones.
-    import tlpipe.config as config
+    from tlpipe import cpu
 
     info = tmp_path / "cpuinfo"
     info.write_text(CPUINFO.format(n=0, extra=extra))
-    monkeypatch.setattr(config, "CPUINFO", info)
+    monkeypatch.setattr(cpu, "CPUINFO", info)
     text = error_text(with_value(raw, "compute", "precision", "auto"))
     assert "compute.precision" in text and "write the precision: bfloat16" in text and says in text
     assert validate_params(with_value(raw, "compute", "precision", "bfloat16")).compute.precision == "bfloat16"

@@ -25,11 +25,11 @@ def repo(tmp_path_factory):
 
 def trained_from(repo) -> tuple[str, str]:
     """(the view cache's boundary, the finetuned model's first trainable base layer)."""
-    from tlpipe.model.saved import read_info
+    from helpers import read_model_info
 
     with h5py.File(repo / "features" / "views.h5", "r") as f:
         boundary = f.attrs["boundary"]
-    return boundary, read_info(repo / "models" / "finetuned.keras")["trainable_from"]
+    return boundary, read_model_info(repo / "models" / "finetuned.keras")["trainable_from"]
 
 
 def test_block4_pool_with_auto_unfreezes_block4(repo):

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tlpipe.model.saved import head_submodel, load_model, model_info, read_info
+from helpers import read_model_info
+from tlpipe.model.saved import head_submodel, load_model, model_info
 from tlpipe.report import graph
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -18,7 +19,7 @@ def test_golden_model_loads_and_predicts_the_same():
     got = model.predict(expected["images"], verbose=0)
     np.testing.assert_allclose(got, expected["probabilities"], rtol=1e-5, atol=1e-6)
     info = model_info(model)
-    assert info == read_info(GOLDEN / "tiny.keras")
+    assert info == read_model_info(GOLDEN / "tiny.keras")
     assert info["class_names"] == ["cat", "dog"] and info["image_size"] == 32
     assert info["layer"] == "block2_pool" and info["pooling"] == "avg" and info["preprocessing"] == "tf"
     assert info["trainable_from"] == "block2_conv1"

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from tlpipe.errors import ConfigError, FeatureFileError
-from tlpipe.model import head as heads
-from tlpipe.model import saved as modelio
+from tlpipe.model import dense_head
+from tlpipe.model import saved
+from helpers import read_model_info
 from tlpipe.train.compile import compile_classifier
 from tlpipe.train.head import check_attrs_agree, run_train_head
 
@@ -21,8 +22,8 @@ from helpers import FEATURE_LAYER as LAYER, FEATURE_SIZE as SIZE, REPO, HeadPara
 # ---------------------------------------------------------------- build_head / compile_classifier
 
 def test_binary_head_is_the_books():
-    m = compile_classifier(heads.build_head(20, 2, units=8, dropout=0.3), 2, 1e-4)
-    assert [lyr.name for lyr in m.layers[1:]] == list(heads.HEAD_LAYERS)
+    m = compile_classifier(dense_head.build_head(20, 2, units=8, dropout=0.3), 2, 1e-4)
+    assert [lyr.name for lyr in m.layers[1:]] == list(dense_head.HEAD_LAYERS)
     assert m.get_layer("head_dense").units == 8 and m.get_layer("head_dense").activation.__name__ == "relu"
     assert m.get_layer("head_dropout").rate == pytest.approx(0.3)
     out = m.get_layer("head_out")
@@ -35,7 +36,7 @@ def test_binary_head_is_the_books():
 
 
 def test_multiclass_head_uses_softmax_and_sparse_labels():
-    m = compile_classifier(heads.build_head(10, 4, units=8), 4, 1e-3)
+    m = compile_classifier(dense_head.build_head(10, 4, units=8), 4, 1e-3)
     assert m.get_layer("head_out").units == 4 and m.get_layer("head_out").activation.__name__ == "softmax"
     assert m.loss == "sparse_categorical_crossentropy"
     x = np.random.default_rng(0).normal(size=(16, 10)).astype("float32")
@@ -46,7 +47,7 @@ def test_multiclass_head_uses_softmax_and_sparse_labels():
 
 
 def test_binary_accuracy_on_int_labels_is_thresholded():
-    m = compile_classifier(heads.build_head(4, 2, units=4), 2, 1e-3)
+    m = compile_classifier(dense_head.build_head(4, 2, units=4), 2, 1e-3)
     x = np.random.default_rng(1).normal(size=(10, 4)).astype("float32")
     p = m.predict(x, verbose=0)[:, 0]
     y = (np.arange(10) % 2).astype("int64")
@@ -55,8 +56,8 @@ def test_binary_accuracy_on_int_labels_is_thresholded():
 
 
 def test_same_seed_same_initial_weights():
-    a, b = heads.build_head(6, 2, seed=5), heads.build_head(6, 2, seed=5)
-    c = heads.build_head(6, 2, seed=6)
+    a, b = dense_head.build_head(6, 2, seed=5), dense_head.build_head(6, 2, seed=5)
+    c = dense_head.build_head(6, 2, seed=6)
     for wa, wb in zip(a.get_weights(), b.get_weights()):
         np.testing.assert_array_equal(wa, wb)
     assert not np.array_equal(a.get_weights()[0], c.get_weights()[0])
@@ -67,11 +68,11 @@ def test_same_seed_same_initial_weights():
 def test_bad_head_arguments(kw, match):
     args = {"input_dim": 5, "n_classes": 2, **kw}
     with pytest.raises(ConfigError, match=match):
-        heads.build_head(**args)
+        dense_head.build_head(**args)
 
 
 def test_check_attrs_agree_names_the_key():
-    a = {k: 1 for k in modelio.FEATURE_KEYS}
+    a = {k: 1 for k in saved.FEATURE_KEYS}
     assert check_attrs_agree({"t.h5": a, "v.h5": dict(a)}) == a
     with pytest.raises(FeatureFileError, match="v.h5 has pooling=2 but t.h5 has 1"):
         check_attrs_agree({"t.h5": a, "v.h5": {**a, "pooling": 2}})
@@ -97,8 +98,8 @@ def test_run_train_head_writes_a_complete_model(project, tmp_path):
     assert float(val_acc[best["epoch"]].split("\t")[1]) == pytest.approx(on_disk["val_accuracy"], abs=1e-6)
     assert sorted(p.name for p in out.parent.iterdir()) == ["head.keras"]  # checkpoints removed
 
-    model = modelio.load_model(out)
-    info = modelio.model_info(model)
+    model = saved.load_model(out)
+    info = saved.model_info(model)
     assert info["class_names"] == ["cat", "dog"] and info["layer"] == LAYER and info["weights"] == "none"
     assert info["trainable_from"] is None and info["preprocessing"] == "caffe"
     # The saved model on raw images == its head on the stored features: the rebuilt base is the same.
@@ -111,7 +112,7 @@ def test_run_train_head_writes_a_complete_model(project, tmp_path):
     assert list(rows["path"]) == paths
     files = [str(project / "data" / "images" / f) for f in rows["file"]]
     full = np.concatenate([model.predict(b, verbose=0) for b in image_dataset(files, SIZE, 8, None)])
-    np.testing.assert_allclose(full, modelio.head_submodel(model).predict(x, verbose=0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(full, saved.head_submodel(model).predict(x, verbose=0), rtol=1e-4, atol=1e-5)
 
 
 def test_mismatched_feature_files_are_refused(project, tmp_path):
@@ -179,7 +180,7 @@ def test_stage_script_trains_and_reruns_give_identical_files(project, tmp_path):
         got.append([(cwd / p).read_bytes() for p in outputs])
     assert got[0] == got[1]
     cwd = tmp_path / "a"
-    assert modelio.read_info(cwd / "models" / "head.keras")["backbone"] == "vgg16"
+    assert read_model_info(cwd / "models" / "head.keras")["backbone"] == "vgg16"
     assert set(json.loads((cwd / "metrics" / "train_head.json").read_text())["head"]) == {"best_epoch", "val_accuracy"}
     assert len((cwd / "dvclive" / "train_head" / "plots" / "metrics" / "val" / "loss.tsv").read_text().splitlines()) == 3
     assert not (cwd / "dvc.yaml").exists() and not (cwd / "dvclive" / "train_head" / "dvc.yaml").exists()

@@ -18,9 +18,9 @@ from PIL import Image  # noqa: E402
 from imagegen import (make_class_folders, write_animated_gif, write_exif_rotated_jpeg, write_image,  # noqa: E402
                       write_text_as_image, write_truncated_jpeg, write_zero_byte)
 from tlpipe.features import backbones
-from tlpipe.model import head as heads
+from tlpipe.model import dense_head
 from tlpipe.features import inputs
-from tlpipe.model import saved as modelio  # noqa: E402
+from tlpipe.model import saved  # noqa: E402
 from tlpipe.cli import run_stage  # noqa: E402
 from tlpipe.cli import predict as cmd  # noqa: E402
 from tlpipe.errors import DataError, ModelFileError  # noqa: E402
@@ -31,10 +31,10 @@ CLASSES = ["circle", "square", "stripes"]
 def build_model(path: Path, class_names: list[str], image_size: int, seed: int = 0) -> Path:
     """A tiny random tlpipe classifier: VGG16 (random weights) cut at block2_pool, avg-pooled, dense head."""
     base = backbones.build_base("vgg16", "none", image_size, seed=seed)
-    head = heads.build_head(128, len(class_names), units=8, dropout=0.0, seed=seed)
+    head = dense_head.build_head(128, len(class_names), units=8, dropout=0.0, seed=seed)
     info = {"class_names": class_names, "image_size": image_size, "backbone": "vgg16", "weights": "none",
             "pooling": "avg", "preprocessing": "caffe"}
-    return modelio.save_model(modelio.assemble(base, "block2_pool", "avg", head, info), path)
+    return saved.save_model(saved.assemble(base, "block2_pool", "avg", head, info), path)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def images(tmp_path_factory) -> Path:
 
 def reference_probs(model_path: Path, files: list[Path], image_size: int) -> np.ndarray:
     """Independent route: the training loader (tlpipe.inputs) + model.predict on every file at once."""
-    model = modelio.load_model(model_path)
+    model = saved.load_model(model_path)
     batch = np.stack([inputs.read_resized(str(f), image_size).numpy() for f in files])
     out = np.asarray(model.predict(batch, verbose=0), dtype=np.float64)
     return np.concatenate([1 - out, out], axis=1) if out.shape[1] == 1 else out
@@ -225,8 +225,9 @@ def test_default_model_is_the_best_one_present(model3, images, tmp_path, capsys,
 def test_missing_path_and_bad_batch_size_fail_before_loading_the_model(tmp_path):
     with pytest.raises(DataError, match="nope.jpg: no such file"):
         cmd.main(["--model", str(tmp_path / "absent.keras"), str(tmp_path / "nope.jpg")])
-    with pytest.raises(DataError, match="--batch-size"):
+    with pytest.raises(SystemExit) as exc:  # a usage error, as argparse's own: exit 2
         cmd.main(["--batch-size", "0", str(tmp_path)])
+    assert exc.value.code == 2
 
 
 def test_tlpipe_cli_dispatches_predict(model3, images, tmp_path):

@@ -15,6 +15,8 @@ import yaml
 from PIL import Image
 
 from tlpipe.report import page as rpt
+from tlpipe.report import readers
+from tlpipe.report.confusion import confusion_counts
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["cat", "dog"]
@@ -41,15 +43,15 @@ def test_tables_read_the_scores_and_training_files(tmp_path):
     scores = tmp_path / "scores.json"
     scores.write_text(json.dumps({"head": {"accuracy": 0.5, "roc_auc": None, "n": 4, "per_class": {
         "cat": {"precision": 1.0, "recall": 0.25, "f1": 0.4, "n": 2}}}}))
-    assert rpt.read_metrics(scores) == {"head": {"accuracy": 0.5, "n": 4.0}}  # undefined AUC: no cell
-    assert rpt.read_per_class(scores) == {"head · cat": {"precision": 1.0, "recall": 0.25, "f1": 0.4, "n": 2.0}}
+    assert readers.read_metrics(scores) == {"head": {"accuracy": 0.5, "n": 4.0}}  # undefined AUC: no cell
+    assert readers.read_per_class(scores) == {"head · cat": {"precision": 1.0, "recall": 0.25, "f1": 0.4, "n": 2.0}}
     (tmp_path / "train_head.json").write_text('{"head": {"best_epoch": 3, "val_accuracy": 0.75}}')
-    got = rpt.read_training([tmp_path / "train_head.json", tmp_path / "finetune.json"])
+    got = readers.read_training([tmp_path / "train_head.json", tmp_path / "finetune.json"])
     assert got == {"train_head": {"best_epoch": 3.0, "val_accuracy": 0.75}}  # a missing file: no row
     (tmp_path / "bad.json").write_text("[1]")
     from tlpipe.errors import DataError
     with pytest.raises(DataError, match="bad.json: expected a JSON object; rerun the bad stage"):
-        rpt.read_training([tmp_path / "bad.json"])
+        readers.read_training([tmp_path / "bad.json"])
     # Epochs are not scores: the later one is not marked best; per-class rows are never marked.
     html = rpt.metrics_table({"a": {"best_epoch": 3, "val_accuracy": 0.7},
                               "b": {"best_epoch": 9, "val_accuracy": 0.8}}, first="stage")
@@ -70,14 +72,14 @@ def test_render_html_escapes_every_text():
 def test_confusion_counts(tmp_path):
     csv = tmp_path / "m.csv"
     csv.write_text("actual,predicted\ncat,cat\ncat,dog\ndog,dog\ndog,dog\nbird,dog\n")
-    labels, counts = rpt.confusion_counts(csv, CLASSES)
+    labels, counts = confusion_counts(csv, CLASSES)
     assert labels == ["cat", "dog", "bird"]  # a label outside the class list still counts
     assert counts.tolist() == [[1, 1, 0], [0, 2, 0], [0, 1, 0]]
     bad = tmp_path / "bad.csv"
     bad.write_text("a,b\n1,2\n")
     from tlpipe.errors import DataError
     with pytest.raises(DataError, match="actual,predicted"):
-        rpt.confusion_counts(bad, CLASSES)
+        confusion_counts(bad, CLASSES)
 
 
 # -- a fake run folder -----------------------------------------------------------------------
@@ -97,7 +99,7 @@ def _tiny_vgg():
 
 
 def _tlpipe_model(path: Path):
-    from tlpipe.model.head import build_head
+    from tlpipe.model.dense_head import build_head
     from tlpipe.model.saved import assemble, save_model
 
     base = _tiny_vgg()

@@ -7,7 +7,7 @@ import pytest
 
 from tlpipe import atomic
 from tlpipe.errors import ConfigError
-from tlpipe.model.head import build_head
+from tlpipe.model.dense_head import build_head
 from tlpipe.train import loop as training
 from tlpipe.train.compile import compile_classifier
 from tlpipe.train.data import StoredFeatures

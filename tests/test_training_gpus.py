@@ -92,10 +92,11 @@ def test_memory_growth_is_set_for_every_gpu():
 
 @pytest.mark.parametrize("verbose", ["0", "1"])
 def test_importing_tensorflow_after_tlpipe_cli_sets_memory_growth_first(verbose):
-    # In a fresh process, as a stage: tlpipe.cli, then whatever imports tensorflow. The hook hands
+    # In a fresh process, as a stage: tlpipe.cli's start(), then whatever imports tensorflow. The hook hands
     # grow_gpu_memory the tensorflow module before its devices exist: a device setting still takes
     # (set_logical_device_configuration raises RuntimeError once they are initialised).
-    code = ("import tlpipe.cli as cli\n"
+    code = ("import tlpipe.cli.startup as cli\n"
+            "cli.start()\n"
             "def split_cpu(tf):\n"
             "    cpu = tf.config.list_physical_devices('CPU')[0]\n"
             "    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)\n"
@@ -144,7 +145,7 @@ def test_mixed_float16_stops_train_head_aug_before_any_work(tmp_path):
 def test_under_mixed_float16_the_head_outputs_float32_and_the_loss_is_scaled():
     import keras
 
-    from tlpipe.model.head import build_head
+    from tlpipe.model.dense_head import build_head
     from tlpipe.train.compile import compile_classifier
 
     previous = keras.mixed_precision.global_policy()

@@ -160,7 +160,7 @@ def test_cached_suffix_matches_full_model_loss_and_gradients(tmp_path, parts):
     """Proof of equivalence: training block5 + head on cached block4 activations sees exactly the loss
     and gradients of the full model run end to end on the same augmented images."""
     from tlpipe.train.models import cached_training_model
-    from tlpipe.model.head import build_head
+    from tlpipe.model.dense_head import build_head
     from tlpipe.model.saved import assemble, set_trainable_from
 
     base = build_base("vgg16", "none", SIZE, seed=5)
@@ -200,7 +200,7 @@ def test_frozen_suffix_features_equal_running_the_suffix(tmp_path, parts):
     """train_head_aug precomputes the frozen suffix once per view: the head then sees exactly what
     it would see running the suffix every epoch."""
     from tlpipe.train.models import cached_training_model, frozen_features_model
-    from tlpipe.model.head import build_head
+    from tlpipe.model.dense_head import build_head
     from tlpipe.model.saved import assemble, head_submodel
 
     base = build_base("vgg16", "none", SIZE, seed=6)

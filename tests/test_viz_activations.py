@@ -10,7 +10,8 @@ keras = pytest.importorskip("keras")
 from tlpipe.report import graph  # noqa: E402
 from tlpipe.report.activations import (activation_grid, layer_activations,  # noqa: E402
                                     save_activation_grids, shrink, tile_scale)
-from tlpipe.report.plotting import colorize, contrast_stretch, grid_geometry  # noqa: E402
+from tlpipe.report.plotting import colorize, contrast_stretch  # noqa: E402
+from tlpipe.tiles import grid_geometry  # noqa: E402
 
 
 def small_model(nested: bool, size: int = 24) -> keras.Model:

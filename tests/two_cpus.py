@@ -12,8 +12,10 @@ import json
 import sys
 from pathlib import Path
 
-import tlpipe.cli  # noqa: F401  (as a stage: the TensorFlow import hook first)
-import tensorflow as tf
+from tlpipe.cli import start
+
+start()  # as a stage: the TensorFlow import hook first
+import tensorflow as tf  # noqa: E402
 
 tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0],
                                            [tf.config.LogicalDeviceConfiguration()] * 2)

@@ -1,8 +1,11 @@
 """The closed sets of values a parameter can take, in one place: config validates params.yaml against
-them and the modules that implement each choice import them from here. A leaf module (no imports), so
+them and the modules that implement each choice import them from here. A leaf module (no tlpipe imports), so
 a stage that only validates its params does not depend on the code behind every choice. Also the
-layer names of the architectures known by name (VGG), and the rule that resolves
-finetune.unfreeze_from against backbone.layer, so params are checked without building a model."""
+layer names of the architectures known by name (VGG), and the rules shared by config and the code
+that applies them: data.split's shape (check_split), finetune.unfreeze_from against backbone.layer
+(unfreeze_layer), so params are checked without building a model."""
+
+import math
 
 BACKBONES = ("vgg16", "vgg19", "resnet50", "inception_v3", "xception", "mobilenet", "mobilenet_v2",
              "efficientnet_b0")  # features.backbones.ARCHS implements each (a test checks they match)
@@ -15,10 +18,31 @@ ENGINES = ("local", "ray")  # compute.engine: where extract and viewcache run (o
 STRATEGIES = ("auto", "default", "mirrored")  # compute.strategy: tf.distribute strategy for training
 FILL_MODES = ("nearest", "reflect", "wrap", "constant")  # augment.fill_mode
 AUGMENT_MODES = ("cached", "online")  # augment.mode: views stored by the viewcache stage, or drawn in training
+SPLITS = ("train", "validation", "test")  # data.split's keys; data/split/<split>.csv
 MODEL_NAMES = ("head", "head_aug", "finetuned")  # models/<name>.keras, in the order the stages write them
 FINETUNE_FROM = ("head_aug", "head")  # finetune.from: the model fine-tuning starts from
 SCHEDULES = ("constant", "cosine")  # head_aug.schedule, finetune.schedule: the learning rate over the epochs
 TRAIN_KEEPS = ("best", "last")  # train.keep: the weights a training stage saves (best validation epoch, or last)
+
+def check_split(split: dict) -> tuple[str, dict]:
+    """The one rule for data.split: ("counts", {split: positive int}) per class, or ("fractions",
+    {split: float strictly between 0 and 1}) adding up to 1. ValueError says what is wrong."""
+    if set(split) != set(SPLITS):
+        raise ValueError(f"needs exactly the keys {', '.join(SPLITS)} (got {', '.join(sorted(split)) or 'none'})")
+    values = list(split.values())
+    if any(isinstance(x, bool) or not isinstance(x, (int, float)) for x in values):
+        raise ValueError(f"values must be numbers (got {split})")
+    if all(isinstance(x, int) for x in values):
+        if any(x <= 0 for x in values):
+            raise ValueError(f"counts per class must be positive integers (got {split})")
+        return "counts", dict(split)
+    fractions = [float(x) for x in values]
+    if not all(0 < x < 1 for x in fractions):
+        raise ValueError(f"fractions must each lie strictly between 0 and 1 (got {split})")
+    if not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
+        raise ValueError(f"fractions must add up to 1 (they add up to {sum(fractions):g})")
+    return "fractions", {k: float(x) for k, x in split.items()}
+
 
 # finetune.unfreeze_from: "auto" (the last conv block kept in the base), or a layer name.
 UNFREEZE_AUTO = AUTO

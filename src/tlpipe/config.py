@@ -1,29 +1,29 @@
-"""One validated view of params.yaml.
+"""One validated view of params.yaml: the schema, and `load_params()`, the one entry point.
 
 Every stage reads its section through `load_params()`. Unknown keys, wrong types and out-of-range
 values stop the stage with a message that names the key (`head.lr8`) and what was expected, so a
-typo in `dvc exp run -S ...` never silently falls back to a default.
+typo in `dvc exp run -S ...` never silently falls back to a default. Around it, each in its own module:
+the closed sets and shared rules (choices), the error lines (configmessages), the YAML reading
+(yamlfloat), the CPU's bfloat16 support (cpu) and the test-only read recording (paramrecord).
 """
 
 from __future__ import annotations
 
-import difflib
-import math
 import os
-import sys
 from pathlib import Path
 from typing import Annotated, Literal
-
-import re
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tlpipe.choices import (AUGMENT_MODES, AUTO, BACKBONES, ENGINES, FILL_MODES, FINETUNE_FROM, MODEL_NAMES,
                             POOLING_CHOICES, PRECISIONS, DEVICES, SCHEDULES, STRATEGIES, TRAIN_KEEPS, UNFREEZE_AUTO,
-                            known_layers, probe_layers, unfreeze_layer)
-from tlpipe.data.manifests import SPLITS
+                            check_split, known_layers, probe_layers, unfreeze_layer)
+from tlpipe.configmessages import error_lines
+from tlpipe.cpu import BF16_CPU_FLAGS, native_bfloat16
 from tlpipe.errors import ConfigError
+from tlpipe.paramrecord import RECORD_ENV, Recorded, Recorder, leaf_keys, model_of
+from tlpipe.yamlfloat import load_yaml
 
 PARAMS_FILE = "params.yaml"
 
@@ -69,26 +69,6 @@ class DataParams(Section):
         return check_split(v)[1]
 
 
-def check_split(split: dict) -> tuple[str, dict]:
-    """The one rule for data.split: ("counts", {split: positive int}) per class, or ("fractions",
-    {split: float strictly between 0 and 1}) adding up to 1. ValueError says what is wrong."""
-    if set(split) != set(SPLITS):
-        raise ValueError(f"needs exactly the keys {', '.join(SPLITS)} (got {', '.join(sorted(split)) or 'none'})")
-    values = list(split.values())
-    if any(isinstance(x, bool) or not isinstance(x, (int, float)) for x in values):
-        raise ValueError(f"values must be numbers (got {split})")
-    if all(isinstance(x, int) for x in values):
-        if any(x <= 0 for x in values):
-            raise ValueError(f"counts per class must be positive integers (got {split})")
-        return "counts", dict(split)
-    fractions = [float(x) for x in values]
-    if not all(0 < x < 1 for x in fractions):
-        raise ValueError(f"fractions must each lie strictly between 0 and 1 (got {split})")
-    if not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
-        raise ValueError(f"fractions must add up to 1 (they add up to {sum(fractions):g})")
-    return "fractions", {k: float(x) for k, x in split.items()}
-
-
 class BackboneParams(Section):
     name: Literal[BACKBONES] = "vgg16"  # type: ignore[valid-type]
     weights: str = "imagenet"
@@ -103,23 +83,6 @@ class BackboneParams(Section):
         if not v.strip():
             raise ValueError("must be imagenet, hed-bsds500, none, or a path to a weights file")
         return v
-
-
-# CPU flags of native bfloat16 arithmetic (Intel/AMD AVX-512 BF16, Intel AMX). Without them TensorFlow
-# emulates bfloat16, several times slower than float32 (docs/benchmarks.md).
-BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
-CPUINFO = Path("/proc/cpuinfo")
-
-
-def native_bfloat16(cpuinfo: Path | None = None) -> bool:
-    """Whether this CPU computes bfloat16 natively (`cpuinfo`'s flags list one of BF16_CPU_FLAGS);
-    False where there is no /proc/cpuinfo to read."""
-    try:
-        text = (cpuinfo or CPUINFO).read_text(errors="replace")
-    except OSError:
-        return False
-    flags = {f for line in text.splitlines() if line.startswith("flags") for f in line.partition(":")[2].split()}
-    return bool(flags & set(BF16_CPU_FLAGS))
 
 
 class ComputeParams(Section):
@@ -201,8 +164,6 @@ class TrainParams(Section):
     resume: bool = False
     keep: Literal[TRAIN_KEEPS] = "best"  # type: ignore[valid-type]
     patience: PosInt | None = None
-
-
 
 
 class EvaluateParams(Section):
@@ -289,44 +250,6 @@ class Params(Section):
         return self
 
 
-def _known_keys(model: type[BaseModel]) -> list[str]:
-    return [f.alias or name for name, f in model.model_fields.items()]
-
-
-def _section_model(path: tuple) -> type[BaseModel] | None:
-    model: type[BaseModel] = Params
-    for part in path:
-        fields = {f.alias or n: f for n, f in model.model_fields.items()}
-        field = fields.get(part)
-        ann = getattr(field, "annotation", None)
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
-            return None
-        model = ann
-    return model
-
-
-def _describe(err: dict) -> str:
-    # Pydantic puts union branches ("int", "float", ...) in the location; users only know keys.
-    keys = [p for p in err["loc"] if not (isinstance(p, str) and p in _UNION_TAGS)]
-    name = ".".join(str(k) for k in keys)
-    if err["type"] == "extra_forbidden":
-        parent = _section_model(tuple(keys[:-1]))
-        known = _known_keys(parent) if parent is not None else []
-        close = difflib.get_close_matches(str(keys[-1]), known, n=1)
-        hint = f" Did you mean {'.'.join(map(str, keys[:-1] + [close[0]]))}?" if close else ""
-        where = ".".join(map(str, keys[:-1])) or "the top level"
-        return f"{name}: unknown key.{hint} Keys allowed in {where}: {', '.join(known)}"
-    got = err.get("input")
-    got_text = "" if isinstance(got, dict) else f" (got {got!r})"
-    msg = err["msg"].removeprefix("Value error, ")
-    if not name and msg.split(":")[0].count(".") == 1:  # a check across sections names its own keys
-        return msg
-    return f"{name or 'params'}: {msg}{got_text}"
-
-
-_UNION_TAGS = {"int", "float", "str", "bool", "none", "list[str]", "constrained-int", "constrained-float"}
-
-
 def validate_params(raw: dict | None, source: str = PARAMS_FILE) -> Params:
     """Validate a params mapping; raise ConfigError naming every bad key."""
     if raw is None:
@@ -336,23 +259,8 @@ def validate_params(raw: dict | None, source: str = PARAMS_FILE) -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            line = _describe(err)
-            if line not in lines:
-                lines.append(line)
+        lines = error_lines(exc, Params)
         raise ConfigError(f"{source}: invalid parameters:\n  " + "\n  ".join(lines)) from None
-
-
-class _Loader(yaml.SafeLoader):
-    """YAML 1.2 floats: PyYAML reads `1e-4` (what `dvc exp run -S head.lr=1e-4` writes) as a string."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
-    list("-+0123456789."),
-)
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> Params:
@@ -365,32 +273,19 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
     except FileNotFoundError:
         raise ConfigError(f"{path}: not found; run from the project root (where dvc.yaml is)") from None
     try:
-        raw = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+        raw = load_yaml(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     params = validate_params(raw, str(path))
     record_to = os.environ.get(RECORD_ENV)
-    return Recorded(params, "", _Recorder(record_to)) if record_to else params
+    return Recorded(params, "", Recorder(record_to)) if record_to else params
 
 
-# ---------------------------------------------------------------- which keys a stage reads
-
-# TLPIPE_RECORD_PARAMS=<file>: load_params() returns a view that appends "<script> <key>" to the file
-# for each leaf key read, so a test can hold dvc.yaml's `params:` to what each stage really reads.
-RECORD_ENV = "TLPIPE_RECORD_PARAMS"
 
 
 def param_leaves(section: type[BaseModel] = Params, prefix: str = "") -> list[str]:
-    """Every leaf key under a section, dotted as in params.yaml (`finetune.from`, `data.split`)."""
-    keys = []
-    for name, field in section.model_fields.items():
-        key = prefix + (field.alias or name)
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            keys += param_leaves(ann, key + ".")
-        else:
-            keys.append(key)
-    return keys
+    """Every leaf key under a section (default: all of params.yaml), dotted (`finetune.from`, `data.split`)."""
+    return leaf_keys(section, prefix)
 
 
 def what_params(params) -> dict:
@@ -398,8 +293,7 @@ def what_params(params) -> dict:
     report shows. Read key by key, so the visualize stage declares exactly these and switching a how
     key reruns nothing."""
     def attr(node, key: str):
-        model = node._model if isinstance(node, Recorded) else node
-        name = next(n for n, f in type(model).model_fields.items() if (f.alias or n) == key)
+        name = next(n for n, f in type(model_of(node)).model_fields.items() if (f.alias or n) == key)
         return getattr(node, name)
 
     out: dict = {}
@@ -412,65 +306,3 @@ def what_params(params) -> dict:
             node, target = attr(node, part), target.setdefault(part, {})
         target[leaf] = attr(node, leaf)
     return out
-
-
-class _Recorder:
-    def __init__(self, path: str):
-        self.path, self.seen = path, set()
-        self.script = Path(sys.argv[0]).stem if sys.argv and sys.argv[0] else "python"
-
-    def __call__(self, *keys: str) -> None:
-        new = [k for k in keys if k not in self.seen]
-        if new:
-            self.seen.update(new)
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write("".join(f"{self.script} {k}\n" for k in new))
-
-
-class Recorded:
-    """A params section that records each leaf key read; code reading it sees the section's values.
-
-    Handing a whole section to a library function records only the fields that function reads.
-    Anything but a field (model_dump, iteration, a property) counts as reading every key below.
-    """
-
-    __slots__ = ("_model", "_prefix", "_note")
-
-    def __init__(self, model: BaseModel, prefix: str, note: _Recorder):
-        object.__setattr__(self, "_model", model)
-        object.__setattr__(self, "_prefix", prefix)
-        object.__setattr__(self, "_note", note)
-
-    def _all(self) -> None:
-        self._note(*param_leaves(type(self._model), self._prefix))
-
-    def __getattr__(self, name: str):
-        if name in Recorded.__slots__:  # not set yet (copy, pickle)
-            raise AttributeError(name)
-        value = getattr(self._model, name)
-        field = type(self._model).model_fields.get(name)
-        if field is None:
-            if not name.startswith("__"):
-                self._all()
-            return value
-        key = self._prefix + (field.alias or name)
-        if isinstance(value, BaseModel):
-            return Recorded(value, key + ".", self._note)
-        self._note(key)
-        return value
-
-    def __setattr__(self, name, value):
-        raise TypeError("params are read-only")
-
-    def __iter__(self):
-        self._all()
-        return iter(self._model)
-
-    def __eq__(self, other):
-        self._all()
-        return self._model == (other._model if isinstance(other, Recorded) else other)
-
-    __hash__ = None
-
-    def __repr__(self) -> str:
-        return f"Recorded({self._model!r})"

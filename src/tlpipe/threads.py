@@ -7,7 +7,7 @@ give other last bits on pools of 1 and 2 threads, and so did the view cache (flo
 trained model. The pool's size decides the bits, not the cores under it: a pool of 2 threads on one
 core gives the bits of a pool of 2 on two cores (bench/threads.py checks both). So every process
 that computes something the pipeline stores runs with INTRA_OP_THREADS, whatever the machine: the
-stage scripts (the tlpipe.cli import hook, right after `import tensorflow`), the Ray engine's actors,
+stage scripts (run_stage's import hook, right after `import tensorflow`), the Ray engine's actors,
 and, for code called from Python, `backbones.build_base`, `saved.load_model` and the training loop,
 which configure it themselves when TensorFlow has not started yet.
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from tlpipe.model.head import build_head
+from tlpipe.model.dense_head import build_head
 from tlpipe.model.saved import assemble, save_model
 
 HERE = Path(__file__).parent

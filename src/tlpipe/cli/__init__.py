@@ -1,109 +1,37 @@
 """The command line: `run_stage` (the wrapper every stage script runs under), `main` (`tlpipe <command>`)
 and the commands themselves (`predict`, `augment-preview`).
 
-Importing this package sets up TensorFlow for whoever imports it first (keras, a stage): its intra-op
-pool fixed at tlpipe.threads.INTRA_OP_THREADS (so no stored number depends on the core count), memory
-growth on for every GPU it sees (TensorFlow otherwise reserves nearly all of each card's memory),
-and its start-up lines (oneDNN notes, CUDA stubs, "failed call to cuInit" on a machine without a
-GPU) kept away from the user, who sees only tlpipe's own messages; set TLPIPE_VERBOSE=1 (or
-TF_CPP_MIN_LOG_LEVEL to 0 or 1) to see them.
+Importing this package changes nothing; `run_stage` (and so `tlpipe <command>`) first calls
+`start()` (cli/startup.py): Keras on TensorFlow, tlpipe's messages on stderr, TensorFlow's thread
+pool and GPU memory set as soon as TensorFlow is imported.
 """
 
 from __future__ import annotations
 
-import contextlib
-import importlib.abc
-import importlib.util
-import os
 import sys
-import tempfile
 from typing import Callable
 
-from tlpipe import threads
+from tlpipe.cli.startup import grow_gpu_memory, start  # noqa: F401 - the package's API
 from tlpipe.errors import TlpipeError
 
 
-class _TensorFlowImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Runs `import tensorflow`, then fixes its thread pool (tlpipe.threads) and `grow_gpu_memory`, before
-    TensorFlow's first op.
+def positive_int(text: str) -> int:
+    """argparse type: a positive integer, else a usage error (exit 2) naming the option."""
+    import argparse
 
-    quiet: file descriptor 2 points at a temp file meanwhile. TensorFlow's C++ libraries log while
-    they load, before absl reads TF_CPP_MIN_LOG_LEVEL, straight to fd 2 (TF 2.21): no setting
-    silences that. If the import fails, what it wrote is shown after all.
-    """
-
-    def __init__(self, quiet: bool):
-        self.quiet = quiet
-        self._busy = False
-        self._loader = None
-
-    def find_spec(self, name, path=None, target=None):
-        if name != "tensorflow" or self._busy:
-            return None
-        self._busy = True
-        try:
-            spec = importlib.util.find_spec(name)  # the finders after this one
-        finally:
-            self._busy = False
-        if spec is not None and spec.loader is not None:
-            self._loader, spec.loader = spec.loader, self
-        return spec
-
-    def create_module(self, spec):
-        return self._loader.create_module(spec)
-
-    def exec_module(self, module):
-        module.__loader__ = module.__spec__.loader = self._loader  # as if imported plainly
-        with _stderr_to_temp() if self.quiet else contextlib.nullcontext():
-            self._loader.exec_module(module)
-            threads.configure()
-            grow_gpu_memory(module)  # lists the GPUs: CUDA's lines, hidden too
-
-
-@contextlib.contextmanager
-def _stderr_to_temp():
-    """File descriptor 2 to a temp file; its content replayed on stderr if the block fails."""
-    sys.stderr.flush()
-    with tempfile.TemporaryFile() as log:
-        saved = os.dup(2)
-        os.dup2(log.fileno(), 2)
-        try:
-            yield
-        except BaseException:
-            os.dup2(saved, 2)
-            log.seek(0)
-            sys.stderr.write(log.read().decode("utf-8", "replace"))
-            raise
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-
-
-def grow_gpu_memory(tf) -> None:
-    """Memory growth on for every GPU `tf` (the tensorflow module) sees: without it TensorFlow takes
-    nearly all of each card's memory at its first op. Must run before TensorFlow initialises its
-    devices, hence right after the import."""
-    for gpu in tf.config.list_physical_devices("GPU"):
-        tf.config.experimental.set_memory_growth(gpu, True)
-
-
-def setup_tensorflow() -> None:
-    """Install the import hook (once), quiet unless TLPIPE_VERBOSE or a low TF_CPP_MIN_LOG_LEVEL asks
-    for TensorFlow's start-up lines."""
-    quiet = not (os.environ.get("TLPIPE_VERBOSE", "0") not in ("", "0")
-                 or os.environ.get("TF_CPP_MIN_LOG_LEVEL") in ("0", "1"))
-    if quiet:
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # later lines, e.g. cuInit's at the first op
-    if "tensorflow" not in sys.modules and not any(isinstance(f, _TensorFlowImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _TensorFlowImport(quiet))
-
-
-setup_tensorflow()
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (got {text})")
+    return value
 
 
 def run_stage(main: Callable[..., object], argv: list[str] | None = None) -> None:
-    """Run a stage's main(); a deliberate TlpipeError becomes one clear line and exit status 1."""
+    """start(), then the stage's main(); a deliberate TlpipeError becomes one clear line and exit status 1."""
     try:
+        start()
         main(argv)
     except TlpipeError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -4,8 +4,9 @@ a PNG grid of an image and augmented versions of it, from the augment section of
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
+
+from tlpipe.cli import positive_int
 
 
 def _parser(prog: str | None) -> argparse.ArgumentParser:
@@ -15,7 +16,7 @@ def _parser(prog: str | None) -> argparse.ArgumentParser:
     ap.add_argument("--first-of", metavar="CSV", help="use the first image of this split manifest instead")
     ap.add_argument("--images", default="data/images", help="image store of the --first-of manifest")
     ap.add_argument("--out", default="augment_preview.png", help="PNG to write (default augment_preview.png)")
-    ap.add_argument("-n", type=int, default=8, help="augmented versions to show (default 8)")
+    ap.add_argument("-n", type=positive_int, default=8, help="augmented versions to show (default 8)")
     ap.add_argument("--params", default="params.yaml", help="params file (default params.yaml)")
     return ap
 
@@ -26,6 +27,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> Path:
     from tlpipe.data.manifests import first_image
     from tlpipe.errors import DataError
     from tlpipe.features.augment import preview
+    from tlpipe.log import log
 
     ap = _parser(prog)
     args = ap.parse_args(argv)
@@ -37,5 +39,5 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> Path:
     device.use(p.compute.device)  # before TensorFlow's first op
     image = args.image or first_image(args.first_of, args.images)
     out = preview(image, args.out, p.augment, n=args.n, image_size=p.backbone.image_size)
-    print(f"augment preview of {image} -> {out}", file=sys.stderr)
+    log.info(f"augment preview of {image} -> {out}")
     return out

@@ -1,34 +1,52 @@
-"""`tlpipe <command>`: dispatches to the commands, importing only the one chosen."""
+"""`tlpipe <command>`: argparse subcommands, each command's module imported only when chosen.
+
+Usage errors (no command, an unknown one, a command's bad arguments) print usage on stderr and exit
+2, as argparse does; deliberate errors exit 1 (run_stage).
+"""
 
 from __future__ import annotations
 
+import argparse
 import sys
 
+from tlpipe import __version__
 from tlpipe.cli import run_stage
 
-COMMANDS: dict[str, tuple[str, str]] = {
-    # name: ("module:function", help); imported only when chosen, so `tlpipe --help` stays quick.
-    "augment-preview": ("tlpipe.cli.augment_preview:main", "write a PNG grid of an image and augmented versions"),
-    "predict": ("tlpipe.cli.predict:main", "classify image files and folders with a saved model"),
+
+def _predict(argv: list[str], prog: str):
+    from tlpipe.cli.predict import main
+
+    return main(argv, prog=prog)
+
+
+def _augment_preview(argv: list[str], prog: str):
+    from tlpipe.cli.augment_preview import main
+
+    return main(argv, prog=prog)
+
+
+# name: (run, help); a command's own parser reads its arguments, so `tlpipe --help` stays quick.
+COMMANDS = {
+    "augment-preview": (_augment_preview, "write a PNG grid of an image and augmented versions"),
+    "predict": (_predict, "classify image files and folders with a saved model"),
 }
 
 
-def main(argv: list[str] | None = None) -> None:
-    import importlib
-    import inspect
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="tlpipe", description="tlpipe's commands; the pipeline itself runs with "
+                                 "`dvc repro` (see README.md).")
+    ap.add_argument("--version", action="version", version=f"tlpipe {__version__}")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (_, text) in COMMANDS.items():
+        sub.add_parser(name, help=text, add_help=False)  # its arguments, --help too, go to its own parser
+    return ap
 
+
+def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print("usage: tlpipe <command> [args]\n\ncommands:")
-        for name, (_, text) in COMMANDS.items():
-            print(f"  {name:<16} {text}")
-        print("\nThe pipeline itself runs with `dvc repro`; see README.md.")
-        sys.exit(0 if argv else 2)
-    name, rest = argv[0], argv[1:]
-    if name not in COMMANDS:
-        print(f"error: unknown command {name!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
-        sys.exit(2)
-    module_name, func = COMMANDS[name][0].split(":")
-    entry = getattr(importlib.import_module(module_name), func)
-    takes_prog = "prog" in inspect.signature(entry).parameters
-    run_stage(lambda args: entry(args, prog=f"tlpipe {name}") if takes_prog else entry(args), rest)
+    # This parser reads up to the command's name; the rest is the command's (argparse's REMAINDER
+    # would hand an option right after the name, `predict --model m`, back to this parser).
+    at = next((i for i, a in enumerate(argv) if not a.startswith("-")), len(argv))
+    args = parser().parse_args(argv[:at + 1])
+    run, _ = COMMANDS[args.command]
+    run_stage(lambda rest: run(rest, f"tlpipe {args.command}"), argv[at + 1:])

@@ -16,12 +16,14 @@ import sys
 from pathlib import Path
 
 from tlpipe import atomic
+from tlpipe.cli import positive_int
 from tlpipe.errors import DataError
+from tlpipe.log import log
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(prog: str) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        prog="tlpipe predict",
+        prog=prog,
         description="Classify image files and folders (recursively, hidden files skipped) with a saved "
                     "tlpipe model; write path, predicted class, p_<class> probabilities and error as CSV.",
     )
@@ -29,28 +31,28 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", type=Path, default=None,
                     help="model file (default: models/finetuned.keras, else head_aug.keras, else head.keras)")
     ap.add_argument("--out", type=Path, default=None, help="CSV file to write (default: stdout)")
-    ap.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    ap.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass (default 32)")
     ap.add_argument("--evaluate", action="store_true",
                     help="PATH is one folder of class subfolders: also print accuracy and a confusion matrix")
     return ap
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, prog: str = "tlpipe predict") -> None:
+    """Usage errors (a bad --batch-size, --evaluate without one folder) exit 2 on stderr, as argparse's own."""
     from tlpipe.model import predict as pr
 
-    args = _parser().parse_args(argv)
-    if args.batch_size < 1:
-        raise DataError(f"--batch-size must be a positive integer (got {args.batch_size})")
+    ap = _parser(prog)
+    args = ap.parse_args(argv)
     if args.evaluate and (len(args.paths) != 1 or not Path(args.paths[0]).is_dir()):
-        raise DataError("--evaluate takes exactly one folder whose subfolders are named after the classes "
-                        f"(got {' '.join(args.paths)})")
+        ap.error("--evaluate takes exactly one folder whose subfolders are named after the classes "
+                 f"(got {' '.join(args.paths)})")
     files = pr.collect_images(args.paths)  # before loading the model: a typo fails in a second
     if not files:
         raise DataError(f"no files found in {' '.join(args.paths)}")
     model_path = args.model
     if model_path is None:
         model_path = pr.default_model()
-        print(f"using model {model_path}", file=sys.stderr)
+        log.info(f"using model {model_path}")
     model, info = pr.load_classifier(model_path)
     names = list(info["class_names"])
     truth = pr.true_classes(files, args.paths[0], names) if args.evaluate else None
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     preds = pr.predict_files(model, files, int(info["image_size"]), len(names), args.batch_size)
     for p in preds:
         if p.error:
-            print(f"warning: {p.path}: {p.error}", file=sys.stderr)
+            log.warning(f"{p.path}: {p.error}")
     text = pr.to_csv(preds, names)
     if args.out is None:
         sys.stdout.write(text)
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         atomic.write_text(args.out, text)
         failed = sum(1 for p in preds if p.error)
-        print(f"wrote {args.out}: {len(preds) - failed} predicted, {failed} unreadable", file=sys.stderr)
+        log.info(f"wrote {args.out}: {len(preds) - failed} predicted, {failed} unreadable")
     if truth is not None:
         report = pr.format_evaluation(pr.evaluate(preds, truth, names))
         (sys.stdout if args.out is not None else sys.stderr).write(report)

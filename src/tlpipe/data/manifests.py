@@ -8,9 +8,9 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+from tlpipe.choices import SPLITS  # noqa: F401 - defined with the other closed sets; read from here too
 from tlpipe.errors import DataError
 
-SPLITS = ("train", "validation", "test")
 MANIFEST_COLUMNS = ["path", "class_name", "label", "sha256", "file"]
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from tlpipe import atomic
-from tlpipe.config import check_split
+from tlpipe.choices import check_split
 from tlpipe.errors import ConfigError, DataError, ImageDecodeError
 from tlpipe.data.images import MAX_SIDE, SMALL_SIDE, normalise_bytes, read_file
 from tlpipe.data.manifests import MANIFEST_COLUMNS, SPLITS

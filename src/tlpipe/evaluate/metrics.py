@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from tlpipe.errors import DataError
-from tlpipe.model.predict import class_probabilities
+from tlpipe.model.outputs import class_probabilities
 
 EPS = 1e-7  # Keras' epsilon: log loss clips probabilities the same way training did
 # What `dvc exp show` compares per model (metrics/evaluate.json); the rest of `scores` goes to the report.

@@ -9,16 +9,16 @@ The scores themselves are computed in `metrics`, the CSV tables in `tables`.
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 
 from tlpipe import atomic
 from tlpipe.errors import ModelFileError
+from tlpipe.log import log, progress
 from tlpipe.evaluate.metrics import headline, roc_points, scores
 from tlpipe.evaluate.tables import confusion_rows, prediction_rows, roc_rows
-from tlpipe.model.predict import class_probabilities
+from tlpipe.model.outputs import class_probabilities
 from tlpipe.model.saved import FEATURE_KEYS
 
 REQUIRED_MODELS = ("head",)
@@ -59,14 +59,13 @@ class _FreshDir:
 
 def _predict_images(model, files, image_size: int) -> np.ndarray:
     import tensorflow as tf
-    from tqdm.auto import tqdm
 
     from tlpipe.features.inputs import image_dataset
 
     infer = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
     out = []
     ds = image_dataset(files, image_size, BATCH_SIZE, None)
-    for batch in tqdm(ds, total=-(-len(files) // BATCH_SIZE), desc="test images", unit="batch", file=sys.stderr):
+    for batch in progress(ds, total=-(-len(files) // BATCH_SIZE), desc="test images", unit="batch"):
         out.append(infer(batch).numpy())
     return np.concatenate(out) if out else np.zeros((0, 1))
 
@@ -141,7 +140,7 @@ def run_evaluate(features_dir, models_dir, split_dir, images_dir, metrics_out, p
         elif name in REQUIRED_MODELS:
             raise ModelFileError(f"{path}: not found; run `dvc repro train_head` first")
         else:
-            print(f"warning: {path} not found, skipped (run its stage to evaluate it)", file=sys.stderr)
+            log.warning(f"{path} not found, skipped (run its stage to evaluate it)")
 
     dirs = {"confusion": _FreshDir(Path(plots_dir) / "confusion"), "roc": _FreshDir(Path(plots_dir) / "roc"),
             "predictions": _FreshDir(predictions_dir)}
@@ -154,8 +153,8 @@ def run_evaluate(features_dir, models_dir, split_dir, images_dir, metrics_out, p
                 if key != "roc" or out["roc"].count("\n") > 1:
                     d.write(f"{name}.csv", out[key])
             results[name] = s = out["scores"]
-            print(f"{name}: accuracy {s['accuracy']:.4f}, loss {s['loss']:.4f} on {s['n']} test images "
-                  f"(via {route})", file=sys.stderr)
+            log.info(f"{name}: accuracy {s['accuracy']:.4f}, loss {s['loss']:.4f} on {s['n']} test images "
+                     f"(via {route})")
         dirs["predictions"].write(SCORES_FILE, json_text(results))
     except BaseException:
         for d in dirs.values():

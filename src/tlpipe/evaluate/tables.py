@@ -3,7 +3,7 @@ and per-image predictions. Pure: rows in, text out."""
 
 from __future__ import annotations
 
-from tlpipe.model.predict import class_probabilities
+from tlpipe.model.outputs import class_probabilities
 
 
 def num(v: float) -> str:

@@ -28,36 +28,22 @@ import numpy as np
 import tensorflow as tf
 
 from tlpipe import atomic
-from tlpipe.choices import FILL_MODES
-from tlpipe.errors import ConfigError
+from tlpipe.tiles import square_cols, tile_grid
 
 _DEFAULTS = dict(rotation_range=0.0, width_shift_range=0.0, height_shift_range=0.0, shear_range=0.0,
                  zoom_range=0.0, horizontal_flip=False, fill_mode="nearest", seed=0)
 
 
 def augment_settings(params) -> dict:
-    """The transform settings from an `augment` params section (pydantic model, namespace or dict),
-    validated; missing keys take neutral defaults (no transform)."""
+    """The transform settings from an `augment` params section (pydantic model, namespace or dict);
+    missing keys take neutral defaults (no transform). The bounds are config.AugmentParams' (validated
+    when params.yaml is read): trusted here. The types are made plain (float, bool, int), because the
+    dict goes into fingerprints and file attributes, where 40 and 40.0 would differ."""
     get = params.get if isinstance(params, dict) else (lambda k, d: getattr(params, k, d))
     s = {k: get(k, d) for k, d in _DEFAULTS.items()}
     for k in ("rotation_range", "width_shift_range", "height_shift_range", "shear_range", "zoom_range"):
-        try:
-            s[k] = float(s[k])
-        except (TypeError, ValueError):
-            raise ConfigError(f"augment.{k}: expected a number, got {s[k]!r}") from None
-        if not math.isfinite(s[k]) or s[k] < 0:
-            raise ConfigError(f"augment.{k}: must be a finite number >= 0, got {s[k]!r}")
-    for k in ("width_shift_range", "height_shift_range", "zoom_range"):
-        if s[k] >= 1:
-            raise ConfigError(f"augment.{k}: a fraction, must be < 1, got {s[k]!r}")
-    if s["rotation_range"] > 180:
-        raise ConfigError(f"augment.rotation_range: degrees, must be <= 180, got {s['rotation_range']!r}")
-    if s["fill_mode"] not in FILL_MODES:
-        raise ConfigError(f"augment.fill_mode: must be one of {', '.join(FILL_MODES)}, "
-                          f"got {s['fill_mode']!r}")
+        s[k] = float(s[k])
     s["horizontal_flip"] = bool(s["horizontal_flip"])
-    if not isinstance(s["seed"], (int, np.integer)) or isinstance(s["seed"], bool) or s["seed"] < 0:
-        raise ConfigError(f"augment.seed: must be an integer >= 0, got {s['seed']!r}")
     s["seed"] = int(s["seed"])
     return s
 
@@ -120,22 +106,13 @@ def augment_images(images, seeds, settings: dict) -> tf.Tensor:
 
 
 def preview_grid(image: np.ndarray, settings: dict, n: int = 8, pad: int = 4) -> np.ndarray:
-    """uint8 grid of `image` (top-left) followed by its augmented views 0..n-1, near-square."""
-    if n < 1:
-        raise ConfigError(f"preview: n must be >= 1, got {n}")
+    """uint8 grid of `image` (top-left) followed by its augmented views 0..n-1, near-square, `pad`
+    white pixels between and around the tiles."""
     views = augment_images(np.repeat(image[None], n, axis=0),
                            image_seeds(settings["seed"], tf.range(n), tf.zeros([n], tf.int64)),
                            settings).numpy()
-    tiles = [image] + list(views)
-    cols = math.ceil(math.sqrt(len(tiles)))
-    rows = math.ceil(len(tiles) / cols)
-    h, w = image.shape[:2]
-    grid = np.full((rows * h + (rows + 1) * pad, cols * w + (cols + 1) * pad, 3), 255, np.uint8)
-    for k, t in enumerate(tiles):
-        r, c = divmod(k, cols)
-        y, x = pad + r * (h + pad), pad + c * (w + pad)
-        grid[y:y + h, x:x + w] = np.clip(np.round(t), 0, 255).astype(np.uint8)
-    return grid
+    tiles = np.stack([np.clip(np.round(t), 0, 255).astype(np.uint8) for t in [image, *views]])
+    return tile_grid(tiles, square_cols(len(tiles)), pad=pad, pad_value=255, border=pad)
 
 
 def preview(image_path, out_png, augment_params, n: int = 8, image_size: int = 150) -> Path:

@@ -1,7 +1,7 @@
 """Classify image files with a saved tlpipe model: the library behind `tlpipe predict`.
 
 Every `models/*.keras` maps RGB float 0..255 images of its own `image_size` to probabilities and
-carries its class names (see modelio), so prediction needs nothing from params.yaml. Each file goes
+carries its class names (see model.saved), so prediction needs nothing from params.yaml. Each file goes
 through the same steps as in training (`inputs.decode_file`): `images.normalise` gives the bytes
 the data stage would store, TensorFlow decodes and resizes them as `inputs.read_resized` does. So a
 CMYK, EXIF-rotated, 16-bit or GIF file is seen exactly as its twin in the training set was.
@@ -20,6 +20,7 @@ from tlpipe import atomic
 from tlpipe.choices import MODEL_NAMES
 from tlpipe.errors import DataError, ImageDecodeError, ModelFileError
 from tlpipe.features.inputs import decode_file
+from tlpipe.model.outputs import class_probabilities, predicted_indices
 
 # Best model first: the pipeline's last training stage writes finetuned.keras.
 DEFAULT_MODELS = tuple(reversed(MODEL_NAMES))  # the most trained first
@@ -62,10 +63,10 @@ def default_model(models_dir: str | os.PathLike = "models") -> Path:
 
 def load_classifier(path: str | os.PathLike):
     """(model, info) for a tlpipe model file; ModelFileError when it is missing or not a tlpipe model."""
-    from tlpipe.model import saved as modelio
+    from tlpipe.model.saved import load_model, model_info
 
-    model = modelio.load_model(path)
-    info = modelio.model_info(model)
+    model = load_model(path)
+    info = model_info(model)
     names, size = info.get("class_names"), info.get("image_size")
     if not names or not size:
         raise ModelFileError(f"{path}: the model's metadata lacks class_names or image_size; "
@@ -108,19 +109,6 @@ def collect_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
     return found
 
 
-def class_probabilities(raw: np.ndarray, n_classes: int | None = None) -> np.ndarray:
-    """Model outputs -> (N, K) class probabilities; a binary model's one sigmoid unit p is P(class 1)
-    and becomes the columns [1 - p, p]. With `n_classes`, outputs of another width are an error."""
-    raw = np.asarray(raw, dtype=np.float64)
-    if raw.ndim == 1:
-        raw = raw[:, None]
-    if raw.shape[1] == 1 and n_classes in (None, 2):
-        return np.concatenate([1.0 - raw, raw], axis=1)
-    if n_classes is not None and raw.shape[1] != n_classes:
-        raise ModelFileError(f"the model outputs {raw.shape[1]} values per image but names {n_classes} classes")
-    return raw
-
-
 def _batches(items: Sequence, size: int):
     for start in range(0, len(items), size):
         yield items[start:start + size]
@@ -130,15 +118,16 @@ def predict_files(model, files: Sequence[str | os.PathLike], image_size: int, n_
                   batch_size: int = 32, progress: bool | None = None) -> list[Prediction]:
     """Predictions for `files`, in order. Unreadable files get an error and no probabilities.
 
-    `progress`: tqdm bar on stderr (None: only when there is more than one batch).
+    `progress`: a bar on stderr (None: only when there is more than one batch; never when stderr is
+    not a terminal, tlpipe.log.progress).
     """
-    from tqdm import tqdm
+    from tlpipe.log import progress as bar_of
 
     if batch_size < 1:
         raise DataError(f"--batch-size must be a positive integer (got {batch_size})")
     show = len(files) > batch_size if progress is None else progress
     out: list[Prediction] = []
-    with tqdm(total=len(files), unit="img", desc="predict", disable=not show) as bar:
+    with bar_of(total=len(files), unit="img", desc="predict", disable=True if not show else None) as bar:
         for chunk in _batches(list(files), batch_size):
             arrays, ok, results = [], [], {}
             for i, path in enumerate(chunk):
@@ -161,7 +150,7 @@ def predict_files(model, files: Sequence[str | os.PathLike], image_size: int, n_
 def predicted_class(pred: Prediction, class_names: Sequence[str]) -> str:
     if pred.probabilities is None:
         return ""
-    return class_names[int(np.argmax(pred.probabilities))]
+    return class_names[int(predicted_indices([pred.probabilities])[0])]
 
 
 def to_csv(predictions: Sequence[Prediction], class_names: Sequence[str]) -> str:
@@ -210,7 +199,7 @@ def evaluate(predictions: Sequence[Prediction], truth: Sequence[str],
         if pred.probabilities is None:
             skipped.append(pred.path)
             continue
-        cm[index[true], int(np.argmax(pred.probabilities))] += 1
+        cm[index[true], int(predicted_indices([pred.probabilities])[0])] += 1
     return Evaluation(list(class_names), cm, skipped)
 
 

@@ -27,7 +27,7 @@ from tlpipe import atomic
 from tlpipe.errors import FeatureFileError, ModelFileError
 from tlpipe.choices import POOLINGS
 from tlpipe.features.backbones import pool_layer
-from tlpipe.model.head import HEAD_LAYERS, head_layers
+from tlpipe.model.dense_head import HEAD_LAYERS, head_layers
 
 # Keys of the metadata dict (model_info); assemble fills tlpipe_version itself.
 INFO_KEYS = (
@@ -99,7 +99,7 @@ def assemble(base: keras.Model, layer: str | None, pooling: str, head: keras.Mod
     """Full classifier: Input -> Preprocess -> base (truncated at `layer`, nested) -> pool -> head.
 
     `base` is a convolutional base (e.g. `backbones.build_base(...)`); `head` a trained model from
-    `heads.build_head` whose weights are copied. `info` holds the metadata (see INFO_KEYS);
+    `dense_head.build_head` whose weights are copied. `info` holds the metadata (see INFO_KEYS);
     `info["trainable_from"]` (default None = frozen base) sets which base layers train.
     """
     if pooling not in POOLINGS:
@@ -249,24 +249,3 @@ def load_model(path: str | os.PathLike, compile: bool = False) -> keras.Model:  
                              f"delete it and rerun its stage") from None
     model_info(model)
     return model
-
-
-def read_info(path: str | os.PathLike) -> dict:
-    """The metadata of a saved model without building it (cheap: reads config.json only)."""
-    path = Path(path)
-    try:
-        with zipfile.ZipFile(path) as zf:
-            config = json.loads(zf.read("config.json"))
-    except (FileNotFoundError, KeyError, ValueError, zipfile.BadZipFile, OSError) as exc:
-        raise ModelFileError(f"{path}: cannot read the model's config ({exc}); rerun its stage") from None
-    for layer in config.get("config", {}).get("layers", []):
-        if layer.get("class_name") == "Preprocess" or layer.get("registered_name") == "tlpipe>Preprocess":
-            info = layer.get("config", {}).get("info", {})
-            return {k: info.get(k) for k in INFO_KEYS}
-    raise ModelFileError(f"{path}: a Keras model without tlpipe metadata (no Preprocess layer)")
-
-
-__all__ = [
-    "Preprocess", "assemble", "truncate_base", "set_trainable_from", "model_info", "head_submodel",
-    "save_model", "load_model", "read_info", "INFO_KEYS",
-]

@@ -5,10 +5,11 @@ import math
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
+from tlpipe.log import progress
 from tlpipe.report import graph
-from tlpipe.report.plotting import colorize, contrast_stretch, save_png, tile_grid, upscale
+from tlpipe.report.plotting import colorize, contrast_stretch, save_png, upscale
+from tlpipe.tiles import tile_grid
 
 GRID_COLS = 16  # the book's images_per_row
 MIN_TILE = 32   # deep layers have 4-9 px maps: enlarge them so a tile is readable
@@ -60,7 +61,7 @@ def save_activation_grids(model, images: np.ndarray, labels: list[str], out_dir,
     acts = layer_activations(model, images, n_layers)
     records = []
     todo = [(i, name, a) for i in range(len(images)) for name, a in acts]
-    for i, name, a in tqdm(todo, desc="activations", unit="grid", leave=False):
+    for i, name, a in progress(todo, desc="activations", unit="grid", leave=False):
         file = f"{prefix}_{i}_{name}.png"
         save_png(activation_grid(a[i]), out_dir / file)
         records.append({"image": i, "label": labels[i], "layer": name, "channels": a.shape[-1],

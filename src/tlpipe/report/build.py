@@ -7,15 +7,18 @@ a temp name and swapped in whole, then the page is written atomically.
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 
 from tlpipe import atomic
 from tlpipe.errors import DataError, ModelFileError
+from tlpipe.log import log
 from tlpipe.report import page as rpt
-from tlpipe.report.plotting import save_png, tile_grid
+from tlpipe.report.confusion import confusion_counts, save_confusion_png
+from tlpipe.report.readers import read_metrics, read_per_class, read_training
+from tlpipe.tiles import tile_grid
+from tlpipe.report.plotting import save_png
 
 IMG_DIR = "viz"
 FILTER_SIZE = 64    # filter patterns are computed at this size: cheap, and big enough to show texture
@@ -23,10 +26,6 @@ FILTER_SEED = 0     # no visualize.seed parameter: a fixed seed keeps reruns byt
 GRADCAM_PX = 180    # display size of each Grad-CAM image (the model's input may be as small as 32 px)
 MODEL_ORDER = ["head", "head_aug", "finetuned"]
 STAGE_ORDER = ["train_head", "head", "train_head_aug", "head_aug", "finetune", "finetuned"]
-
-
-def note(msg: str) -> None:
-    print(f"note: {msg}", file=sys.stderr)
 
 
 def choose_model(models_dir, wanted: str, metrics: dict[str, dict[str, float]]):
@@ -96,9 +95,9 @@ def _confusion_section(plots_dir, img: Path, metrics, classes) -> rpt.Section:
     found = sorted(Path(plots_dir, "confusion").glob("*.csv"))
     known = list(metrics)
     for csv in sorted(found, key=lambda p: (known.index(p.stem) if p.stem in known else len(known), p.stem)):
-        labels, counts = rpt.confusion_counts(csv, classes)
+        labels, counts = confusion_counts(csv, classes)
         file = f"confusion_{csv.stem}.png"
-        rpt.save_confusion_png(labels, counts, csv.stem, img / file)
+        save_confusion_png(labels, counts, csv.stem, img / file)
         right = int(np.trace(counts))
         figs.append(rpt.Figure(f"{IMG_DIR}/{file}", f"{csv.stem}: {right} of {int(counts.sum())} test images "
                                                     "on the diagonal (rows: actual class)."))
@@ -116,7 +115,7 @@ def _curves_section(live_dir, train_metrics, img: Path) -> rpt.Section:
                        + (f"; dashed: the best epoch, {r['best_epoch']}." if r.get("best_epoch") else "."),
                        wide=True)
             for r in recs]
-    table = rpt.metrics_table(rpt.read_training(train_metrics), first="stage",
+    table = rpt.metrics_table(read_training(train_metrics), first="stage",
                               empty="No training metrics files.")
     return rpt.Section("curves", "Training",
                        "Per training stage: the best epoch (lowest validation loss, the one saved with "
@@ -138,7 +137,7 @@ def _gradcam_section(model, name, predictions_dir, files, paths, classes, size, 
                           "right answers, then the most confidently wrong ones.",
                           empty=f"No predictions file {csv}: run the evaluate stage first.")
     if not csv.is_file():
-        note(f"{csv} not found: Grad-CAM gallery left empty (run `dvc repro evaluate`)")
+        log.info(f"{csv} not found: Grad-CAM gallery left empty (run `dvc repro evaluate`)")
         return section
     picked = pick_examples(pd.read_csv(csv), classes, viz.gradcam_per_class)
     file_of = dict(zip(paths, files))
@@ -152,7 +151,7 @@ def _gradcam_section(model, name, predictions_dir, files, paths, classes, size, 
                     raise DataError(f"{csv}: {r['path']!r} is not in the test split; rerun the evaluate stage")
                 image = _load([file_of[r["path"]]], size)[0]
                 heat = gradcam(model, image, classes.index(r["predicted"]), viz.gradcam_layer)
-                pair = tile_grid(np.stack([image.round().astype(np.uint8), overlay(image, heat)]), 2, 4, 255)
+                pair = tile_grid(np.stack([image.round().astype(np.uint8), overlay(image, heat)]), cols=2, pad=4)
                 file = f"gradcam_{n:03d}.png"
                 n += 1
                 save_png(pair, img / file)
@@ -193,11 +192,11 @@ def build_report(models_dir, split_dir, images_dir, scores_path, train_metrics, 
     from tlpipe.report.filters import auto_layers, save_filter_grids
 
     out_dir = Path(out_dir)
-    metrics = rpt.read_metrics(scores_path)
+    metrics = read_metrics(scores_path)
     name, model_path, fallback = choose_model(models_dir, viz.model, metrics)
     notes = [fallback] if fallback else []
     if fallback:
-        note(fallback)
+        log.warning(fallback)
     model = load_model(model_path)
     info = model_info(model)
     classes, size = list(info["class_names"]), int(info["image_size"])
@@ -243,7 +242,7 @@ def build_report(models_dir, split_dir, images_dir, scores_path, train_metrics, 
         subtitle = (f"model {name} · backbone {info.get('backbone')} ({info.get('weights')}) · "
                     f"{size} px · classes: {', '.join(classes)}")
         html = rpt.render_html("tlpipe: what the network learned", subtitle, notes, metrics, sections, params_text,
-                               rpt.read_per_class(scores_path))
+                               read_per_class(scores_path))
     except BaseException:
         shutil.rmtree(img, ignore_errors=True)
         raise
@@ -257,5 +256,3 @@ def params_text(values: dict) -> str:
 
     return yaml.safe_dump(values, sort_keys=False, default_flow_style=False, width=100)
 
-
-__all__ = ["build_report", "choose_model", "select_images", "params_text"]

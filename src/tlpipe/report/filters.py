@@ -12,11 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
-from tqdm import tqdm
 
 from tlpipe.errors import ConfigError
+from tlpipe.log import progress
 from tlpipe.report import graph
-from tlpipe.report.plotting import save_png, tile_grid, upscale
+from tlpipe.report.plotting import save_png, upscale
+from tlpipe.tiles import tile_grid
 
 GRID_COLS = 8
 
@@ -66,7 +67,7 @@ def filter_patterns(model, layer_name: str, n_filters: int, steps: int = 30, siz
         return tf.gather(per_channel, idx, axis=1, batch_dims=1)
 
     start = scores(x).numpy()
-    for _ in tqdm(range(steps), desc=f"filters {layer_name}", unit="step", leave=False):
+    for _ in progress(range(steps), desc=f"filters {layer_name}", unit="step", leave=False):
         with tf.GradientTape() as tape:
             tape.watch(x)  # the input is what we optimise; the (maybe frozen) weights are not
             total = tf.reduce_sum(scores(x))

@@ -7,25 +7,13 @@ import tensorflow as tf
 from matplotlib import colormaps
 
 from tlpipe.errors import ConfigError, DataError
+from tlpipe.model.outputs import class_scores, predicted_indices
 from tlpipe.report import graph
 
 
 def _input_size(model) -> tuple[int, int] | None:
     shape = model.inputs[0].shape
     return (int(shape[1]), int(shape[2])) if shape[1] and shape[2] else None
-
-
-def _score(preds, class_index: int):
-    """The probability of `class_index`; a single sigmoid unit is P(class 1), so class 0 is 1 - p."""
-    preds = tf.cast(preds, tf.float32)
-    if preds.shape[-1] == 1:
-        return preds[:, 0] if class_index == 1 else 1.0 - preds[:, 0]
-    return preds[:, class_index]
-
-
-def predicted_class(preds: np.ndarray) -> int:
-    preds = np.asarray(preds).reshape(-1)
-    return int(preds[0] >= 0.5) if preds.size == 1 else int(np.argmax(preds))
 
 
 def gradcam(model, image: np.ndarray, class_index: int | None = None, layer: str | None = None):
@@ -55,8 +43,8 @@ def gradcam(model, image: np.ndarray, class_index: int | None = None, layer: str
         tape.watch(x)
         (conv,), preds = fwd(x)
         if class_index is None:
-            class_index = predicted_class(preds.numpy())
-        score = _score(preds, class_index)
+            class_index = int(predicted_indices(preds.numpy())[0])
+        score = class_scores(preds)[:, class_index]
     grads = tape.gradient(score, conv)
     conv = tf.cast(conv, tf.float32)[0]
     weights = tf.reduce_mean(tf.cast(grads, tf.float32)[0], axis=(0, 1))  # one weight per channel

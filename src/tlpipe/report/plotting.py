@@ -1,4 +1,4 @@
-"""Deterministic PNG writing and image grids shared by the visualisations.
+"""Deterministic PNG writing and the pixel helpers shared by the visualisations (grids: tlpipe.tiles).
 
 PNGs are encoded in memory and written to a temp name in the target folder, then renamed, so an
 interrupted run never leaves a file that looks finished; metadata that would vary (matplotlib's
@@ -7,7 +7,6 @@ version stamp) is stripped so the same pixels give byte-identical files.
 from __future__ import annotations
 
 import io
-import math
 from pathlib import Path
 
 import matplotlib
@@ -57,26 +56,6 @@ def contrast_stretch(channel: np.ndarray) -> np.ndarray:
     x = x - x.mean()
     x = x / (x.std() + 1e-5)
     return np.clip(x * 64.0 + 128.0, 0, 255).astype(np.uint8)
-
-
-def grid_geometry(n: int, tile_h: int, tile_w: int, cols: int, pad: int) -> tuple[int, int, int, int]:
-    """(rows, cols, height, width) of a grid of `n` tiles, `pad` pixels between tiles."""
-    cols = max(1, min(cols, n))
-    rows = math.ceil(n / cols)
-    return rows, cols, rows * tile_h + (rows - 1) * pad, cols * tile_w + (cols - 1) * pad
-
-
-def tile_grid(tiles, cols: int, pad: int = 1, pad_value: int = 255) -> np.ndarray:
-    """Lay out N equally sized tiles (N x h x w [x c]) row by row; empty cells stay `pad_value`."""
-    tiles = np.asarray(tiles)
-    n, h, w = tiles.shape[:3]
-    rows, cols, height, width = grid_geometry(n, h, w, cols, pad)
-    grid = np.full((height, width) + tiles.shape[3:], pad_value, dtype=tiles.dtype)
-    for i in range(n):
-        r, c = divmod(i, cols)
-        y, x = r * (h + pad), c * (w + pad)
-        grid[y:y + h, x:x + w] = tiles[i]
-    return grid
 
 
 def upscale(tiles: np.ndarray, factor: int) -> np.ndarray:

@@ -87,7 +87,7 @@ def run_train_head(features_dir, model_out, metrics_out, live_dir, head, resume:
     train.patience (loop.fit); `strategy`: compute.strategy (train.strategy). Writes `model_out` and the metrics file
     (loop.metrics_of); returns fit's summary with the per-epoch history.
     """
-    from tlpipe.model.head import build_head, feature_stats
+    from tlpipe.model.dense_head import build_head, feature_stats
     from tlpipe.model.saved import assemble, save_model
     from tlpipe.train.compile import compile_classifier
     from tlpipe.atomic import write_json

@@ -25,7 +25,7 @@ def run_head_aug(*, cache, split_dir, images_dir, model_out, metrics_out, live_d
     stats = None
     if head.standardize:
         from tlpipe.features.extract import read_features
-        from tlpipe.model.head import feature_stats
+        from tlpipe.model.dense_head import feature_stats
 
         x = read_features(train_features, expect={"layer": backbone.layer, "pooling": backbone.pooling,
                                                   "class_names": list(classes)})[0]

@@ -13,7 +13,7 @@ def cached_training_model(full, boundary: str):
     """Boundary activations -> probabilities, sharing the suffix, pool and head layers of `full`."""
     import keras
 
-    from tlpipe.model.head import head_layers
+    from tlpipe.model.dense_head import head_layers
 
     base = full.get_layer("base")
     try:
@@ -85,9 +85,9 @@ def freeze_batchnorm(model) -> None:
 def new_model(backbone, precision: str, units: int, dropout: float, seed: int, class_names, base=None,
               stats=None):
     """A full model with a fresh head (seeded) on the frozen base (`backbone`: params.backbone with the
-    cut); `stats`: the head standardises its input with them (model.head.build_head)."""
+    cut); `stats`: the head standardises its input with them (model.dense_head.build_head)."""
     from tlpipe.features import backbones
-    from tlpipe.model.head import build_head
+    from tlpipe.model.dense_head import build_head
     from tlpipe.model.saved import assemble, truncate_base
 
     if base is None:

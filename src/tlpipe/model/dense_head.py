@@ -8,7 +8,7 @@ from tlpipe.errors import ConfigError
 
 import numpy as np
 
-# Layer names are part of the model format: modelio copies and finds the head by them.
+# Layer names are part of the model format: model.saved copies and finds the head by them.
 HEAD_LAYERS = ("head_dense", "head_dropout", "head_out")
 # head.standardize: a Normalization layer before head_dense, its statistics fixed in its config.
 HEAD_NORM = "head_norm"
