@@ -117,7 +117,8 @@ def main(argv=None) -> None:
 
     from tlpipe.config import validate_params
     from tlpipe.evaluate.run import predict_model
-    from tlpipe.features.extract import BaseSpec, read_features
+    from tlpipe.features.extract import BaseSpec
+    from tlpipe.features.featurefile import read_features
     from tlpipe.train.head import run_train_head
     from tlpipe.model.predict import class_probabilities
 

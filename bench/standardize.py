@@ -27,7 +27,7 @@ def main(argv=None) -> None:
 
     import keras
 
-    from tlpipe.features.extract import read_features
+    from tlpipe.features.featurefile import read_features
     from tlpipe.history import best_index
     from tlpipe.model.head import build_head, feature_stats
     from tlpipe.train.compile import compile_classifier

@@ -84,7 +84,6 @@ def test_cache_is_deterministic_and_resumable(tmp_path, base, parts, monkeypatch
     a = viewcache.build_cache(tmp_path / "a" / "v.h5", parts, base=base, spec=spec, batch_size=4, rows_per_shard=4,
                               progress=False)
     # interrupt a second build after two shards (4 rows each: train 2, validation 1, test 1), then resume it
-    import tlpipe.features.extract as features
     from tlpipe.features import shards
 
     calls = {"n": 0}
@@ -101,7 +100,7 @@ def test_cache_is_deterministic_and_resumable(tmp_path, base, parts, monkeypatch
         viewcache.build_cache(tmp_path / "b" / "v.h5", parts, base=base, spec=spec, batch_size=4, rows_per_shard=4,
                               progress=False)
     assert not (tmp_path / "b" / "v.h5").exists()
-    work = features.work_dir(tmp_path / "b" / "v.h5")
+    work = shards.work_dir(tmp_path / "b" / "v.h5")
     assert sorted(p.name for p in work.glob("*.h5")) == ["train-000000.h5", "train-000001.h5"]
     seen = []
     monkeypatch.setattr(shards, "write_shard", lambda p, a: (seen.append(p.name), real(p, a)))

@@ -117,7 +117,7 @@ def run_evaluate(features_dir, models_dir, split_dir, images_dir, metrics_out, p
     rebuilt each run. Returns the scores.
     """
     from tlpipe.data.manifests import manifest_rows, read_class_names
-    from tlpipe.features.extract import read_features
+    from tlpipe.features.featurefile import read_features
     from tlpipe.atomic import json_text, write_json
 
     features_dir, models_dir, split_dir = Path(features_dir), Path(models_dir), Path(split_dir)

@@ -59,6 +59,20 @@ def shards_dir(table) -> Path:
     return table.with_name(f"{table.stem}.shards")
 
 
+def work_dir(table) -> Path:
+    """The work folder of a table file's unfinished shards: features/train.h5 -> features/.train.h5.work."""
+    table = Path(table)
+    return table.with_name(f".{table.name}.work")
+
+
+def plain_attrs(attrs) -> dict:
+    """HDF5 attributes as plain Python (str, int, float), so they compare and serialise simply."""
+    def plain(v):
+        return v.decode() if isinstance(v, bytes) else v.item() if isinstance(v, np.generic) else v
+
+    return {k: plain(v) for k, v in attrs.items()}
+
+
 def file_sha256(path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

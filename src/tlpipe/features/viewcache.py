@@ -210,7 +210,7 @@ def build_cache(out_path, parts: dict, *, base, spec: CacheSpec, batch_size: int
     is float16 in the pipeline (float32 for exactness tests). `engine`: a features.engine.Engine
     (None: this process). `rows_per_shard`: images per shard, a multiple of `batch_size`."""
     from tlpipe.features import shards
-    from tlpipe.features.extract import work_dir
+    from tlpipe.features.shards import work_dir
 
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -355,7 +355,7 @@ def read_attrs(path) -> dict:
     """The cache's attrs (decoded); FeatureFileError when missing or not a view cache."""
     import h5py
 
-    from tlpipe.features.extract import plain_attrs
+    from tlpipe.features.shards import plain_attrs
 
     path = Path(path)
     if not path.is_file():
