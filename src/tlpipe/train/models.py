@@ -130,7 +130,7 @@ def finetune_model(start_path, backbone, precision: str, unfreeze_from: str):
             raise ModelFileError(f"{start_path}: built with {key} {info[key]!r} but params.yaml has "
                                  f"backbone.{param}: {getattr(backbone, param)!r}; rerun the stage that writes it")
     base = backbones.build_base(info["backbone"], "none", info["image_size"], precision)
-    from tlpipe.features.viewcache import resolve_unfreeze
+    from tlpipe.features.boundary import resolve_unfreeze
 
     unfreeze_from = resolve_unfreeze(info["backbone"], base, info["layer"], unfreeze_from)  # against the layer the model keeps
     valid = [lyr.name for lyr in start.get_layer("base").layers][1:]
