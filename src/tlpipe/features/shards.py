@@ -39,6 +39,7 @@ import numpy as np
 
 from tlpipe import atomic
 from tlpipe.errors import FeatureFileError
+from tlpipe.hashes import file_sha256
 
 DATA = "data"  # the dataset name inside every shard file
 MANIFEST = "manifest.json"
@@ -71,14 +72,6 @@ def plain_attrs(attrs) -> dict:
         return v.decode() if isinstance(v, bytes) else v.item() if isinstance(v, np.generic) else v
 
     return {k: plain(v) for k, v in attrs.items()}
-
-
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def check_room(folder, size: int) -> None:
@@ -169,28 +162,19 @@ def publish(table, work: Path, entries: list[dict], fingerprint: str, keep: bool
     into the table's shard folder, with the manifest; returns the manifest's SHA-256 (an attribute
     of the table file, so the table's bytes change whenever a shard does). `keep`: link them
     instead, leaving `work` whole for a rerun (extract_splits keeps every split's until the last)."""
-    final = shards_dir(table)
     manifest = json.dumps({"fingerprint": fingerprint, "shards": entries}, indent=1, sort_keys=True).encode()
-    staging = final.with_name(f".{final.name}.new.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    for e in entries:
-        if not keep:
-            os.replace(work / e["file"], staging / e["file"])
-            continue
-        try:
-            os.link(work / e["file"], staging / e["file"])
-        except OSError:  # a file system without hard links
-            shutil.copy2(work / e["file"], staging / e["file"])
-    atomic.write_bytes(staging / MANIFEST, manifest, fsync=True)
-    # Folders cannot be replaced atomically: a kill between these two renames leaves the old table
-    # file pointing at a folder without its manifest, which `check` refuses; the rerun redoes it.
-    if final.exists():
-        old = final.with_name(f".{final.name}.old.tmp")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        shutil.rmtree(old)
-    os.replace(staging, final)
+    # A kill while swapping leaves the old table file pointing at a folder without its manifest,
+    # which `check` refuses; the rerun redoes it.
+    with atomic.folder(shards_dir(table), fsync=True) as staging:
+        for e in entries:
+            if not keep:
+                os.replace(work / e["file"], staging / e["file"])
+                continue
+            try:
+                os.link(work / e["file"], staging / e["file"])
+            except OSError:  # a file system without hard links
+                shutil.copy2(work / e["file"], staging / e["file"])
+        atomic.write_bytes(staging / MANIFEST, manifest, fsync=True)
     return hashlib.sha256(manifest).hexdigest()
 
 
