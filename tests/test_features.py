@@ -17,13 +17,13 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+from helpers import extract_split
 
 from tlpipe.features import backbones
 
-from tlpipe.features import extract as features
 from tlpipe.features import shards
 from tlpipe.errors import DataError, FeatureFileError
-from tlpipe.features.extract import BaseSpec, Extractor, extract_split
+from tlpipe.features.extract import BaseSpec, Extractor
 from tlpipe.features.featurefile import FORMAT, read_features
 
 CLASSES = ["cat", "dog"]
@@ -157,15 +157,19 @@ def test_sigkill_then_resume_matches_clean_run(split, clean, tmp_path):
     out = tmp_path / "k" / "train.h5"
     script = textwrap.dedent(f"""
         import os, signal
-        from tlpipe.features import extract as features, shards
+        import sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from helpers import extract_split
+        from tlpipe.features import shards
+        from tlpipe.features.extract import BaseSpec
         real, n = shards.write_shard, []
         def save_then_die(path, array):
             real(path, array); n.append(1)
             if len(n) == 2:
                 os.kill(os.getpid(), signal.SIGKILL)
         shards.write_shard = save_then_die
-        features.extract_split({str(manifest)!r}, {str(images)!r}, {str(out)!r}, features.{SPEC!r},
-                               {CLASSES!r}, {BATCH}, chunk_rows={CHUNK})
+        extract_split({str(manifest)!r}, {str(images)!r}, {str(out)!r}, {SPEC!r},
+                      {CLASSES!r}, {BATCH}, chunk_rows={CHUNK})
     """)
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)

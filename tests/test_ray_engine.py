@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import image_parts
+from helpers import extract_split, image_parts
 from imagegen import make_class_folders
 
 from tlpipe.errors import ConfigError, DataError
@@ -18,7 +18,7 @@ from tlpipe.features import viewcache
 from tlpipe.features.boundary import boundary_layer
 from tlpipe.features.augment import augment_settings
 from tlpipe.features.backbones import build_base
-from tlpipe.features.extract import BaseSpec, extract_split
+from tlpipe.features.extract import BaseSpec
 
 SIZE = 32
 SPEC = BaseSpec("vgg16", "none", "block3_pool", "avg", SIZE)  # a small, fast feature model

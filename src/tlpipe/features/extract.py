@@ -16,7 +16,7 @@ HDF5 bytes are deterministic: no timestamps (`track_times=False`), fixed dtypes,
 attributes written in a fixed order.
 
 With backbone.layer or pooling `auto` the shards hold every candidate layer's activations
-(features.splits runs the probe on them); the published shards are then the chosen candidate's,
+(features.all_splits runs the probe on them); the published shards are then the chosen candidate's,
 one derived file per shard.
 """
 
@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import json
 import os
 import shutil
 import sys
@@ -36,7 +35,7 @@ from typing import Sequence
 import numpy as np
 
 from tlpipe.data.manifests import manifest_rows
-from tlpipe.errors import DataError, FeatureFileError
+from tlpipe.errors import FeatureFileError
 from tlpipe.features import featurefile, shards
 from tlpipe.features.featurefile import RERUN
 from tlpipe.hashes import file_sha256
@@ -64,7 +63,7 @@ class Extractor:
 
     With backbone.layer or backbone.pooling `auto` (`probing`), the model gives every candidate layer's
     activations, flattened side by side (`raw` takes one layer's back out); the probe then picks one
-    (layer, pooling) (features.splits). Otherwise it gives the features themselves."""
+    (layer, pooling) (features.all_splits). Otherwise it gives the features themselves."""
 
     def __init__(self, spec: BaseSpec, precision: str = "float32"):
         import keras
@@ -139,16 +138,7 @@ def _is_disk_full(exc: OSError) -> bool:
 
 def fingerprint(extractor: Extractor, files, labels, paths, class_names, batch_size: int, chunk_rows: int) -> str:
     """Hash of everything the feature bytes depend on; a different one discards saved progress."""
-    import keras
-    import tensorflow as tf
-
-    from tlpipe.threads import INTRA_OP_THREADS
-
-    def file_id(f):
-        # Store files are content-addressed, so name and size identify them (mtime changes on checkout).
-        return [os.path.basename(f), os.path.getsize(f)]
-
-    data = {
+    return shards.fingerprint({
         "format": featurefile.FORMAT,
         "spec": asdict(extractor.spec),
         "layer": extractor.layer,
@@ -159,15 +149,8 @@ def fingerprint(extractor: Extractor, files, labels, paths, class_names, batch_s
         "batch_size": batch_size,
         "chunk_rows": chunk_rows,
         "class_names": list(class_names),
-        "rows": [file_id(f) + [int(l), p] for f, l, p in zip(files, labels, paths)],
-        "versions": [tf.__version__, keras.__version__],
-        "intra_op_threads": INTRA_OP_THREADS,
-    }
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
-
-
-def default_chunk_rows(batch_size: int) -> int:
-    return batch_size * max(1, round(CHUNK_TARGET_ROWS / batch_size))
+        "rows": shards.file_rows(files, labels, paths),
+    })
 
 
 class ExtractWork:
@@ -199,32 +182,13 @@ class ExtractWorker:
 
     def compute(self, job: dict, timings: dict) -> np.ndarray:
         """The shard's rows: its images in batches from its first row, as a whole run batches them."""
-        import time
-
-        import tensorflow as tf
-
         from tlpipe.features.inputs import image_dataset
 
         files, ex = job["files"], self.extractor
-        problem = shards.unreadable(files)
-        if problem:
-            raise DataError(problem)
-        timings.update(decode_s=0.0, forward_s=0.0)
-        it, out = iter(image_dataset(files, ex.spec.image_size, self.batch_size, ex.preprocessing)), []
-        for start in range(0, len(files), self.batch_size):
-            t = time.perf_counter()
-            try:
-                batch = next(it)  # decoding runs ahead (prefetch): this is the time the model waited
-            except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as exc:
-                raise DataError(
-                    f"cannot read an image among {files[start]} and the {self.batch_size - 1} after it "
-                    f"({exc.message.splitlines()[0]}); rerun the data stage (`dvc repro data`)"
-                ) from None
-            t2 = time.perf_counter()
-            out.append(ex(batch))
-            timings["decode_s"] += t2 - t
-            timings["forward_s"] += time.perf_counter() - t2
-        return np.concatenate(out).astype(np.float32)
+        # tf.data decodes ahead (prefetch): the decode time is what the model waited.
+        batches = image_dataset(files, ex.spec.image_size, self.batch_size, ex.preprocessing)
+        return shards.compute_batches(files, self.batch_size, batches, lambda start, stop, batch: ex(batch),
+                                      timings).astype(np.float32)
 
 
 @dataclass
@@ -283,9 +247,7 @@ def compute_split(manifest_csv, images_dir, out_h5, extractor: Extractor, classe
 
     out = Path(out_h5)
     files, labels, paths = manifest_rows(manifest_csv, images_dir, classes)
-    chunk_rows = chunk_rows or default_chunk_rows(batch_size)
-    if chunk_rows % batch_size:
-        raise ValueError(f"chunk_rows ({chunk_rows}) must be a multiple of batch_size ({batch_size})")
+    chunk_rows = shards.rows_per_shard(batch_size, chunk_rows, CHUNK_TARGET_ROWS)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     work = shards.work_dir(out).absolute()  # workers elsewhere (Ray) do not share this process's cwd
@@ -332,40 +294,4 @@ def assemble_split(split: SplitWork, dim: int, attrs: dict, select=None) -> Path
         manifest_sha = shards.publish(split.out, source, entries, fp, keep=select is None)
         featurefile.write_table(split.out, split.n, dim, entries, split.labels, split.paths,
                                 {**attrs, "shards_sha256": manifest_sha})
-    return split.out
-
-
-def extract_split(
-    manifest_csv,
-    images_dir,
-    out_h5,
-    spec: BaseSpec,
-    classes: Sequence[str],
-    batch_size: int = 32,
-    precision: str = "float32",
-    *,
-    extractor: Extractor | None = None,
-    chunk_rows: int | None = None,
-    keep_work: bool = False,
-    engine=None,
-) -> Path:
-    """Extract the features of one split into `out_h5` and its shard folder (resumable; see the
-    module docstring); for a spec that names its layer and pooling (`auto` needs every split: see
-    `features.splits`).
-
-    `extractor`: a prebuilt `Extractor(spec, precision)`, to build the model once for all splits.
-    `chunk_rows`: rows per shard, a multiple of `batch_size` (default ~256).
-    `keep_work`: leave the finished shards for the caller to remove (see `features.splits`).
-    `engine`: a features.engine.Engine (compute.engine) to run the shards on; None: this process.
-    """
-    if extractor is None:
-        extractor = Extractor(spec, precision)
-    elif extractor.spec != spec or extractor.precision != precision:
-        raise ValueError("extractor was built for another spec or precision")
-    if extractor.probing:
-        raise ValueError("backbone.layer/pooling auto choose on the validation split: use features.splits")
-    split = compute_split(manifest_csv, images_dir, out_h5, extractor, classes, batch_size, chunk_rows, engine)
-    assemble_split(split, extractor.dim, extractor.attrs(classes))
-    if not keep_work:
-        shutil.rmtree(split.work, ignore_errors=True)
     return split.out

@@ -38,7 +38,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from tlpipe import atomic
-from tlpipe.errors import FeatureFileError
+from tlpipe.errors import DataError, FeatureFileError
 from tlpipe.hashes import file_sha256
 
 DATA = "data"  # the dataset name inside every shard file
@@ -48,6 +48,33 @@ MANIFEST = "manifest.json"
 def ranges(n: int, rows_per_shard: int) -> list[tuple[int, int]]:
     """(start, stop) of each shard of an n-row table."""
     return [(s, min(n, s + rows_per_shard)) for s in range(0, n, rows_per_shard)]
+
+
+def rows_per_shard(batch_size: int, rows: int | None, target: int) -> int:
+    """Rows per shard: `rows`, or about `target` in whole batches (None). A multiple of the batch size,
+    so a shard's batches are the batches a whole run would make."""
+    rows = rows or batch_size * max(1, round(target / batch_size))
+    if rows % batch_size:
+        raise ValueError(f"rows per shard ({rows}) must be a multiple of batch_size ({batch_size})")
+    return rows
+
+
+def file_rows(files, labels, paths) -> list[list]:
+    """What a fingerprint records of each input row. Store files are content-addressed, so name and
+    size identify them (mtime changes on checkout)."""
+    return [[os.path.basename(f), os.path.getsize(f), int(l), str(p)] for f, l, p in zip(files, labels, paths)]
+
+
+def fingerprint(data: dict) -> str:
+    """Hash of everything a table's bytes depend on: `data` (settings, `file_rows`), and the TensorFlow
+    and Keras versions and thread pool that compute them; a different one discards saved progress."""
+    import keras
+    import tensorflow as tf
+
+    from tlpipe.threads import INTRA_OP_THREADS
+
+    blob = {**data, "versions": [tf.__version__, keras.__version__], "intra_op_threads": INTRA_OP_THREADS}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
 def shard_name(index: int, prefix: str = "") -> str:
@@ -224,6 +251,33 @@ def run_local(jobs: list[dict], make_worker: Callable, progress: Callable[[dict]
         if progress is not None:
             progress(results[job["shard"]])
     return results
+
+
+def compute_batches(files: list[str], batch_size: int, batches: Iterable, forward: Callable,
+                    timings: dict) -> np.ndarray:
+    """A worker's loop over one shard: `batches` yields the decoded images of `files` batch by batch
+    (decoding may run ahead); `forward(start, stop, images)` gives their rows. Fills `timings` with
+    decode_s (what the model waited for images) and forward_s. DataError names a file that cannot be
+    read or decoded."""
+    import tensorflow as tf
+
+    problem = unreadable(files)
+    if problem:
+        raise DataError(problem)
+    timings.update(decode_s=0.0, forward_s=0.0)
+    it, out = iter(batches), []
+    for start, stop in ranges(len(files), batch_size):
+        t = time.perf_counter()
+        try:
+            images = next(it)
+        except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as exc:
+            raise DataError(f"cannot read an image among {files[start]} and the {stop - start - 1} after it "
+                            f"({exc.message.splitlines()[0]}); rerun the data stage (`dvc repro data`)") from None
+        t2 = time.perf_counter()
+        out.append(forward(start, stop, images))
+        timings["decode_s"] += t2 - t
+        timings["forward_s"] += time.perf_counter() - t2
+    return np.concatenate(out)
 
 
 def unreadable(files: Iterable[str]) -> str | None:

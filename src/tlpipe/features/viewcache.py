@@ -19,7 +19,6 @@ a changed input or setting discards the folder.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -31,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from tlpipe.data.manifests import SPLITS, manifest_rows, read_class_names
-from tlpipe.errors import ConfigError, DataError, FeatureFileError
+from tlpipe.errors import ConfigError, FeatureFileError
 from tlpipe.features import shards, viewfile
 from tlpipe.features.augment import augment_images, augment_settings, image_seeds
 from tlpipe.features.boundary import boundary_layer, layer_order, prefix_model, resolve_unfreeze
@@ -87,29 +86,15 @@ class CacheSpec:
 
     def fingerprint(self, parts: dict, batch_size: int, activation_dtype, rows_per_shard: int = 0) -> str:
         """Hash of everything the cache bytes depend on; a different one discards saved progress."""
-        import keras
-        import tensorflow as tf
-
-        from tlpipe.threads import INTRA_OP_THREADS
-
-        # Store files are content-addressed, so name and size identify them (mtime changes on checkout).
-        rows = {p: [[os.path.basename(f), os.path.getsize(f), int(l), str(q)] for f, l, q in zip(*parts[p])]
-                for p in sorted(parts)}
-        blob = json.dumps({"attrs": self.attrs(), "rows": rows, "batch_size": int(batch_size),
-                           "dtype": np.dtype(activation_dtype).name, "rows_per_shard": int(rows_per_shard),
-                           "versions": [tf.__version__, keras.__version__],
-                           "intra_op_threads": INTRA_OP_THREADS}, sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()
+        return shards.fingerprint({"attrs": self.attrs(),
+                                   "rows": {p: shards.file_rows(*parts[p]) for p in sorted(parts)},
+                                   "batch_size": int(batch_size), "dtype": np.dtype(activation_dtype).name,
+                                   "rows_per_shard": int(rows_per_shard)})
 
 
 # ---------------------------------------------------------------- building
 
 CACHE_TARGET_ROWS = 64  # images per shard: a training image costs `views` passes, so fewer than extract's
-
-
-def default_rows_per_shard(batch_size: int) -> int:
-    """A multiple of the batch size, so a shard's batches are the batches a whole run would make."""
-    return batch_size * max(1, round(CACHE_TARGET_ROWS / batch_size))
 
 
 def shard_prefix(part: str) -> str:
@@ -131,9 +116,7 @@ def build_cache(out_path, parts: dict, *, base, spec: CacheSpec, batch_size: int
         shards.publish(out, shards.work_dir(out), [], "online")  # the (empty) shard folder dvc.yaml lists
         viewfile.write_table(out, spec.attrs(), parts, {}, None, activation_dtype)
         return out
-    rows = rows_per_shard or default_rows_per_shard(batch_size)
-    if rows % batch_size:
-        raise ValueError(f"rows_per_shard ({rows}) must be a multiple of batch_size ({batch_size})")
+    rows = shards.rows_per_shard(batch_size, rows_per_shard, CACHE_TARGET_ROWS)
     work = shards.work_dir(out).absolute()  # workers elsewhere (Ray) do not share this process's cwd
     fp = spec.fingerprint(parts, batch_size, activation_dtype, rows)
     reuse = shards.reusable(out, fp)
@@ -213,36 +196,22 @@ class CacheWorker:
         return shards.ensure_shard(job, lambda timings: self.compute(job, timings))
 
     def compute(self, job: dict, timings: dict) -> np.ndarray:
-        import time
-
         import tensorflow as tf
 
         from tlpipe.features.inputs import read_resized
 
         spec, files = self.spec, job["files"]
-        problem = shards.unreadable(files)
-        if problem:
-            raise DataError(problem)
-        timings.update(decode_s=0.0, forward_s=0.0)
-        out = []
-        for start, stop in shards.ranges(len(files), self.batch_size):
-            t = time.perf_counter()
-            try:
-                images = tf.stack([read_resized(tf.constant(f), spec.image_size) for f in files[start:stop]])
-            except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as exc:
-                raise DataError(f"cannot read an image among {files[start]} and the {stop - start - 1} after it "
-                                f"({exc.message.splitlines()[0]}); rerun the data stage (`dvc repro data`)") from None
-            t2 = time.perf_counter()
-            if job["part"] == "train":
-                idx = np.arange(job["start"] + start, job["start"] + stop)
-                acts = np.stack([self._prefix(augment_images(images, image_seeds(self.settings["seed"], v, idx),
-                                                             self.settings)) for v in range(spec.views)], axis=1)
-            else:  # validation and test images are never augmented
-                acts = self._prefix(images)
-            timings["decode_s"] += t2 - t
-            timings["forward_s"] += time.perf_counter() - t2
-            out.append(acts)
-        return np.concatenate(out)
+        batches = (tf.stack([read_resized(tf.constant(f), spec.image_size) for f in files[start:stop]])
+                   for start, stop in shards.ranges(len(files), self.batch_size))
+
+        def forward(start, stop, images):
+            if job["part"] != "train":  # validation and test images are never augmented
+                return self._prefix(images)
+            idx = np.arange(job["start"] + start, job["start"] + stop)
+            return np.stack([self._prefix(augment_images(images, image_seeds(self.settings["seed"], v, idx),
+                                                         self.settings)) for v in range(spec.views)], axis=1)
+
+        return shards.compute_batches(files, self.batch_size, batches, forward, timings)
 
     def _prefix(self, images):
         import tensorflow as tf
