@@ -54,10 +54,10 @@ def train_stage(full, run, p, d: Path, split: Path, images: Path, name: str, exp
                 draws: str = "fresh") -> tuple[dict, float]:
     """What the train_head_aug and finetune stages do with `full`: choose the data, fit (timing each
     epoch), save to d/<name>.keras. draws="cached" (online mode): each image shows the view cached
-    training would show it (viewcache.epoch_views) instead of view = epoch, so the two modes differ
+    training would show it (train.views.epoch_views) instead of view = epoch, so the two modes differ
     only by the cache's float16 rounding. Returns (fit's summary + "epoch_s", frozen-suffix seconds)."""
     from tlpipe.features.augment import augment_settings
-    from tlpipe.features.viewcache import epoch_views
+    from tlpipe.train.views import epoch_views
     from tlpipe.model.saved import model_info
     from tlpipe.train.augmented import choose_data, fit_and_save
     from tlpipe.train.online import OnlineAugmented

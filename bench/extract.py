@@ -1,8 +1,8 @@
 """Benchmark: is feature extraction limited by the model, not by reading images?
 
 Measures, in one run and on the same sample of real photos:
-  disk:   the real extract path (`tlpipe.features.extract_split`: JPEG files -> tf.data decode,
-          resize, preprocess -> feature model -> chunk files -> HDF5), images/s;
+  disk:   the real extract path (features.extract's compute_split and assemble_split: JPEG files ->
+          tf.data decode, resize, preprocess -> feature model -> chunk files -> HDF5), images/s;
   memory: the same feature model's forward pass on the same images already decoded, resized and
           preprocessed, held in memory as tensors, images/s;
 and prints the ratio disk/memory (target >= 0.9: the input pipeline hides behind the model).
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
 import subprocess
 import tempfile
 import time
@@ -61,7 +62,7 @@ def main(argv=None) -> None:
     import pandas as pd
     import tensorflow as tf
 
-    from tlpipe.features.extract import BaseSpec, Extractor, extract_split
+    from tlpipe.features.extract import BaseSpec, Extractor, assemble_split, compute_split
     from tlpipe.features.inputs import image_dataset
 
     files = sample_files(args.source, args.n)
@@ -73,7 +74,7 @@ def main(argv=None) -> None:
           f"{args.image_size} px, {args.precision}, batch {args.batch_size}, feature dim {extractor.dim}")
 
     # Same batches for both measurements, decoded and preprocessed once, outside any timing.
-    tf.config.experimental.enable_op_determinism()  # as extract_split does: time the same kernels
+    tf.config.experimental.enable_op_determinism()  # as the extract workers do: time the same kernels
     batches = list(image_dataset([str(f) for f in files], args.image_size, args.batch_size, extractor.preprocessing))
     extractor(batches[0])
     if len(batches[-1]) != len(batches[0]):
@@ -89,8 +90,9 @@ def main(argv=None) -> None:
         out = tmp / "bench.h5"
         out.unlink(missing_ok=True)
         t0, c0 = time.perf_counter(), time.process_time()
-        extract_split(manifest, args.source, out, spec, ["x"], args.batch_size, args.precision,
-                      extractor=extractor)
+        work = compute_split(manifest, args.source, out, extractor, ["x"], args.batch_size)
+        assemble_split(work, extractor.dim, extractor.attrs(["x"]))
+        shutil.rmtree(work.work)
         return time.perf_counter() - t0, time.process_time() - c0
 
     # Interleaved rounds, best of each: on a shared machine, other load only ever slows a pass down.

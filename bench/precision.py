@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -39,7 +40,7 @@ def extract(split: Path, source: Path, work: Path, spec, precisions, batch_size:
     import numpy as np
 
     from tlpipe.data.manifests import SPLITS, read_class_names
-    from tlpipe.features.extract import Extractor, extract_split
+    from tlpipe.features.extract import Extractor, assemble_split, compute_split
 
     classes = read_class_names(split / "classes.json")
     extractors = {p: Extractor(spec, p) for p in precisions}
@@ -49,8 +50,10 @@ def extract(split: Path, source: Path, work: Path, spec, precisions, batch_size:
     for name in SPLITS:
         for precision, extractor in extractors.items():
             t0 = time.perf_counter()
-            extract_split(split / f"{name}.csv", source, work / precision / f"{name}.h5", spec, classes,
-                          batch_size, precision, extractor=extractor)
+            done = compute_split(split / f"{name}.csv", source, work / precision / f"{name}.h5", extractor, classes,
+                                 batch_size)
+            assemble_split(done, extractor.dim, extractor.attrs(classes))
+            shutil.rmtree(done.work)
             seconds[precision] += time.perf_counter() - t0
     return seconds
 
@@ -97,7 +100,7 @@ def main(argv=None) -> None:
     ap.add_argument("--test-per-class", type=int, default=150)
     ap.add_argument("--size", type=int, default=150)
     ap.add_argument("--weights", default="hed-bsds500")
-    # A named cut (auto is chosen by the extract stage's probe, not by extract_split): the one the probe
+    # A named cut (auto is chosen by the extract stage's probe, not by compute_split): the one the probe
     # picks on the shared photos with the offline weights.
     ap.add_argument("--layer", default="block4_pool", help="feature layer (null: the base's last, block5_pool)")
     ap.add_argument("--pooling", default="avg", choices=("flatten", "avg", "max"))
@@ -117,7 +120,8 @@ def main(argv=None) -> None:
 
     from tlpipe.config import validate_params
     from tlpipe.evaluate.run import predict_model
-    from tlpipe.features.extract import BaseSpec, read_features
+    from tlpipe.features.extract import BaseSpec
+    from tlpipe.features.featurefile import read_features
     from tlpipe.train.head import run_train_head
     from tlpipe.model.predict import class_probabilities
 

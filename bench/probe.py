@@ -40,7 +40,7 @@ def main(argv=None) -> None:
 
     from tlpipe.features import cut
     from tlpipe.features.extract import BaseSpec
-    from tlpipe.features.splits import extract_splits
+    from tlpipe.features.all_splits import extract_splits
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -87,7 +88,7 @@ def main(argv=None) -> None:
     import ray
 
     from tlpipe.features.engine import Engine
-    from tlpipe.features.extract import BaseSpec, Extractor, extract_split
+    from tlpipe.features.extract import BaseSpec, Extractor, assemble_split, compute_split
 
     class Recording(Engine):
         """An engine that keeps each shard's result (timings) and when it arrived."""
@@ -122,9 +123,12 @@ def main(argv=None) -> None:
     for name, engine in configs:
         out = tmp / name.replace(" ", "_") / "train.h5"
         t0 = time.perf_counter()
-        extract_split(split / "train.csv", args.source, out, spec, classes, args.batch_size,
-                      chunk_rows=args.rows_per_shard, engine=engine,
-                      extractor=None if engine.kind == "ray" else Extractor(spec))
+        # The extract stage's steps for one split (Ray's actors build their own model from the spec).
+        extractor = Extractor(spec)
+        done = compute_split(split / "train.csv", args.source, out, extractor, classes, args.batch_size,
+                             chunk_rows=args.rows_per_shard, engine=engine)
+        assemble_split(done, extractor.dim, extractor.attrs(classes))
+        shutil.rmtree(done.work)
         wall = time.perf_counter() - t0
         first, last = engine.arrivals[0], engine.arrivals[-1]
         steady = (args.n - args.rows_per_shard) / (last - first) if last > first else float("nan")

@@ -70,7 +70,7 @@ def worker(args) -> None:
     from tlpipe.config import validate_params
     from tlpipe.features.backbones import build_base, preprocess, preprocessing_name
     from tlpipe.features.inputs import read_resized
-    from tlpipe.features.viewcache import prefix_model
+    from tlpipe.features.boundary import prefix_model
     from tlpipe.model.saved import set_trainable_from
     from tlpipe.train.compile import compile_classifier
     from tlpipe.train.loop import set_determinism

@@ -24,7 +24,7 @@ def main(argv=None):
     from tlpipe.features import cut
     from tlpipe.features.engine import Engine
     from tlpipe.features.extract import BaseSpec
-    from tlpipe.features.splits import extract_splits
+    from tlpipe.features.all_splits import extract_splits
 
     extract_splits(args.split_dir, args.images, args.out, BaseSpec.from_params(params.backbone),
                    batch_size=params.compute.batch_size, precision=params.compute.precision,

@@ -1,5 +1,5 @@
 """Viewcache stage: the frozen part of the base over `augment.views` augmented copies of each training
-image and the plain validation/test images -> features/views.h5 (see tlpipe.viewcache).
+image and the plain validation/test images -> features/views.h5 (see tlpipe.features.viewcache).
 
     python stages/viewcache.py --split-dir data/split --images data/images --out features/views.h5
 """

@@ -256,6 +256,19 @@ def make_feature_project(root, classes=("cat", "dog"), counts=None, seed=0):
     return root
 
 
+def extract_split(manifest_csv, images_dir, out_h5, spec, classes, batch_size: int = 32, precision: str = "float32",
+                  *, extractor=None, chunk_rows=None, engine=None) -> Path:
+    """One split's feature file at a named cut, by the extract stage's own steps (features.extract's
+    compute_split and assemble_split; the stage runs them for every split at once, in features.all_splits)."""
+    from tlpipe.features.extract import Extractor, assemble_split, compute_split
+
+    extractor = extractor or Extractor(spec, precision)
+    split = compute_split(manifest_csv, images_dir, out_h5, extractor, classes, batch_size, chunk_rows, engine)
+    assemble_split(split, extractor.dim, extractor.attrs(classes))
+    shutil.rmtree(split.work, ignore_errors=True)
+    return split.out
+
+
 # ---------------------------------------------------------------- a split of generated images
 
 def stored_cats_and_dogs(root: Path, per_class: int = 6, size: int = 40) -> tuple[Path, list[dict]]:

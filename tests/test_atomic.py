@@ -71,18 +71,31 @@ def test_files_get_the_mode_a_plain_open_would_give(tmp_path, umask, mask, want)
     assert os.umask(mask) == mask  # reading the umask put it back
 
 
-def test_replace_dir_swaps_a_folder_in_with_ordinary_permissions(tmp_path, umask):
+def test_folder_swaps_a_folder_in_with_ordinary_permissions(tmp_path, umask):
     umask(0o022)
     dest = tmp_path / "img"
     dest.mkdir()
     (dest / "stale.png").write_bytes(b"old")
-    tmp = atomic.temp_dir(dest)
-    assert tmp.parent == tmp_path and tmp.name.startswith(".img.")
-    atomic.write_bytes(tmp / "new.png", b"new")
-    atomic.replace_dir(tmp, dest)
+    (tmp_path / ".img.tmp-killed").mkdir()  # a killed run's temp folder
+    with atomic.folder(dest, fsync=True) as tmp:
+        assert tmp.parent == tmp_path and tmp.name.startswith(".img.")
+        atomic.write_bytes(tmp / "new.png", b"new")
     assert [p.name for p in dest.iterdir()] == ["new.png"]
     assert mode(dest) == 0o755 and mode(dest / "new.png") == 0o644
     assert [p.name for p in tmp_path.iterdir()] == ["img"]  # no temp or old folder left
+
+
+def test_folder_keeps_the_old_one_on_error_and_a_shared_one_finished_first(tmp_path):
+    dest = tmp_path / "x"
+    dest.mkdir()
+    (dest / "old").write_bytes(b"old")
+    with pytest.raises(KeyboardInterrupt), atomic.folder(dest) as tmp:
+        (tmp / "new").write_bytes(b"new")
+        raise KeyboardInterrupt
+    assert [p.name for p in tmp_path.iterdir()] == ["x"] and [p.name for p in dest.iterdir()] == ["old"]
+    with atomic.folder(dest, shared=True) as tmp:  # another process finished `dest` first: its folder stays
+        (tmp / "mine").write_bytes(b"mine")
+    assert [p.name for p in dest.iterdir()] == ["old"] and [p.name for p in tmp_path.iterdir()] == ["x"]
 
 
 def test_every_csv_has_one_format(tmp_path):

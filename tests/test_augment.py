@@ -194,7 +194,7 @@ def test_preview_command_uses_the_first_training_image(tmp_path):
                         str(tmp_path / "p.png"), "-n", "3", "--params", str(params)])
     grid = np.asarray(Image.open(out))
     assert grid.shape == (2 * 32 + 3 * 4, 2 * 32 + 3 * 4, 3)  # original + 3 views, 2x2
-    from tlpipe.features.inputs import decode_file
+    from tlpipe.features.imagefile import decode_file
 
     tile = grid[4:36, 4:36].astype(float)  # top-left: the manifest's first row (b.png), unaugmented
     np.testing.assert_allclose(tile, np.round(decode_file(imgs / "b.png", 32)), atol=0.5)
@@ -206,7 +206,8 @@ def test_preview_of_a_user_photo_is_normalised_like_training_images(tmp_path):
     """An EXIF-rotated JPEG is previewed upright, as the data stage would store it, not as stored."""
     import tensorflow as tf
 
-    from tlpipe.features.inputs import decode_file, decode_resized
+    from tlpipe.features.imagefile import decode_file
+    from tlpipe.features.inputs import decode_resized
 
     photo = write_exif_rotated_jpeg(tmp_path / "rot.jpg", size=(60, 40), orientation=6)
     out = preview(photo, tmp_path / "p.png", dict(rotation_range=40, seed=1), n=1, image_size=32)

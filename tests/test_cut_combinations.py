@@ -54,7 +54,7 @@ def base():
 
 
 def test_every_accepted_pair_builds_the_fine_tuning_model_the_cache_trains(base):
-    from tlpipe.features import viewcache
+    from tlpipe.features import boundary as bounds
     from tlpipe.model.saved import set_trainable_from
     from tlpipe.train.models import cached_training_model, new_model
 
@@ -72,9 +72,9 @@ def test_every_accepted_pair_builds_the_fine_tuning_model_the_cache_trains(base)
         kept = model.get_layer("base")
         want = model(images).numpy()
         for unfreeze in sorted(set(unfreezes)):
-            resolved = viewcache.resolve_unfreeze("vgg16", base, cut, unfreeze)
+            resolved = bounds.resolve_unfreeze("vgg16", base, cut, unfreeze)
             assert resolved == trains_from(cut, unfreeze)
-            boundary = viewcache.boundary_layer(kept, resolved)
+            boundary = bounds.boundary_layer(kept, resolved)
             assert LAYERS.index(boundary) == LAYERS.index(resolved) - 1
             set_trainable_from(model, resolved)
             cached = cached_training_model(model, boundary)
@@ -83,7 +83,7 @@ def test_every_accepted_pair_builds_the_fine_tuning_model_the_cache_trains(base)
             trained = {w.path.split("/")[0] for w in cached.trainable_weights}
             convs = {name for name in suffix if "_conv" in name}
             assert convs <= trained and not trained & (set(LAYERS) - convs), (cut, unfreeze, trained)
-            activations = viewcache.prefix_model(kept, boundary)(model.get_layer("preprocess")(images))
+            activations = bounds.prefix_model(kept, boundary)(model.get_layer("preprocess")(images))
             np.testing.assert_allclose(cached(activations).numpy(), want, rtol=1e-4, atol=1e-6)
             checked += 1
     assert checked > 150

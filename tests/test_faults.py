@@ -194,7 +194,7 @@ def scenarios(tmp_path_factory):
                    "viewcache": pool.submit(guarded, viewcache_scenario, vc)}
         # The uninterrupted runs, in this process, while the stage processes work.
         from tlpipe.features.extract import BaseSpec
-        from tlpipe.features.splits import extract_splits
+        from tlpipe.features.all_splits import extract_splits
         from tlpipe.features.cut import with_cut
         from tlpipe.features.viewcache import build_from_manifests
 

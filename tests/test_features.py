@@ -17,13 +17,14 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+from helpers import extract_split
 
 from tlpipe.features import backbones
 
-from tlpipe.features import extract as features
 from tlpipe.features import shards
 from tlpipe.errors import DataError, FeatureFileError
-from tlpipe.features.extract import BaseSpec, Extractor, extract_split, read_features
+from tlpipe.features.extract import BaseSpec, Extractor
+from tlpipe.features.featurefile import FORMAT, read_features
 
 CLASSES = ["cat", "dog"]
 SPEC = BaseSpec(name="vgg16", weights="none", layer="block4_pool", pooling="flatten", image_size=32)
@@ -81,14 +82,14 @@ def test_contents_match_the_model_and_manifest(extractor, split, tmp_path):
     assert labels.tolist() == df["label"].tolist() and labels.dtype == np.int64
     assert paths == df["path"].tolist()  # non-ASCII paths survive as UTF-8
     assert attrs["preprocessing"] == "caffe" and attrs["weights_sha256"] is None
-    assert attrs["tlpipe_format"] == features.FORMAT
+    assert attrs["tlpipe_format"] == FORMAT
     # Each row is the model's output for that row's image, computed here without tf.data.
     from tlpipe.features.inputs import read_resized
 
     for i in (0, 9, 21):
         x = backbones.preprocess(read_resized(str(images / df["file"][i]), 32)[None], "caffe")
         np.testing.assert_allclose(feats[i], extractor.model(x).numpy()[0], rtol=1e-4, atol=1e-4)
-    assert not features.work_dir(out).exists()
+    assert not shards.work_dir(out).exists()
     assert sorted(p.name for p in out.parent.iterdir()) == ["train.h5", "train.shards"]
     # Rows 0-7, 8-15 and 16-21 in three shard files; train.h5 maps onto them.
     assert sorted(p.name for p in (out.parent / "train.shards").iterdir()) == [
@@ -119,7 +120,7 @@ def test_resume_after_failure_matches_clean_run(extractor, split, clean, tmp_pat
     with pytest.raises(RuntimeError, match="injected"):
         run(extractor, split, out)
     assert not out.exists()
-    work = features.work_dir(out)
+    work = shards.work_dir(out)
     assert sorted(p.name for p in work.glob("*.h5")) == ["000000.h5"]
 
     monkeypatch.setattr(shards, "write_shard", real_save)
@@ -140,7 +141,7 @@ def test_changed_inputs_discard_saved_progress(extractor, split, tmp_path, monke
         run(extractor, split, out)
     monkeypatch.undo()
     # Plant a shard that would be wrong for the new inputs: a new fingerprint must not reuse it.
-    work = features.work_dir(out)
+    work = shards.work_dir(out)
     shards.write_shard(work / "000000.h5", np.zeros((CHUNK, 2048), np.float32))
     df = pd.read_csv(manifest)
     df.iloc[::-1].to_csv(manifest, index=False)  # same images, other order
@@ -156,21 +157,25 @@ def test_sigkill_then_resume_matches_clean_run(split, clean, tmp_path):
     out = tmp_path / "k" / "train.h5"
     script = textwrap.dedent(f"""
         import os, signal
-        from tlpipe.features import extract as features, shards
+        import sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from helpers import extract_split
+        from tlpipe.features import shards
+        from tlpipe.features.extract import BaseSpec
         real, n = shards.write_shard, []
         def save_then_die(path, array):
             real(path, array); n.append(1)
             if len(n) == 2:
                 os.kill(os.getpid(), signal.SIGKILL)
         shards.write_shard = save_then_die
-        features.extract_split({str(manifest)!r}, {str(images)!r}, {str(out)!r}, features.{SPEC!r},
-                               {CLASSES!r}, {BATCH}, chunk_rows={CHUNK})
+        extract_split({str(manifest)!r}, {str(images)!r}, {str(out)!r}, {SPEC!r},
+                      {CLASSES!r}, {BATCH}, chunk_rows={CHUNK})
     """)
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert not out.exists()
-    assert len(list(features.work_dir(out).glob("*.h5"))) == 2
+    assert len(list(shards.work_dir(out).glob("*.h5"))) == 2
     extract_split(manifest, images, out, SPEC, CLASSES, BATCH, chunk_rows=CHUNK)  # a fresh model, too
     assert out.read_bytes() == clean
 

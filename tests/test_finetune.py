@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 from helpers import stored_cats_and_dogs, write_split
 
-from tlpipe.features import viewcache
+from tlpipe.features import viewcache, viewfile
 from tlpipe.config import validate_params
 from tlpipe.errors import ConfigError, FeatureFileError
 from tlpipe.model.saved import load_model, model_info
 from tlpipe.train.compile import compile_classifier
-from tlpipe.train.views import CachedViews
+from tlpipe.train.views import CachedViews, epoch_views
 from tlpipe.train.finetune import run_finetune
 from tlpipe.train.head_aug import run_head_aug
 from tlpipe.train.models import cached_training_model, freeze_batchnorm
@@ -171,15 +171,15 @@ def test_batchnorm_stays_in_inference_mode():
 
 def test_cached_views_give_the_readers_epochs_and_the_plain_validation(cached_run):
     tmp, p, *_ = cached_run
-    with CachedViews(tmp / "views.h5", seed=5) as data, viewcache.ViewReader(tmp / "views.h5") as reader:
-        assert data.fingerprint == {"mode": "cached", "cache": viewcache.read_attrs(tmp / "views.h5")}
+    with CachedViews(tmp / "views.h5", seed=5) as data, viewfile.ViewReader(tmp / "views.h5") as reader:
+        assert data.fingerprint == {"mode": "cached", "cache": viewfile.read_attrs(tmp / "views.h5")}
         for e in range(3):
             x, y = data.epoch(e)
-            want_x, want_y = reader.epoch(5, e)
+            want_x, want_y = reader.read_views(epoch_views(reader.n, reader.views, 5, e))
             np.testing.assert_array_equal(x, want_x)
             np.testing.assert_array_equal(y, want_y)
         assert not np.array_equal(data.epoch(0)[0], data.epoch(1)[0])  # epochs show other views
-        val_x, val_y = viewcache.load_part(tmp / "views.h5", "validation")
+        val_x, val_y = viewfile.load_part(tmp / "views.h5", "validation")
         np.testing.assert_array_equal(data.validation()[0], val_x.astype(np.float32))
         assert data.validation()[0].dtype == np.float32
         np.testing.assert_array_equal(data.validation()[1], val_y)
@@ -263,7 +263,7 @@ def test_bfloat16_cache_head_aug_and_cosine_finetune(tmp_path):
     p, split, images = make_project(tmp_path, {"compute": {"precision": "bfloat16"},
                                                "finetune": {"epochs": 2, "schedule": "cosine"}})
     build_cache(tmp_path, p, split, images)
-    with viewcache.ViewReader(tmp_path / "views.h5") as reader:
+    with viewfile.ViewReader(tmp_path / "views.h5") as reader:
         assert reader.attrs["precision"] == "bfloat16"
     head_aug(tmp_path, p, split, images)
     start = base_weights(load_model(tmp_path / "head_aug_a.keras"))

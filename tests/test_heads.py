@@ -103,7 +103,7 @@ def test_run_train_head_writes_a_complete_model(project, tmp_path):
     assert info["class_names"] == ["cat", "dog"] and info["layer"] == LAYER and info["weights"] == "none"
     assert info["trainable_from"] is None and info["preprocessing"] == "caffe"
     # The saved model on raw images == its head on the stored features: the rebuilt base is the same.
-    from tlpipe.features.extract import read_features
+    from tlpipe.features.featurefile import read_features
     from tlpipe.features.inputs import image_dataset
     import pandas as pd
 

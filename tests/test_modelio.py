@@ -139,7 +139,7 @@ def test_multiclass_model(tmp_path):
 
 
 def test_assemble_rejects_head_of_other_width():
-    with pytest.raises(Exception, match="rerun the features stage"):
+    with pytest.raises(Exception, match="rerun the extract stage"):
         saved.assemble(tiny_base(), "p2", "flatten", trained_like_head(10), INFO)
 
 

@@ -12,8 +12,9 @@ from helpers import stored_cats_and_dogs, write_split
 from tlpipe.config import validate_params
 from tlpipe.errors import DataError, FeatureFileError
 from tlpipe.features import cut, probe
-from tlpipe.features.extract import BaseSpec, read_features
-from tlpipe.features.splits import extract_splits
+from tlpipe.features.extract import BaseSpec
+from tlpipe.features.featurefile import read_features
+from tlpipe.features.all_splits import extract_splits
 
 AUTO = BaseSpec(name="vgg16", weights="none", layer="auto", pooling="auto", image_size=32)
 

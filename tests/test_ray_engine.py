@@ -9,15 +9,16 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import image_parts
+from helpers import extract_split, image_parts
 from imagegen import make_class_folders
 
 from tlpipe.errors import ConfigError, DataError
 from tlpipe.features import engine as engines
 from tlpipe.features import viewcache
+from tlpipe.features.boundary import boundary_layer
 from tlpipe.features.augment import augment_settings
 from tlpipe.features.backbones import build_base
-from tlpipe.features.extract import BaseSpec, extract_split
+from tlpipe.features.extract import BaseSpec
 
 SIZE = 32
 SPEC = BaseSpec("vgg16", "none", "block3_pool", "avg", SIZE)  # a small, fast feature model
@@ -75,7 +76,7 @@ def parts(tmp_path_factory):
 def spec_for(base, views=2):
     return viewcache.CacheSpec(mode="cached", backbone="vgg16", weights="none", weights_sha256=None,
                                image_size=SIZE, preprocessing="caffe", precision="float32",
-                               boundary=viewcache.boundary_layer(base, "block5_conv1"), unfreeze_from="block5_conv1",
+                               boundary=boundary_layer(base, "block5_conv1"), unfreeze_from="block5_conv1",
                                views=views, augment=augment_settings(AUG), class_names=("cat", "dog"))
 
 

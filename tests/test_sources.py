@@ -17,7 +17,7 @@ import pytest
 
 from imagegen import make_class_folders, tar_folder, zip_folder
 from tlpipe.errors import DataError
-from tlpipe.data.sources import cache_dir, extract, resolve_source
+from tlpipe.data.sources import cache_dir, resolve_source, unpack
 
 
 @pytest.fixture
@@ -207,7 +207,7 @@ def test_zip_path_traversal_is_refused(tmp_path, member):
         zf.writestr("ok/fine.txt", "x")
         zf.writestr(member, "owned")
     with pytest.raises(DataError, match="outside the extraction folder"):
-        extract(archive, tmp_path / "out" / "x")
+        unpack(archive, tmp_path / "out" / "x")
     assert not (tmp_path / "evil.txt").exists() and not (tmp_path / "out" / "x").exists()
     assert not list((tmp_path / "out").iterdir())  # temp folder cleaned up
 
@@ -225,10 +225,10 @@ def _tar_with(path: Path, members: list[tarfile.TarInfo]) -> Path:
 def test_tar_path_traversal_and_outside_links_are_refused(tmp_path):
     bad = _tar_with(tmp_path / "up.tar", [tarfile.TarInfo("../evil.txt")])
     with pytest.raises(DataError, match="outside the extraction folder"):
-        extract(bad, tmp_path / "out1")
+        unpack(bad, tmp_path / "out1")
     link = tarfile.TarInfo("a/link")
     link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
     bad = _tar_with(tmp_path / "link.tar", [link])
     with pytest.raises(DataError, match="refusing to unpack"):
-        extract(bad, tmp_path / "out2")
+        unpack(bad, tmp_path / "out2")
     assert not (tmp_path / "out1").exists() and not (tmp_path / "out2").exists()

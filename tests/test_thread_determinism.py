@@ -20,7 +20,7 @@ from tlpipe.config import load_params
 from tlpipe.features.cut import with_cut
 from tlpipe.features.engine import Engine
 from tlpipe.features.extract import BaseSpec
-from tlpipe.features.splits import extract_splits
+from tlpipe.features.all_splits import extract_splits
 from tlpipe.features.viewcache import build_from_manifests
 
 pytestmark = pytest.mark.slow

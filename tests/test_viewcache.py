@@ -8,11 +8,13 @@ import pytest
 import tensorflow as tf
 from helpers import image_parts
 
-from tlpipe.features import viewcache
+from tlpipe.features import viewcache, viewfile
+from tlpipe.features.boundary import boundary_layer, prefix_model, resolve_unfreeze
 from tlpipe.features.augment import augment_images, augment_settings, image_seeds
 from tlpipe.features.backbones import build_base, preprocess
 from tlpipe.errors import ConfigError, FeatureFileError
 from tlpipe.features.inputs import read_resized
+from tlpipe.train.views import epoch_views
 
 SIZE = 32
 AUG = dict(rotation_range=20.0, width_shift_range=0.1, height_shift_range=0.1, shear_range=0.1,
@@ -32,7 +34,7 @@ def parts(tmp_path_factory):
 def spec_for(base, views=2, mode="cached", unfreeze="block5_conv1"):
     return viewcache.CacheSpec(mode=mode, backbone="vgg16", weights="none", weights_sha256=None,
                                image_size=SIZE, preprocessing="caffe", precision="float32",
-                               boundary=viewcache.boundary_layer(base, unfreeze), unfreeze_from=unfreeze,
+                               boundary=boundary_layer(base, unfreeze), unfreeze_from=unfreeze,
                                views=views, augment=augment_settings(AUG), class_names=("cat", "dog"))
 
 
@@ -41,11 +43,11 @@ def plain_images(files):
 
 
 def test_boundary_is_the_layer_before_unfreeze_from(base):
-    assert viewcache.boundary_layer(base, "block5_conv1") == "block4_pool"
-    assert viewcache.boundary_layer(base, "block4_conv2") == "block4_conv1"
+    assert boundary_layer(base, "block5_conv1") == "block4_pool"
+    assert boundary_layer(base, "block4_conv2") == "block4_conv1"
     with pytest.raises(ConfigError, match="block5_conv1.*block5_pool|choose one of.*block5_conv1"):
-        viewcache.boundary_layer(base, "block9_conv1")
-    prefix = viewcache.prefix_model(base, "block4_pool")
+        boundary_layer(base, "block9_conv1")
+    prefix = prefix_model(base, "block4_pool")
     suffix = keras.Model(base.get_layer("block4_pool").output, base.output)  # what training runs on the cache
     x = np.random.RandomState(0).uniform(-100, 100, (2, SIZE, SIZE, 3)).astype("float32")
     np.testing.assert_allclose(suffix(prefix(x)), base(x), rtol=1e-5, atol=1e-6)
@@ -54,7 +56,7 @@ def test_boundary_is_the_layer_before_unfreeze_from(base):
 def test_cache_contents_views_and_plain_parts(tmp_path, base, parts):
     out = viewcache.build_cache(tmp_path / "views.h5", parts, base=base, spec=spec_for(base), batch_size=4,
                                 progress=False)
-    prefix = viewcache.prefix_model(base, "block4_pool")
+    prefix = prefix_model(base, "block4_pool")
     with h5py.File(out) as f:
         tr = f["train/activations"][...]
         assert tr.shape == (6, 2, 2, 2, 512) and tr.dtype == np.float16
@@ -73,10 +75,10 @@ def test_cache_contents_views_and_plain_parts(tmp_path, base, parts):
         want = prefix(preprocess(augment_images(imgs, image_seeds(3, v, np.arange(6)), s), "caffe")).numpy()
         np.testing.assert_allclose(tr[:, v].astype(np.float32), want, rtol=2e-3, atol=1e-2)
     assert not np.allclose(tr[:, 0], tr[:, 1])  # views differ
-    attrs = viewcache.read_attrs(out)
+    attrs = viewfile.read_attrs(out)
     assert attrs["augment"]["seed"] == 3 and attrs["class_names"] == ["cat", "dog"]
     with pytest.raises(FeatureFileError, match="views"):
-        viewcache.check_attrs(out, attrs, {"views": 10})
+        viewfile.check_attrs(out, attrs, {"views": 10})
 
 
 def test_cache_is_deterministic_and_resumable(tmp_path, base, parts, monkeypatch):
@@ -84,7 +86,6 @@ def test_cache_is_deterministic_and_resumable(tmp_path, base, parts, monkeypatch
     a = viewcache.build_cache(tmp_path / "a" / "v.h5", parts, base=base, spec=spec, batch_size=4, rows_per_shard=4,
                               progress=False)
     # interrupt a second build after two shards (4 rows each: train 2, validation 1, test 1), then resume it
-    import tlpipe.features.extract as features
     from tlpipe.features import shards
 
     calls = {"n": 0}
@@ -101,7 +102,7 @@ def test_cache_is_deterministic_and_resumable(tmp_path, base, parts, monkeypatch
         viewcache.build_cache(tmp_path / "b" / "v.h5", parts, base=base, spec=spec, batch_size=4, rows_per_shard=4,
                               progress=False)
     assert not (tmp_path / "b" / "v.h5").exists()
-    work = features.work_dir(tmp_path / "b" / "v.h5")
+    work = shards.work_dir(tmp_path / "b" / "v.h5")
     assert sorted(p.name for p in work.glob("*.h5")) == ["train-000000.h5", "train-000001.h5"]
     seen = []
     monkeypatch.setattr(shards, "write_shard", lambda p, a: (seen.append(p.name), real(p, a)))
@@ -117,28 +118,28 @@ def test_cache_is_deterministic_and_resumable(tmp_path, base, parts, monkeypatch
         np.testing.assert_array_equal(f["train/activations"][...], g["train/activations"][...])
     (tmp_path / "b/v.shards/test-000000.h5").unlink()  # a virtual dataset would read zeros: refused
     with pytest.raises(FeatureFileError, match="test-000000.h5 is missing or damaged"):
-        viewcache.load_part(b, "test")
+        viewfile.load_part(b, "test")
 
 
 def test_online_mode_writes_a_marker(tmp_path, base, parts):
     out = viewcache.build_cache(tmp_path / "v.h5", parts, base=base, spec=spec_for(base, mode="online"),
                                 progress=False)
-    assert viewcache.read_attrs(out)["mode"] == "online"
+    assert viewfile.read_attrs(out)["mode"] == "online"
     with h5py.File(out) as f:
         assert list(f) == []
     with pytest.raises(FeatureFileError, match="online"):
-        viewcache.ViewReader(out)
+        viewfile.ViewReader(out)
 
 
 def test_epoch_views_are_seeded_and_vary(tmp_path, base, parts):
     out = viewcache.build_cache(tmp_path / "v.h5", parts, base=base, spec=spec_for(base, views=3), batch_size=8,
                                 progress=False)
-    with viewcache.ViewReader(out) as r, h5py.File(out) as f:
+    with viewfile.ViewReader(out) as r, h5py.File(out) as f:
         all_views = f["train/activations"][...]
-        x0, y0 = r.epoch(seed=1, epoch=0)
-        x0b, _ = r.epoch(seed=1, epoch=0)
+        x0, y0 = r.read_views(epoch_views(r.n, r.views, 1, 0))
+        x0b, _ = r.read_views(epoch_views(r.n, r.views, 1, 0))
         np.testing.assert_array_equal(x0, x0b)
-        picks = [viewcache.epoch_views(6, 3, 1, e) for e in range(5)]
+        picks = [epoch_views(6, 3, 1, e) for e in range(5)]
         for i in range(6):
             np.testing.assert_array_equal(x0[i], all_views[i, picks[0][i]].astype(np.float32))
         assert list(y0) == parts["train"][1]
@@ -147,13 +148,13 @@ def test_epoch_views_are_seeded_and_vary(tmp_path, base, parts):
 
 def test_epoch_views_show_every_view_before_repeating():
     n, views = 50, 4
-    picks = np.stack([viewcache.epoch_views(n, views, 7, e) for e in range(3 * views)])  # [epoch, image]
+    picks = np.stack([epoch_views(n, views, 7, e) for e in range(3 * views)])  # [epoch, image]
     for cycle in range(3):
         block = np.sort(picks[cycle * views:(cycle + 1) * views], axis=0)
         np.testing.assert_array_equal(block, np.tile(np.arange(views)[:, None], (1, n)))
     assert not np.array_equal(picks[:views], picks[views:2 * views])  # a new order each cycle
     assert not (picks[0] == picks[0][0]).all()  # images are not in lockstep
-    np.testing.assert_array_equal(picks[5], viewcache.epoch_views(n, views, 7, 5))  # resumable
+    np.testing.assert_array_equal(picks[5], epoch_views(n, views, 7, 5))  # resumable
 
 
 def test_cached_suffix_matches_full_model_loss_and_gradients(tmp_path, parts):
@@ -175,8 +176,8 @@ def test_cached_suffix_matches_full_model_loss_and_gradients(tmp_path, parts):
     cached = cached_training_model(full, "block4_pool")
     assert [v.path for v in cached.trainable_variables] == [v.path for v in full.trainable_variables]
 
-    with viewcache.ViewReader(cache) as r:
-        acts, labels = r.epoch(seed=0, epoch=0)  # one view: view 0 of every image
+    with viewfile.ViewReader(cache) as r:
+        acts, labels = r.read_views(epoch_views(r.n, r.views, 0, 0))  # one view: view 0 of every image
     images = augment_images(plain_images(parts["train"][0]), image_seeds(3, 0, np.arange(6)),
                             augment_settings(AUG))
     loss_fn = keras.losses.BinaryCrossentropy()
@@ -213,7 +214,7 @@ def test_frozen_suffix_features_equal_running_the_suffix(tmp_path, parts):
     assert not cached.get_layer("suffix").trainable_variables  # frozen base: nothing in the suffix trains
     feats = frozen_features_model(cached)
     head = head_submodel(full)
-    with viewcache.ViewReader(cache) as r, h5py.File(cache) as f:
+    with viewfile.ViewReader(cache) as r, h5py.File(cache) as f:
         per_view = r.map_views(lambda x: feats.predict(x, verbose=0), batch_size=4)
         stored = f["train/activations"][...].astype("float32")
     assert per_view.shape == (6, 2, 512)
@@ -230,20 +231,20 @@ def test_progress_counts_images_through_the_prefix(tmp_path, base, parts, capsys
 
 
 def test_the_boundary_follows_backbone_layer_when_unfreeze_from_is_auto(base):
-    assert viewcache.resolve_unfreeze("vgg16", base, None, "auto") == "block5_conv1"
-    assert viewcache.resolve_unfreeze("vgg16", base, "block4_pool", "auto") == "block4_conv1"
-    assert viewcache.boundary_layer(base, viewcache.resolve_unfreeze("vgg16", base, "block4_pool", "auto")) == "block3_pool"
-    assert viewcache.resolve_unfreeze("vgg16", base, "block4_pool", "block3_conv2") == "block3_conv2"
+    assert resolve_unfreeze("vgg16", base, None, "auto") == "block5_conv1"
+    assert resolve_unfreeze("vgg16", base, "block4_pool", "auto") == "block4_conv1"
+    assert boundary_layer(base, resolve_unfreeze("vgg16", base, "block4_pool", "auto")) == "block3_pool"
+    assert resolve_unfreeze("vgg16", base, "block4_pool", "block3_conv2") == "block3_conv2"
     with pytest.raises(ConfigError, match=r"'block5_conv1' lies after the cut \(backbone.layer: block4_pool\)"):
-        viewcache.resolve_unfreeze("vgg16", base, "block4_pool", "block5_conv1")
+        resolve_unfreeze("vgg16", base, "block4_pool", "block5_conv1")
     with pytest.raises(ConfigError, match="backbone.layer: vgg16 has no layer 'block9_pool'"):
-        viewcache.resolve_unfreeze("vgg16", base, "block9_pool", "auto")
+        resolve_unfreeze("vgg16", base, "block9_pool", "auto")
 
 
 def test_a_base_not_known_by_name_is_checked_once_built():
     resnet = build_base("resnet50", "none", SIZE)
-    assert viewcache.resolve_unfreeze("resnet50", resnet, "conv4_block6_out", "conv4_block6_1_conv") == "conv4_block6_1_conv"
+    assert resolve_unfreeze("resnet50", resnet, "conv4_block6_out", "conv4_block6_1_conv") == "conv4_block6_1_conv"
     with pytest.raises(ConfigError, match="lies after the cut"):
-        viewcache.resolve_unfreeze("resnet50", resnet, "conv4_block6_out", "conv5_block1_1_conv")
+        resolve_unfreeze("resnet50", resnet, "conv4_block6_out", "conv5_block1_1_conv")
     with pytest.raises(ConfigError, match="auto is defined for vgg16 and vgg19"):
-        viewcache.resolve_unfreeze("resnet50", resnet, None, "auto")
+        resolve_unfreeze("resnet50", resnet, None, "auto")

@@ -1,4 +1,5 @@
 """Atomic writes: build a file (or folder) under a hidden temp name in the same folder, then os.replace.
+Every file and folder tlpipe swaps into place goes through `target` or `folder`.
 
 A reader, or the rerun after a killed run, sees the old file or the new one, never a half-written
 one. Temp names start with "." (`.<name>.<random>.tmp<suffix>`) so globs for outputs skip them.
@@ -9,6 +10,7 @@ Every CSV tlpipe writes (manifests, evaluation tables, predictions) is formatted
 from __future__ import annotations
 
 import csv
+import glob
 import io
 import json
 import os
@@ -31,7 +33,8 @@ def target(path, suffix: str = "", fsync: bool = False) -> Iterator[Path]:
 
     On success the temp file gets ordinary permissions and replaces `path`; on any exception
     (KeyboardInterrupt included) it is removed and `path` is left as it was.
-    `fsync`: flush the data to disk before the rename (for resumable progress files).
+    `fsync`: flush the data to disk before the rename, and the rename after it (for resumable
+    progress files: after a crash the file is there, whole).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -48,9 +51,20 @@ def target(path, suffix: str = "", fsync: bool = False) -> Iterator[Path]:
                 os.close(fd)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+        if fsync:
+            _fsync_dir(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _fsync_dir(folder) -> None:
+    """Make a rename in `folder` durable: the new name lives in the folder's own blocks."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_bytes(path, data: bytes, fsync: bool = False) -> Path:
@@ -80,24 +94,41 @@ def write_csv(path, header, rows) -> Path:
     return write_text(path, csv_text(header, rows))
 
 
-def temp_dir(dest) -> Path:
-    """A new empty hidden folder next to `dest`, to fill and then pass to replace_dir."""
+@contextmanager
+def folder(dest, *, fsync: bool = False, shared: bool = False) -> Iterator[Path]:
+    """Yield a new empty hidden folder next to `dest` to fill; on success it takes `dest`'s place (an
+    old `dest` is moved aside first, then removed); on any exception it is removed and `dest` is left.
+
+    Folders cannot be replaced in one rename: a kill between moving the old one aside and renaming
+    the new one in leaves no `dest` (readers then say to rerun). `fsync`: the rename reaches the disk
+    before returning (the files inside are the caller's to sync). `shared`: other processes may
+    build the same `dest` at once (a machine-wide cache): their temp folders are left alone, and a
+    `dest` one of them finished first is kept. Otherwise the temp folders a killed run left are removed.
+    """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-
-
-def replace_dir(tmp, dest) -> None:
-    """Swap the finished folder `tmp` in as `dest`; an old `dest` is moved aside first, then removed."""
-    tmp, dest = Path(tmp), Path(dest)
-    os.chmod(tmp, 0o777 & ~_umask())
-    old = None
-    if dest.exists() or dest.is_symlink():
-        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
-        os.replace(dest, old / dest.name)
-    os.replace(tmp, dest)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    if not shared:
+        for stale in dest.parent.glob(f".{glob.escape(dest.name)}.*-*"):  # left by a killed run
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
+        if shared and dest.is_dir():
+            shutil.rmtree(tmp)
+            return
+        old = None
+        if dest.exists() or dest.is_symlink():
+            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+            os.replace(dest, old / dest.name)
+        os.replace(tmp, dest)
+        if fsync:
+            _fsync_dir(dest.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def rounded(obj, digits: int = 6):

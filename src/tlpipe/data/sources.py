@@ -2,26 +2,24 @@
 
 Downloads are cached in `$TLPIPE_CACHE/downloads/` (default `~/.cache/tlpipe/downloads/`) and
 unpacked into `$TLPIPE_CACHE/extracted/<archive sha256>/`, so a URL is fetched once per machine.
-pooch downloads (to a temporary name, renamed when complete and, when pinned, verified); the
-unpacking is ours (see `extract`).
+tlpipe.downloads fetches (to a temporary name, renamed when complete and, when pinned, verified); the
+unpacking is ours (see `unpack`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import re
-import shutil
-import socket
 import sys
 import tarfile
-import tempfile
-import threading
 import urllib.parse
 import zipfile
 from pathlib import Path, PurePosixPath
 
+from tlpipe import atomic
+from tlpipe.downloads import fetch
 from tlpipe.errors import DataError
+from tlpipe.hashes import file_sha256
 
 CONNECT_TIMEOUT = 10.0  # seconds; offline machines should hear "no" quickly
 OFFLINE_HINT = (
@@ -47,79 +45,11 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "tlpipe"
 
 
-def file_sha256(path: Path) -> str:
-    import pooch
-
-    return pooch.file_hash(str(path), alg="sha256")
-
-
-def has_hash(path: Path, known_hash: str | None) -> bool:
-    """Whether `path` is a file with `known_hash` ("sha256:..." or "md5:..."; None: any file)."""
-    import pooch
-
-    if not Path(path).is_file():
-        return False
-    alg, _, digest = (known_hash or ":").partition(":")
-    return known_hash is None or pooch.file_hash(str(path), alg=alg) == digest.lower()
-
-
 def _cache_name(url: str) -> str:
     # The URL's own file name keeps the cache readable; a hash of the URL keeps two URLs apart.
     base = PurePosixPath(urllib.parse.urlsplit(url).path).name or "download"
     safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in base)
     return f"{hashlib.sha256(url.encode()).hexdigest()[:12]}-{safe}"
-
-
-def _resolve_host(url: str, timeout: float) -> str | None:
-    """Why `url`'s host cannot be resolved within `timeout`, or None when it can.
-
-    Ours, not pooch's: requests' timeout does not cover the name lookup (getaddrinfo blocks
-    without one), so an offline machine with a silent resolver would hang."""
-    parts = urllib.parse.urlsplit(url)
-    result: list = []
-
-    def lookup():
-        try:
-            socket.getaddrinfo(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
-            result.append(None)
-        except OSError as exc:
-            result.append(exc)
-
-    t = threading.Thread(target=lookup, daemon=True)
-    t.start()
-    t.join(timeout)
-    if not result:
-        return f"looking up {parts.hostname} timed out"
-    return None if result[0] is None else f"cannot resolve {parts.hostname} ({result[0]})"
-
-
-def fetch(url: str, dest: Path, known_hash: str | None, timeout: float, *, what: str, hint: str,
-          error: type[Exception] = DataError) -> Path:
-    """`url` as the file `dest`, downloaded once by pooch: it appears only complete (a temp name,
-    renamed) and, with `known_hash` ("sha256:..." or "md5:..."), verified; a matching `dest` is reused
-    without touching the network. Failures raise `error` naming `what` and the `hint`."""
-    import pooch
-    import requests
-
-    dest = Path(dest)
-    if has_hash(dest, known_hash):
-        return dest
-    why = _resolve_host(url, timeout)
-    if why is None:
-        pooch.get_logger().setLevel("WARNING")  # we say what matters ourselves
-        downloader = pooch.HTTPDownloader(progressbar=True, timeout=timeout, headers={"User-Agent": "tlpipe"})
-        try:
-            return Path(pooch.retrieve(url, known_hash, fname=dest.name, path=dest.parent, downloader=downloader))
-        except requests.HTTPError as exc:
-            why = f"HTTP {exc.response.status_code} {exc.response.reason}; check the URL"
-        except requests.Timeout:
-            why = f"no answer within {timeout:g} s"
-        except (requests.RequestException, OSError) as exc:
-            errno_text = re.search(r"\[Errno -?\d+\] [^'\")]+", str(exc))  # requests nests the cause deep
-            why = f"cannot connect ({errno_text.group(0)})" if errno_text else str(exc)
-        except ValueError as exc:  # pooch: the file does not match known_hash (it deleted it)
-            raise error(f"{what}: {exc}") from None
-    raise error(f"cannot download {what} from {url}: {why}. {hint}")
 
 
 def download(url: str, dest_dir: Path, sha256: str | None = None, timeout: float = CONNECT_TIMEOUT) -> Path:
@@ -155,7 +85,7 @@ def _check_member(name: str, archive: Path) -> None:
         )
 
 
-def extract(archive: Path, dest: Path) -> Path:
+def unpack(archive: Path, dest: Path) -> Path:
     """Safely unpack a .zip or .tar(.gz/.bz2/.xz) into dest (built in a temp folder, then renamed).
 
     Ours, not pooch's Unzip/Untar: those unpack in place (a killed run leaves a half folder that is
@@ -163,37 +93,30 @@ def extract(archive: Path, dest: Path) -> Path:
     archive, dest = Path(archive), Path(dest)
     if dest.is_dir():
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent))
     try:
-        if zipfile.is_zipfile(archive):
-            with zipfile.ZipFile(archive) as zf:
-                for info in zf.infolist():
-                    _check_member(info.filename, archive)
-                zf.extractall(tmp)
-        elif tarfile.is_tarfile(archive):
-            with tarfile.open(archive) as tf:
-                members = tf.getmembers()
-                for m in members:
-                    _check_member(m.name, archive)
-                # The "data" filter refuses links leaving the folder, devices and odd permissions.
-                try:
-                    tf.extractall(tmp, members=members, filter="data")
-                except tarfile.FilterError as exc:
-                    raise DataError(f"{archive}: {exc}; refusing to unpack this archive (it may be malicious).") from None
-        else:
-            raise DataError(f"{archive}: not a .zip or .tar(.gz) archive; data.source must be a folder or such an archive.")
-        os.chmod(tmp, 0o755)
-        try:
-            os.replace(tmp, dest)
-        except OSError:
-            if not dest.is_dir():  # else another run unpacked the same archive first: use it
-                raise
+        # shared: another run may unpack the same archive into the cache at once; the first one wins.
+        with atomic.folder(dest, shared=True) as tmp:
+            if zipfile.is_zipfile(archive):
+                with zipfile.ZipFile(archive) as zf:
+                    for info in zf.infolist():
+                        _check_member(info.filename, archive)
+                    zf.extractall(tmp)
+            elif tarfile.is_tarfile(archive):
+                with tarfile.open(archive) as tf:
+                    members = tf.getmembers()
+                    for m in members:
+                        _check_member(m.name, archive)
+                    # The "data" filter refuses links leaving the folder, devices and odd permissions.
+                    try:
+                        tf.extractall(tmp, members=members, filter="data")
+                    except tarfile.FilterError as exc:
+                        raise DataError(f"{archive}: {exc}; refusing to unpack this archive (it may be "
+                                        f"malicious).") from None
+            else:
+                raise DataError(f"{archive}: not a .zip or .tar(.gz) archive; data.source must be a folder or "
+                                f"such an archive.")
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as exc:
         raise DataError(f"{archive}: cannot unpack ({exc}); delete it to download again.") from None
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 
@@ -239,5 +162,5 @@ def resolve_source(source: str, sha256: str | None = None, cache: Path | None = 
             return _check_folder(path)
         archive = path  # a local archive file: unpack it like a download
         digest = verify_sha256(archive, sha256) if sha256 else file_sha256(archive)
-    root = extract(archive, cache / "extracted" / digest)
+    root = unpack(archive, cache / "extracted" / digest)
     return _check_folder(descend_single_top(root))

@@ -16,7 +16,6 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -331,11 +330,7 @@ def build_dataset(root: Path, images_dir: Path, out_dir: Path, split, seed: int,
         found = f"only class {scan.classes[0]!r}" if scan.classes else "no class folders with files"
         raise DataError(f"{root}: found {found}; a classifier needs at least 2 class folders of images.")
 
-    images_dir.parent.mkdir(parents=True, exist_ok=True)
-    for stale in images_dir.parent.glob(f".{images_dir.name}.*-*"):  # left by a killed run
-        shutil.rmtree(stale, ignore_errors=True)
-    store = atomic.temp_dir(images_dir)
-    try:
+    with atomic.folder(images_dir) as store:  # a killed run's temp folder is removed first
         records, rejected = decode_candidates(scan.candidates, store, max_side, workers)
         records, noisy = drop_label_noise(records)
         if noisy:
@@ -378,10 +373,6 @@ def build_dataset(root: Path, images_dir: Path, out_dir: Path, split, seed: int,
             "small_images": small,
             "duplicate_images": len(used) - len(keep),
         }
-        atomic.replace_dir(store, images_dir)
-    finally:
-        if store.exists():
-            shutil.rmtree(store, ignore_errors=True)
     write_split_files(out_dir, used, assignment, classes, rejected, summary)
 
     if rejected:

@@ -8,7 +8,7 @@ The scores themselves are computed in `metrics`, the CSV tables in `tables`.
 
 from __future__ import annotations
 
-import shutil
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -38,23 +38,6 @@ def _norm(v):
     if isinstance(v, (list, tuple)):
         return [str(x) for x in v]
     return None if v == "" else v
-
-
-class _FreshDir:
-    """A folder rebuilt from scratch under a temp name and swapped in at the end (no stale files)."""
-
-    def __init__(self, final):
-        self.final = Path(final)
-        self.tmp = atomic.temp_dir(self.final)
-
-    def write(self, name: str, text: str) -> None:
-        atomic.write_text(self.tmp / name, text)
-
-    def commit(self) -> None:
-        atomic.replace_dir(self.tmp, self.final)
-
-    def discard(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def _predict_images(model, files, image_size: int) -> np.ndarray:
@@ -116,7 +99,7 @@ def run_evaluate(features_dir, models_dir, split_dir, images_dir, metrics_out, p
     rebuilt each run. Returns the scores.
     """
     from tlpipe.data.manifests import manifest_rows, read_class_names
-    from tlpipe.features.extract import read_features
+    from tlpipe.features.featurefile import read_features
     from tlpipe.atomic import json_text, write_json
 
     features_dir, models_dir, split_dir = Path(features_dir), Path(models_dir), Path(split_dir)
@@ -142,25 +125,21 @@ def run_evaluate(features_dir, models_dir, split_dir, images_dir, metrics_out, p
         else:
             log.warning(f"{path} not found, skipped (run its stage to evaluate it)")
 
-    dirs = {"confusion": _FreshDir(Path(plots_dir) / "confusion"), "roc": _FreshDir(Path(plots_dir) / "roc"),
-            "predictions": _FreshDir(predictions_dir)}
     results = {}
-    try:
+    # Each folder is rebuilt from scratch and swapped in at the end (no stale files); none on an error.
+    with contextlib.ExitStack() as stack:
+        dirs = {key: stack.enter_context(atomic.folder(path)) for key, path in
+                (("confusion", Path(plots_dir) / "confusion"), ("roc", Path(plots_dir) / "roc"),
+                 ("predictions", Path(predictions_dir)))}
         for name, path in present:
             y, paths, raw, route = predict_model(path, test_features, test_rows, classes)
             out = evaluate_predictions(y, paths, raw, classes)
             for key, d in dirs.items():
                 if key != "roc" or out["roc"].count("\n") > 1:
-                    d.write(f"{name}.csv", out[key])
+                    atomic.write_text(d / f"{name}.csv", out[key])
             results[name] = s = out["scores"]
             log.info(f"{name}: accuracy {s['accuracy']:.4f}, loss {s['loss']:.4f} on {s['n']} test images "
                      f"(via {route})")
-        dirs["predictions"].write(SCORES_FILE, json_text(results))
-    except BaseException:
-        for d in dirs.values():
-            d.discard()
-        raise
-    for d in dirs.values():
-        d.commit()
+        atomic.write_text(dirs["predictions"] / SCORES_FILE, json_text(results))
     write_json(metrics_out, {name: headline(s) for name, s in results.items()})
     return results

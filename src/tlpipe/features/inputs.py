@@ -35,16 +35,6 @@ def decode_resized(data, image_size: int):
     return tf.clip_by_value(image, 0.0, 255.0)
 
 
-def decode_file(path, image_size: int):
-    """Any user's image file -> float32 (image_size, image_size, 3), RGB 0..255, as training saw it:
-    `images.normalise` gives the bytes the data stage would store (EXIF rotation applied, CMYK, greyscale
-    and transparency converted), then the pipeline's own decode and resize. ImageDecodeError (a
-    DataError naming the file) when it is not a usable image."""
-    from tlpipe.data.images import normalise
-
-    return decode_resized(normalise(path).data, image_size).numpy()
-
-
 def image_dataset(
     files: Sequence[str],
     image_size: int,
@@ -54,7 +44,7 @@ def image_dataset(
 ):
     """A tf.data.Dataset of image batches (with int64 label batches when `labels` is given), in file order.
 
-    `preprocess_mode`: a mode of `tlpipe.backbones.preprocess` ("caffe", "hed-caffe", "tf", ...), or
+    `preprocess_mode`: a mode of `tlpipe.features.backbones.preprocess` ("caffe", "hed-caffe", "tf", ...), or
     None for raw float 0..255 images (for models that preprocess inside, like tlpipe's saved models).
     """
     import tensorflow as tf

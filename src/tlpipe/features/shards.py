@@ -38,7 +38,8 @@ from typing import Callable, Iterable
 import numpy as np
 
 from tlpipe import atomic
-from tlpipe.errors import FeatureFileError
+from tlpipe.errors import DataError, FeatureFileError
+from tlpipe.hashes import file_sha256
 
 DATA = "data"  # the dataset name inside every shard file
 MANIFEST = "manifest.json"
@@ -47,6 +48,33 @@ MANIFEST = "manifest.json"
 def ranges(n: int, rows_per_shard: int) -> list[tuple[int, int]]:
     """(start, stop) of each shard of an n-row table."""
     return [(s, min(n, s + rows_per_shard)) for s in range(0, n, rows_per_shard)]
+
+
+def rows_per_shard(batch_size: int, rows: int | None, target: int) -> int:
+    """Rows per shard: `rows`, or about `target` in whole batches (None). A multiple of the batch size,
+    so a shard's batches are the batches a whole run would make."""
+    rows = rows or batch_size * max(1, round(target / batch_size))
+    if rows % batch_size:
+        raise ValueError(f"rows per shard ({rows}) must be a multiple of batch_size ({batch_size})")
+    return rows
+
+
+def file_rows(files, labels, paths) -> list[list]:
+    """What a fingerprint records of each input row. Store files are content-addressed, so name and
+    size identify them (mtime changes on checkout)."""
+    return [[os.path.basename(f), os.path.getsize(f), int(l), str(p)] for f, l, p in zip(files, labels, paths)]
+
+
+def fingerprint(data: dict) -> str:
+    """Hash of everything a table's bytes depend on: `data` (settings, `file_rows`), and the TensorFlow
+    and Keras versions and thread pool that compute them; a different one discards saved progress."""
+    import keras
+    import tensorflow as tf
+
+    from tlpipe.threads import INTRA_OP_THREADS
+
+    blob = {**data, "versions": [tf.__version__, keras.__version__], "intra_op_threads": INTRA_OP_THREADS}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
 def shard_name(index: int, prefix: str = "") -> str:
@@ -59,12 +87,18 @@ def shards_dir(table) -> Path:
     return table.with_name(f"{table.stem}.shards")
 
 
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def work_dir(table) -> Path:
+    """The work folder of a table file's unfinished shards: features/train.h5 -> features/.train.h5.work."""
+    table = Path(table)
+    return table.with_name(f".{table.name}.work")
+
+
+def plain_attrs(attrs) -> dict:
+    """HDF5 attributes as plain Python (str, int, float), so they compare and serialise simply."""
+    def plain(v):
+        return v.decode() if isinstance(v, bytes) else v.item() if isinstance(v, np.generic) else v
+
+    return {k: plain(v) for k, v in attrs.items()}
 
 
 def check_room(folder, size: int) -> None:
@@ -155,28 +189,19 @@ def publish(table, work: Path, entries: list[dict], fingerprint: str, keep: bool
     into the table's shard folder, with the manifest; returns the manifest's SHA-256 (an attribute
     of the table file, so the table's bytes change whenever a shard does). `keep`: link them
     instead, leaving `work` whole for a rerun (extract_splits keeps every split's until the last)."""
-    final = shards_dir(table)
     manifest = json.dumps({"fingerprint": fingerprint, "shards": entries}, indent=1, sort_keys=True).encode()
-    staging = final.with_name(f".{final.name}.new.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    for e in entries:
-        if not keep:
-            os.replace(work / e["file"], staging / e["file"])
-            continue
-        try:
-            os.link(work / e["file"], staging / e["file"])
-        except OSError:  # a file system without hard links
-            shutil.copy2(work / e["file"], staging / e["file"])
-    atomic.write_bytes(staging / MANIFEST, manifest, fsync=True)
-    # Folders cannot be replaced atomically: a kill between these two renames leaves the old table
-    # file pointing at a folder without its manifest, which `check` refuses; the rerun redoes it.
-    if final.exists():
-        old = final.with_name(f".{final.name}.old.tmp")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        shutil.rmtree(old)
-    os.replace(staging, final)
+    # A kill while swapping leaves the old table file pointing at a folder without its manifest,
+    # which `check` refuses; the rerun redoes it.
+    with atomic.folder(shards_dir(table), fsync=True) as staging:
+        for e in entries:
+            if not keep:
+                os.replace(work / e["file"], staging / e["file"])
+                continue
+            try:
+                os.link(work / e["file"], staging / e["file"])
+            except OSError:  # a file system without hard links
+                shutil.copy2(work / e["file"], staging / e["file"])
+        atomic.write_bytes(staging / MANIFEST, manifest, fsync=True)
     return hashlib.sha256(manifest).hexdigest()
 
 
@@ -226,6 +251,33 @@ def run_local(jobs: list[dict], make_worker: Callable, progress: Callable[[dict]
         if progress is not None:
             progress(results[job["shard"]])
     return results
+
+
+def compute_batches(files: list[str], batch_size: int, batches: Iterable, forward: Callable,
+                    timings: dict) -> np.ndarray:
+    """A worker's loop over one shard: `batches` yields the decoded images of `files` batch by batch
+    (decoding may run ahead); `forward(start, stop, images)` gives their rows. Fills `timings` with
+    decode_s (what the model waited for images) and forward_s. DataError names a file that cannot be
+    read or decoded."""
+    import tensorflow as tf
+
+    problem = unreadable(files)
+    if problem:
+        raise DataError(problem)
+    timings.update(decode_s=0.0, forward_s=0.0)
+    it, out = iter(batches), []
+    for start, stop in ranges(len(files), batch_size):
+        t = time.perf_counter()
+        try:
+            images = next(it)
+        except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as exc:
+            raise DataError(f"cannot read an image among {files[start]} and the {stop - start - 1} after it "
+                            f"({exc.message.splitlines()[0]}); rerun the data stage (`dvc repro data`)") from None
+        t2 = time.perf_counter()
+        out.append(forward(start, stop, images))
+        timings["decode_s"] += t2 - t
+        timings["forward_s"] += time.perf_counter() - t2
+    return np.concatenate(out)
 
 
 def unreadable(files: Iterable[str]) -> str | None:

@@ -8,17 +8,7 @@ frozen PREFIX once over `views` augmented copies of each training image and over
 validation and test images, and store its activations (float16) in one HDF5 file. Training then runs
 only the SUFFIX (block5 here) + pooling + head, each epoch on a different stored view of each image.
 
-File layout (`features/views.h5`, its activations in `features/views.shards/`, see shards.py):
-    /train/activations       float16 [N, views, h, w, c]   view v of image i = augment view v
-                             (a virtual dataset over views.shards/train-000000.h5, ...)
-    /train/labels            int64 [N];   /train/paths  utf-8 [N]
-    /validation/..., /test/...  activations [N, h, w, c] of the plain (never augmented) images
-    attrs: tlpipe_format, kind="views", mode, backbone, weights, weights_sha256, image_size,
-           preprocessing, precision, boundary, unfreeze_from, views, augment (JSON), class_names (JSON),
-           shards_sha256 (of views.shards/manifest.json)
-
-In `augment.mode: online` the file is a marker: the same attrs, no groups (online training reads
-the images themselves, and dvc.yaml cannot make the stage conditional); the shard folder is empty.
+The file's layout: features/viewfile.py.
 
 Building runs one job per shard (`rows_per_shard` images of one part) on the engine of
 `compute.engine` (features/engine.py): locally, or on a Ray actor pool. Finished shards are kept in
@@ -29,7 +19,6 @@ a changed input or setting discards the folder.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -40,54 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
-from tlpipe import atomic
-from tlpipe.choices import AUGMENT_MODES
 from tlpipe.data.manifests import SPLITS, manifest_rows, read_class_names
+from tlpipe.errors import ConfigError, FeatureFileError
+from tlpipe.features import shards, viewfile
 from tlpipe.features.augment import augment_images, augment_settings, image_seeds
-from tlpipe.errors import ConfigError, DataError, FeatureFileError
-
-FORMAT = 1
-KIND = "views"
-RERUN = "rerun the viewcache stage (dvc repro viewcache)"
-
-
-# ---------------------------------------------------------------- splitting the base
-
-def layer_order(base) -> list[str]:
-    """The base's layer names in order, input layer first."""
-    return [layer.name for layer in base.layers]
-
-
-def boundary_layer(base, unfreeze_from: str) -> str:
-    """The last frozen layer: the one just before `unfreeze_from` (ConfigError lists valid names)."""
-    names = layer_order(base)
-    if unfreeze_from not in names[1:]:
-        raise ConfigError(f"finetune.unfreeze_from: {base.name} has no layer {unfreeze_from!r}; choose one "
-                          f"of: {', '.join(names[1:])}")
-    return names[names.index(unfreeze_from) - 1]
-
-
-def resolve_unfreeze(name: str, base, layer: str | None, unfreeze_from: str) -> str:
-    """finetune.unfreeze_from (`auto` or a name) as a layer of `base` (architecture `name`) cut at `layer`:
-    auto is the first layer of the last block kept (choices.unfreeze_layer); ConfigError names the keys."""
-    from tlpipe.choices import unfreeze_layer
-
-    names = layer_order(base)[1:]
-    if layer is not None and layer not in names:
-        from tlpipe.features.backbones import resolve_layer
-
-        resolve_layer(base, layer)  # its ConfigError lists the valid names
-    try:
-        return unfreeze_layer(name, layer, unfreeze_from, names) or unfreeze_from
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-
-
-def prefix_model(base, boundary: str):
-    """Preprocessed images -> activations of `boundary` (the frozen part), sharing the base's layers."""
-    import keras
-
-    return keras.Model(base.input, base.get_layer(boundary).output, name="prefix")
+from tlpipe.features.boundary import boundary_layer, layer_order, prefix_model, resolve_unfreeze
 
 
 # ---------------------------------------------------------------- cache identity
@@ -115,6 +61,7 @@ class CacheSpec:
         from tlpipe.features import backbones
 
         unfreeze_from = resolve_unfreeze(backbone.name, base, backbone.layer, unfreeze_from)
+        # config.py refuses this for the architectures it knows by name; the others are known only now.
         if augment.mode == "cached" and unfreeze_from == layer_order(base)[1]:
             raise ConfigError(f"finetune.unfreeze_from: {unfreeze_from!r} is the base's first layer, which leaves "
                               f"the view cache (augment.mode: cached) nothing frozen to store; choose a later "
@@ -129,7 +76,7 @@ class CacheSpec:
 
     def attrs(self) -> dict:
         return {
-            "tlpipe_format": FORMAT, "kind": KIND, "mode": self.mode, "backbone": self.backbone,
+            "tlpipe_format": viewfile.FORMAT, "kind": viewfile.KIND, "mode": self.mode, "backbone": self.backbone,
             "weights": self.weights, "weights_sha256": self.weights_sha256 or "",
             "image_size": int(self.image_size), "preprocessing": self.preprocessing,
             "precision": self.precision, "boundary": self.boundary, "unfreeze_from": self.unfreeze_from,
@@ -139,19 +86,10 @@ class CacheSpec:
 
     def fingerprint(self, parts: dict, batch_size: int, activation_dtype, rows_per_shard: int = 0) -> str:
         """Hash of everything the cache bytes depend on; a different one discards saved progress."""
-        import keras
-        import tensorflow as tf
-
-        from tlpipe.threads import INTRA_OP_THREADS
-
-        # Store files are content-addressed, so name and size identify them (mtime changes on checkout).
-        rows = {p: [[os.path.basename(f), os.path.getsize(f), int(l), str(q)] for f, l, q in zip(*parts[p])]
-                for p in sorted(parts)}
-        blob = json.dumps({"attrs": self.attrs(), "rows": rows, "batch_size": int(batch_size),
-                           "dtype": np.dtype(activation_dtype).name, "rows_per_shard": int(rows_per_shard),
-                           "versions": [tf.__version__, keras.__version__],
-                           "intra_op_threads": INTRA_OP_THREADS}, sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()
+        return shards.fingerprint({"attrs": self.attrs(),
+                                   "rows": {p: shards.file_rows(*parts[p]) for p in sorted(parts)},
+                                   "batch_size": int(batch_size), "dtype": np.dtype(activation_dtype).name,
+                                   "rows_per_shard": int(rows_per_shard)})
 
 
 # ---------------------------------------------------------------- building
@@ -159,45 +97,8 @@ class CacheSpec:
 CACHE_TARGET_ROWS = 64  # images per shard: a training image costs `views` passes, so fewer than extract's
 
 
-def default_rows_per_shard(batch_size: int) -> int:
-    """A multiple of the batch size, so a shard's batches are the batches a whole run would make."""
-    return batch_size * max(1, round(CACHE_TARGET_ROWS / batch_size))
-
-
-def _batches(n: int, batch_size: int):
-    for start in range(0, n, batch_size):
-        yield start, min(n, start + batch_size)
-
-
 def shard_prefix(part: str) -> str:
     return f"{part}-"
-
-
-def _write_h5(out: Path, spec: CacheSpec, parts: dict, tables: dict, manifest_sha256: str | None,
-              activation_dtype) -> None:
-    """The table file: per part a virtual `activations` over its shards (`tables[part]`: shape and
-    (start, rows, file) of each shard), labels and paths; under a temp name, then renamed."""
-    import h5py
-
-    from tlpipe.features import shards
-
-    folder = shards.shards_dir(out).name
-    with atomic.target(out) as tmp:
-        with h5py.File(tmp, "w", libver=("earliest", "v110")) as f:
-            for k, v in spec.attrs().items():
-                f.attrs[k] = v
-            if manifest_sha256 is not None:
-                f.attrs["shards_sha256"] = manifest_sha256
-            for part, (files, labels, paths) in parts.items():
-                if part not in tables:
-                    continue
-                g = f.create_group(part, track_order=False)
-                shape, pieces = tables[part]
-                shards.create_virtual(g, "activations", shape, activation_dtype,
-                                      [(start, rows, f"{folder}/{name}") for start, rows, name in pieces])
-                g.create_dataset("labels", data=np.asarray(labels, np.int64), track_times=False)
-                g.create_dataset("paths", data=np.asarray([str(p) for p in paths], dtype=object),
-                                 dtype=h5py.string_dtype("utf-8"), track_times=False)
 
 
 def build_cache(out_path, parts: dict, *, base, spec: CacheSpec, batch_size: int = 32,
@@ -209,23 +110,14 @@ def build_cache(out_path, parts: dict, *, base, spec: CacheSpec, batch_size: int
     actors build their own); `spec.mode == "online"` writes the marker file only. `activation_dtype`
     is float16 in the pipeline (float32 for exactness tests). `engine`: a features.engine.Engine
     (None: this process). `rows_per_shard`: images per shard, a multiple of `batch_size`."""
-    from tlpipe.features import shards
-    from tlpipe.features.extract import work_dir
-
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if spec.mode not in AUGMENT_MODES:
-        raise ConfigError(f"augment.mode: must be one of {', '.join(AUGMENT_MODES)}, got {spec.mode!r}")
     if spec.mode == "online":
-        shards.publish(out, work_dir(out), [], "online")  # the (empty) shard folder dvc.yaml lists
-        _write_h5(out, spec, parts, {}, None, activation_dtype)
+        shards.publish(out, shards.work_dir(out), [], "online")  # the (empty) shard folder dvc.yaml lists
+        viewfile.write_table(out, spec.attrs(), parts, {}, None, activation_dtype)
         return out
-    if int(spec.views) < 1:
-        raise ConfigError(f"augment.views: must be >= 1, got {spec.views}")
-    rows = rows_per_shard or default_rows_per_shard(batch_size)
-    if rows % batch_size:
-        raise ValueError(f"rows_per_shard ({rows}) must be a multiple of batch_size ({batch_size})")
-    work = work_dir(out).absolute()  # workers elsewhere (Ray) do not share this process's cwd
+    rows = shards.rows_per_shard(batch_size, rows_per_shard, CACHE_TARGET_ROWS)
+    work = shards.work_dir(out).absolute()  # workers elsewhere (Ray) do not share this process's cwd
     fp = spec.fingerprint(parts, batch_size, activation_dtype, rows)
     reuse = shards.reusable(out, fp)
     act_shape = tuple(int(d) for d in prefix_model(base, spec.boundary).output_shape[1:])
@@ -250,7 +142,7 @@ def build_cache(out_path, parts: dict, *, base, spec: CacheSpec, batch_size: int
         entries = [{"file": j["shard"], "start": j["start"], "rows": len(j["files"]),
                     "sha256": results[j["shard"]]["sha256"], "bytes": results[j["shard"]]["bytes"]} for j in jobs]
         manifest_sha = shards.publish(out, work, entries, fp)
-        _write_h5(out, spec, parts, tables, manifest_sha, activation_dtype)
+        viewfile.write_table(out, spec.attrs(), parts, tables, manifest_sha, activation_dtype)
     except OSError as exc:
         raise FeatureFileError(f"{out}: cannot write the view cache ({exc}); fix the folder or free space and "
                                f"rerun the viewcache stage: finished shards in {work} are kept") from None
@@ -260,8 +152,6 @@ def build_cache(out_path, parts: dict, *, base, spec: CacheSpec, batch_size: int
 
 def _run(engine, jobs, make_worker, progress: bool, name: str) -> dict:
     from tqdm import tqdm
-
-    from tlpipe.features import shards
 
     # Counted in images through the prefix, not shards: a training image costs `views` passes.
     with tqdm(total=sum(j["images"] for j in jobs), desc=f"view cache -> {name}", unit="img",
@@ -303,42 +193,25 @@ class CacheWorker:
         tf.config.experimental.enable_op_determinism()  # same inputs -> same bytes, also after a resume
 
     def __call__(self, job: dict) -> dict:
-        from tlpipe.features import shards
-
         return shards.ensure_shard(job, lambda timings: self.compute(job, timings))
 
     def compute(self, job: dict, timings: dict) -> np.ndarray:
-        import time
-
         import tensorflow as tf
 
-        from tlpipe.features.shards import unreadable
         from tlpipe.features.inputs import read_resized
 
         spec, files = self.spec, job["files"]
-        problem = unreadable(files)
-        if problem:
-            raise DataError(problem)
-        timings.update(decode_s=0.0, forward_s=0.0)
-        out = []
-        for start, stop in _batches(len(files), self.batch_size):
-            t = time.perf_counter()
-            try:
-                images = tf.stack([read_resized(tf.constant(f), spec.image_size) for f in files[start:stop]])
-            except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as exc:
-                raise DataError(f"cannot read an image among {files[start]} and the {stop - start - 1} after it "
-                                f"({exc.message.splitlines()[0]}); rerun the data stage (`dvc repro data`)") from None
-            t2 = time.perf_counter()
-            if job["part"] == "train":
-                idx = np.arange(job["start"] + start, job["start"] + stop)
-                acts = np.stack([self._prefix(augment_images(images, image_seeds(self.settings["seed"], v, idx),
-                                                             self.settings)) for v in range(spec.views)], axis=1)
-            else:  # validation and test images are never augmented
-                acts = self._prefix(images)
-            timings["decode_s"] += t2 - t
-            timings["forward_s"] += time.perf_counter() - t2
-            out.append(acts)
-        return np.concatenate(out)
+        batches = (tf.stack([read_resized(tf.constant(f), spec.image_size) for f in files[start:stop]])
+                   for start, stop in shards.ranges(len(files), self.batch_size))
+
+        def forward(start, stop, images):
+            if job["part"] != "train":  # validation and test images are never augmented
+                return self._prefix(images)
+            idx = np.arange(job["start"] + start, job["start"] + stop)
+            return np.stack([self._prefix(augment_images(images, image_seeds(self.settings["seed"], v, idx),
+                                                         self.settings)) for v in range(spec.views)], axis=1)
+
+        return shards.compute_batches(files, self.batch_size, batches, forward, timings)
 
     def _prefix(self, images):
         import tensorflow as tf
@@ -347,112 +220,6 @@ class CacheWorker:
 
         x = self.prefix(preprocess(images, self.spec.preprocessing), training=False)
         return np.asarray(tf.cast(x, tf.float32)).astype(self.dtype)
-
-
-# ---------------------------------------------------------------- reading
-
-def read_attrs(path) -> dict:
-    """The cache's attrs (decoded); FeatureFileError when missing or not a view cache."""
-    import h5py
-
-    from tlpipe.features.extract import plain_attrs
-
-    path = Path(path)
-    if not path.is_file():
-        raise FeatureFileError(f"{path}: view cache not found; run the viewcache stage (dvc repro viewcache)")
-    try:
-        with h5py.File(path, "r") as f:
-            attrs = plain_attrs(f.attrs)
-    except OSError as e:
-        raise FeatureFileError(f"{path}: not a readable HDF5 view cache ({e}); delete it and rerun "
-                               f"the viewcache stage") from None
-    if attrs.get("kind") != KIND or int(attrs.get("tlpipe_format", -1)) != FORMAT:
-        raise FeatureFileError(f"{path}: not a tlpipe view cache of format {FORMAT}; rerun the viewcache stage")
-    if "shards_sha256" in attrs:  # the activations live in the shard folder beside the file
-        from tlpipe.features import shards
-
-        shards.check(path, attrs["shards_sha256"], RERUN)
-    attrs["augment"] = json.loads(attrs["augment"])
-    attrs["class_names"] = json.loads(attrs["class_names"])
-    return attrs
-
-
-def check_attrs(path, attrs: dict, expect: dict) -> None:
-    """FeatureFileError naming every attr that differs from `expect` (what the caller is configured for)."""
-    bad = [f"{k}: file has {attrs.get(k)!r}, params say {v!r}" for k, v in expect.items()
-           if v is not None and attrs.get(k) != v]
-    if bad:
-        raise FeatureFileError(f"{path}: the view cache was built with other settings ({'; '.join(bad)}); "
-                               f"rerun the viewcache stage (dvc repro viewcache)")
-
-
-def load_part(path, part: str) -> tuple[np.ndarray, np.ndarray]:
-    """(activations float16, labels) of a plain part (validation/test), in memory."""
-    import h5py
-
-    read_attrs(path)  # a missing shard would read as zeros
-    with h5py.File(path, "r") as f:
-        if part not in f:
-            raise FeatureFileError(f"{path}: has no {part!r} part (built in online mode?); rerun viewcache "
-                                   f"with augment.mode: cached")
-        return f[part]["activations"][...], f[part]["labels"][...]
-
-
-def epoch_views(n: int, views: int, seed: int, epoch: int) -> np.ndarray:
-    """The view each image shows in `epoch`, seeded by (seed, epoch) alone, so resuming repeats it.
-
-    Each image walks through a random permutation of its views, a fresh one every `views` epochs:
-    no view repeats before all have been shown, so with `views >= epochs` every epoch sees new
-    augmentations, as online training does. (training.fit shuffles the order itself.)"""
-    cycle, position = divmod(int(epoch), int(views))
-    keys = np.random.default_rng([int(seed), cycle, 1]).random((n, views))
-    return np.argsort(keys, axis=1, kind="stable")[:, position]
-
-
-class ViewReader:
-    """Reads the training views of a cache, one epoch at a time."""
-
-    def __init__(self, path):
-        import h5py
-
-        self.path = Path(path)
-        self.attrs = read_attrs(path)
-        self._f = h5py.File(self.path, "r")
-        if "train" not in self._f:
-            raise FeatureFileError(f"{path}: has no training views (built in online mode?); rerun viewcache "
-                                   f"with augment.mode: cached")
-        self._acts = self._f["train"]["activations"]
-        self.labels = self._f["train"]["labels"][...]
-        self.n, self.views = int(self._acts.shape[0]), int(self._acts.shape[1])
-        self.activation_shape = tuple(self._acts.shape[2:])
-
-    def epoch(self, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """(activations [N, h, w, c] float32, labels) of `epoch`: one view of each image, in file order."""
-        view = epoch_views(self.n, self.views, seed, epoch)
-        out = np.empty((self.n,) + self.activation_shape, self._acts.dtype)
-        for i in range(self.n):
-            self._acts.read_direct(out, np.s_[i, view[i]], np.s_[i])
-        return out.astype(np.float32), self.labels.copy()
-
-    def map_views(self, fn, batch_size: int = 64) -> np.ndarray:
-        """fn applied to every stored view: [N, views, ...] (float32), reading a few images at a time."""
-        out = None
-        for start, stop in _batches(self.n, batch_size):
-            block = self._acts[start:stop].astype(np.float32)
-            y = np.asarray(fn(block.reshape((-1,) + self.activation_shape)), np.float32)
-            if out is None:
-                out = np.empty((self.n, self.views) + y.shape[1:], np.float32)
-            out[start:stop] = y.reshape((stop - start, self.views) + y.shape[1:])
-        return out
-
-    def close(self):
-        self._f.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def build_from_manifests(split_dir, images_dir, out, *, backbone, augment, compute, unfreeze_from: str,

@@ -2,7 +2,7 @@
 
 Every `models/*.keras` maps RGB float 0..255 images of its own `image_size` to probabilities and
 carries its class names (see model.saved), so prediction needs nothing from params.yaml. Each file goes
-through the same steps as in training (`inputs.decode_file`): `images.normalise` gives the bytes
+through the same steps as in training (`imagefile.decode_file`): `images.normalise` gives the bytes
 the data stage would store, TensorFlow decodes and resizes them as `inputs.read_resized` does. So a
 CMYK, EXIF-rotated, 16-bit or GIF file is seen exactly as its twin in the training set was.
 """
@@ -19,7 +19,7 @@ import numpy as np
 from tlpipe import atomic
 from tlpipe.choices import MODEL_NAMES
 from tlpipe.errors import DataError, ImageDecodeError, ModelFileError
-from tlpipe.features.inputs import decode_file
+from tlpipe.features.imagefile import decode_file
 from tlpipe.model.outputs import class_probabilities, predicted_indices
 
 # Best model first: the pipeline's last training stage writes finetuned.keras.

@@ -119,7 +119,7 @@ def assemble(base: keras.Model, layer: str | None, pooling: str, head: keras.Mod
         raise FeatureFileError(
             f"the head takes {want} features but {info['backbone']} at layer {info['layer']} with "
             f"pooling {pooling} gives {width}; the features were extracted with other settings: rerun the "
-            f"features stage (dvc repro)"
+            f"extract stage (`dvc repro extract`)"
         )
     copies = []
     for lname in head_layers(head):

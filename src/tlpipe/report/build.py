@@ -6,7 +6,6 @@ a temp name and swapped in whole, then the page is written atomically.
 """
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -207,8 +206,7 @@ def build_report(models_dir, split_dir, images_dir, scores_path, train_metrics, 
     files, labels, paths = manifest_rows(Path(split_dir) / "test.csv", images_dir, classes)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    img = atomic.temp_dir(out_dir / IMG_DIR)
-    try:
+    with atomic.folder(out_dir / IMG_DIR) as img:
         sections = ([_cut_section(cut_path)] if cut_path else []) + [
                     _confusion_section(plots_dir, img, metrics, classes),
                     _curves_section(live_dir, train_metrics, img),
@@ -243,10 +241,6 @@ def build_report(models_dir, split_dir, images_dir, scores_path, train_metrics, 
                     f"{size} px · classes: {', '.join(classes)}")
         html = rpt.render_html("tlpipe: what the network learned", subtitle, notes, metrics, sections, params_text,
                                read_per_class(scores_path))
-    except BaseException:
-        shutil.rmtree(img, ignore_errors=True)
-        raise
-    atomic.replace_dir(img, out_dir / IMG_DIR)
     return rpt.write_report(out_dir, html)
 
 

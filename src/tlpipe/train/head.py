@@ -54,7 +54,7 @@ def base_for(attrs: dict, precision: str = "float32"):
 def read_stored_features(features_dir, backbone=None):
     """features_dir/{train,validation}.h5 checked against each other and params.backbone (None: not
     checked) -> (StoredFeatures, their shared attrs)."""
-    from tlpipe.features.extract import read_features
+    from tlpipe.features.featurefile import read_features
     from tlpipe.train.data import StoredFeatures
 
     features_dir = Path(features_dir)

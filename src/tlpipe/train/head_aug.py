@@ -24,7 +24,7 @@ def run_head_aug(*, cache, split_dir, images_dir, model_out, metrics_out, live_d
     run = RunSettings.from_params(head_aug)
     stats = None
     if head.standardize:
-        from tlpipe.features.extract import read_features
+        from tlpipe.features.featurefile import read_features
         from tlpipe.model.dense_head import feature_stats
 
         x = read_features(train_features, expect={"layer": backbone.layer, "pooling": backbone.pooling,

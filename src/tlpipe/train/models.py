@@ -4,8 +4,6 @@ with its base unfrozen from a layer on (finetune), the part of a model after the
 
 from __future__ import annotations
 
-import numpy as np
-
 from tlpipe.errors import ConfigError, FeatureFileError, ModelFileError
 
 
@@ -93,16 +91,11 @@ def new_model(backbone, precision: str, units: int, dropout: float, seed: int, c
     if base is None:
         base = backbones.build_base(backbone.name, backbone.weights, backbone.image_size, precision)
     layer = backbones.resolve_layer(base, backbone.layer)
-    width = _pooled_width(truncate_base(base, layer), backbone.pooling)
+    width = backbones.pooled_width(truncate_base(base, layer).output.shape[1:], backbone.pooling)
     with backbones.dtype_policy(precision):
         head = build_head(width, len(class_names), units, dropout, seed=int(seed), stats=stats)
     info = _info(backbone, class_names, layer, None)
     return assemble(base, layer, backbone.pooling, head, info, name="head_aug")
-
-
-def _pooled_width(sub, pooling: str) -> int:
-    shape = sub.output.shape[1:]
-    return int(np.prod(shape)) if pooling == "flatten" else int(shape[-1])
 
 
 def _info(backbone, class_names, layer, trainable_from) -> dict:
@@ -130,7 +123,7 @@ def finetune_model(start_path, backbone, precision: str, unfreeze_from: str):
             raise ModelFileError(f"{start_path}: built with {key} {info[key]!r} but params.yaml has "
                                  f"backbone.{param}: {getattr(backbone, param)!r}; rerun the stage that writes it")
     base = backbones.build_base(info["backbone"], "none", info["image_size"], precision)
-    from tlpipe.features.viewcache import resolve_unfreeze
+    from tlpipe.features.boundary import resolve_unfreeze
 
     unfreeze_from = resolve_unfreeze(info["backbone"], base, info["layer"], unfreeze_from)  # against the layer the model keeps
     valid = [lyr.name for lyr in start.get_layer("base").layers][1:]

@@ -21,7 +21,7 @@ def load_images(files, image_size: int, batch_size: int = 64) -> np.ndarray:
 class OnlineAugmented(Closing):
     """Epoch e: view e of every training image, augmented afresh (`settings`: augment.augment_settings);
     validation on the plain images. `views` (epoch -> one view number per image) picks other views,
-    e.g. the ones cached training draws (viewcache.epoch_views)."""
+    e.g. the ones cached training draws (views.epoch_views)."""
 
     def __init__(self, images: np.ndarray, labels, val_images: np.ndarray, val_labels, settings: dict,
                  views: Callable | None = None):

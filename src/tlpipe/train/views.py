@@ -11,23 +11,35 @@ import numpy as np
 from tlpipe.train.data import Closing
 
 
+def epoch_views(n: int, views: int, seed: int, epoch: int) -> np.ndarray:
+    """The view each image shows in `epoch`, seeded by (seed, epoch) alone, so resuming repeats it.
+
+    Each image walks through a random permutation of its views, a fresh one every `views` epochs:
+    no view repeats before all have been shown, so with `views >= epochs` every epoch sees new
+    augmentations, as online training does. (loop.fit shuffles the order itself.)"""
+    cycle, position = divmod(int(epoch), int(views))
+    keys = np.random.default_rng([int(seed), cycle, 1]).random((n, views))
+    return np.argsort(keys, axis=1, kind="stable")[:, position]
+
+
 class CachedViews(Closing):
     """The view cache at `path`: epoch e shows each training image as the view `epoch_views` picks.
     `expect`: attrs the cache must have (FeatureFileError naming the difference otherwise)."""
 
     def __init__(self, path, seed: int, expect: dict | None = None):
-        from tlpipe.features import viewcache
+        from tlpipe.features import viewfile
 
         self.path, self.seed = path, int(seed)
-        self.attrs = viewcache.read_attrs(path)
-        viewcache.check_attrs(path, self.attrs, {"mode": "cached", **(expect or {})})
-        x, y = viewcache.load_part(path, "validation")
+        self.attrs = viewfile.read_attrs(path)
+        viewfile.check_attrs(path, self.attrs, {"mode": "cached", **(expect or {})})
+        x, y = viewfile.load_part(path, "validation")
         self.val = (x.astype(np.float32), y)
-        self.reader = viewcache.ViewReader(path)
+        self.reader = viewfile.ViewReader(path)
         self.fingerprint = {"mode": "cached", "cache": self.attrs}
 
     def epoch(self, e: int) -> tuple:
-        return self.reader.epoch(self.seed, e)
+        r = self.reader
+        return r.read_views(epoch_views(r.n, r.views, self.seed, e))
 
     def validation(self) -> tuple:
         return self.val
@@ -41,7 +53,6 @@ class FrozenSuffix(Closing):
     computed once per view: the head's inputs. `seconds`: how long that one pass took."""
 
     def __init__(self, views: CachedViews, cached_model):
-        from tlpipe.features.viewcache import epoch_views
         from tlpipe.train.models import frozen_features_model
 
         if cached_model.get_layer("suffix").trainable_variables:

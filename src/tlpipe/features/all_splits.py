@@ -1,4 +1,4 @@
-"""All splits' features at once, and the cut they are stored at: with backbone.layer or backbone.pooling
+"""All splits' features at once, and the cut they are stored at (the extract stage): with backbone.layer or backbone.pooling
 `auto`, every split's candidate activations are computed first (one forward pass), the linear probe
 (features.probe) picks the cut on train -> validation, and each split's file is assembled at that cut.
 Writes `<out>/cut.json` (features.cut) either way.
