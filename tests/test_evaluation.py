@@ -10,7 +10,7 @@ import pytest
 from tlpipe.evaluate import metrics as em
 from tlpipe.evaluate import run as ev
 from tlpipe.evaluate import tables
-from tlpipe.model import saved as modelio
+from tlpipe.model import saved
 from tlpipe.errors import DataError, ModelFileError
 from tlpipe.train.head import run_train_head
 
@@ -97,7 +97,7 @@ def test_confusion_and_prediction_rows():
 
 
 def test_can_use_features():
-    attrs = {k: "x" for k in modelio.FEATURE_KEYS}
+    attrs = {k: "x" for k in saved.FEATURE_KEYS}
     attrs.update(class_names=["a", "b"], weights_sha256="", image_size=32)
     info = {**attrs, "weights_sha256": None, "trainable_from": None}
     assert ev.can_use_features(info, attrs)
@@ -118,9 +118,9 @@ def project(tmp_path_factory):
     root = make_feature_project(tmp_path_factory.mktemp("evalproj"), counts={"train": 6, "validation": 3, "test": 5})
     run_train_head(root / "features", root / "models" / "head.keras", root / "metrics" / "th.json",
                    root / "dvclive", HeadParams)
-    model = modelio.load_model(root / "models" / "head.keras")
-    modelio.set_trainable_from(model, "block3_conv1")
-    modelio.save_model(model, root / "models" / "finetuned.keras")
+    model = saved.load_model(root / "models" / "head.keras")
+    saved.set_trainable_from(model, "block3_conv1")
+    saved.save_model(model, root / "models" / "finetuned.keras")
     return root
 
 
