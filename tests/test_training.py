@@ -10,7 +10,7 @@ from tlpipe.errors import ConfigError
 from tlpipe.model.head import build_head
 from tlpipe.train import loop as training
 from tlpipe.train.compile import compile_classifier
-from tlpipe.train.data import StoredFeatures
+from tlpipe.train.trainingdata import StoredFeatures
 
 
 def _data(n, dim=12, seed=0):

@@ -3,9 +3,9 @@ modes (`augment.mode`):
 
 - cached: only the part after the view cache's boundary runs (models.cached_training_model, built
   from the SAME layer objects as the full model, so training it trains the full model in place) on
-  data.CachedViews; when that part is frozen too (train_head_aug), the head alone trains on
-  data.FrozenSuffix.
-- online (the book's way): the full model on data.OnlineAugmented.
+  views.CachedViews; when that part is frozen too (train_head_aug), the head alone trains on
+  views.FrozenSuffix.
+- online (the book's way): the full model on online.OnlineAugmented.
 
 Either way the full model is what gets saved; in cached mode its prefix (frozen) is untouched.
 """

@@ -55,7 +55,7 @@ def read_stored_features(features_dir, backbone=None):
     """features_dir/{train,validation}.h5 checked against each other and params.backbone (None: not
     checked) -> (StoredFeatures, their shared attrs)."""
     from tlpipe.features.extract import read_features
-    from tlpipe.train.data import StoredFeatures
+    from tlpipe.train.trainingdata import StoredFeatures
 
     features_dir = Path(features_dir)
     paths = {part: features_dir / f"{part}.h5" for part in ("train", "validation")}
