@@ -15,6 +15,7 @@ from tlpipe.train.compile import compile_classifier
 from tlpipe.train.views import CachedViews
 from tlpipe.train.finetune import run_finetune
 from tlpipe.train.head_aug import run_head_aug
+from tlpipe.train.settings import TrainSettings
 from tlpipe.train.models import cached_training_model, freeze_batchnorm
 
 SIZE = 32
@@ -40,14 +41,14 @@ def head_aug(tmp, p, split, images, tag="a"):
     return run_head_aug(cache=tmp / "views.h5", split_dir=split, images_dir=images,
                         model_out=tmp / f"head_aug_{tag}.keras", metrics_out=tmp / f"m_{tag}.json",
                         live_dir=tmp / f"live_{tag}", backbone=p.backbone, compute=p.compute, head=p.head,
-                        head_aug=p.head_aug, augment=p.augment)
+                        run=TrainSettings.from_params(p.head_aug), augment=p.augment)
 
 
 def fine(tmp, p, split, images, model_in, tag="f"):
     return run_finetune(cache=tmp / "views.h5", split_dir=split, images_dir=images, model_in=model_in,
                         model_out=tmp / f"finetuned_{tag}.keras", metrics_out=tmp / f"mf_{tag}.json",
                         live_dir=tmp / f"livef_{tag}", backbone=p.backbone, compute=p.compute,
-                        augment=p.augment, finetune=p.finetune)
+                        augment=p.augment, finetune=p.finetune, run=TrainSettings.from_params(p.finetune))
 
 
 def base_weights(model):
