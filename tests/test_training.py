@@ -1,4 +1,4 @@
-"""training.fit: determinism, dvclive output, checkpoints and resume."""
+"""loop.fit: determinism, dvclive output, checkpoints and resume."""
 
 import json
 
