@@ -220,8 +220,9 @@ def test_frozen_suffix_training_equals_running_the_suffix_every_epoch(cached_run
             x, y = views.epoch(e)
             np.testing.assert_allclose(frozen.epoch(e)[0], running.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
             np.testing.assert_array_equal(frozen.epoch(e)[1], y)
-        fast = fit(compile_classifier(head, 2, 1e-2), frozen, 3, 4, 4, tmp / "live_fast")
-        slow = fit(compile_classifier(suffix_model, 2, 1e-2), views, 3, 4, 4, tmp / "live_slow")
+        fast = fit(compile_classifier(head, 2, 1e-2), frozen, epochs=3, batch_size=4, seed=4, live_dir=tmp / "live_fast")
+        slow = fit(compile_classifier(suffix_model, 2, 1e-2), views, epochs=3, batch_size=4, seed=4,
+                   live_dir=tmp / "live_slow")
     for a, b in zip(fast["history"], slow["history"]):
         assert a == pytest.approx(b, rel=1e-4, abs=1e-6)
     assert fast["history"][0]["train_loss"] != fast["history"][-1]["train_loss"]  # the head did train
