@@ -34,7 +34,7 @@ from common import DEFAULT_SOURCE, add_model_args, make_split, paired_difference
 
 
 class EpochClock:
-    """Wall time of each finished epoch, from training.fit's on_epoch_end hook."""
+    """Wall time of each finished epoch, from loop.fit's on_epoch_end hook."""
 
     def __init__(self):
         self.ends = [time.perf_counter()]
@@ -86,7 +86,8 @@ def run_mode(args, work: Path, split: Path, mode: str, tag: str, views=None, aug
 
     from tlpipe.data.manifests import read_class_names
     from tlpipe.features.viewcache import build_from_manifests
-    from tlpipe.train.augmented import RunSettings, cache_expect
+    from tlpipe.train.augmented import cache_expect
+    from tlpipe.train.settings import TrainSettings
     from tlpipe.model.saved import model_info
     from tlpipe.train.models import finetune_model, new_model
 
@@ -102,14 +103,14 @@ def run_mode(args, work: Path, split: Path, mode: str, tag: str, views=None, aug
     classes = read_class_names(split / "classes.json")
     expect = cache_expect(p.backbone, p.augment, p.compute, classes)
     keras.backend.clear_session()
-    run = RunSettings.from_params(p.head_aug)
+    run = TrainSettings.from_params(p.head_aug)
     full = new_model(p.backbone, p.compute.precision, p.head.units, p.head.dropout, run.seed, classes)
     m, out["frozen_suffix_s"] = train_stage(full, run, p, d, split, args.source, "head_aug", expect, draws)
     out["head_aug_epoch_s"], out["head_aug_val_acc"] = m["epoch_s"], m["last"]["val_accuracy"]
     if finetune:
         keras.backend.clear_session()
         full = finetune_model(d / "head_aug.keras", p.backbone, p.compute.precision, p.finetune.unfreeze_from)
-        m, _ = train_stage(full, RunSettings.from_params(p.finetune), p, d, split, args.source, "finetuned",
+        m, _ = train_stage(full, TrainSettings.from_params(p.finetune), p, d, split, args.source, "finetuned",
                            {**expect, "unfreeze_from": model_info(full)["trainable_from"]}, draws)
         out["finetune_epoch_s"], out["finetune_val_acc"] = m["epoch_s"], m["last"]["val_accuracy"]
     print(f"# {tag}: " + json.dumps({k: round(v, 3) for k, v in out.items()}), file=sys.stderr, flush=True)

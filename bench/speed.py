@@ -4,7 +4,7 @@ This machine's throughput swings by up to 2x from one minute to the next (the sa
 26 or 52 ms, as if a core came and went; docs/benchmarks.md). Timing one mode's whole run and
 then the other's can be off by that factor. Here both modes train the models their stages build
 (train.models.cached_training_model or the full model, compiled by train.compile.compile_classifier)
-on the data their stages read (train.data.CachedViews, FrozenSuffix and OnlineAugmented), in alternating rounds
+on the data their stages read (train.views.CachedViews, FrozenSuffix and train.online.OnlineAugmented), in alternating rounds
 of about --round-seconds each, the order flipping every round: each round's ratio compares two
 neighbours in time.
 

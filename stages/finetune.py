@@ -28,12 +28,12 @@ def main(argv=None):
 
     from tlpipe.features.cut import with_cut
     from tlpipe.train.finetune import run_finetune
+    from tlpipe.train.settings import TrainSettings
 
     run_finetune(cache=args.cache, split_dir=args.split_dir, images_dir=args.images,
                  model_in=args.model_in or f"models/{p.finetune.from_}.keras", model_out=args.model,
                  metrics_out=args.metrics, live_dir=args.live, backbone=with_cut(p.backbone, args.cut), compute=p.compute,
-                 augment=p.augment, finetune=p.finetune, resume=p.train.resume, keep=p.train.keep,
-                 patience=p.train.patience)
+                 augment=p.augment, finetune=p.finetune, run=TrainSettings.from_params(p.finetune, p.train))
 
 
 if __name__ == "__main__":

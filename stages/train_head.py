@@ -20,10 +20,11 @@ def main(argv=None):
 
     from tlpipe.features.cut import CUT_FILE, with_cut
     from tlpipe.train.head import run_train_head
+    from tlpipe.train.settings import TrainSettings
 
-    run_train_head(args.features, args.model, args.metrics, args.live, params.head, resume=params.train.resume,
-                   backbone=with_cut(params.backbone, f"{args.features}/{CUT_FILE}"), keep=params.train.keep,
-                   patience=params.train.patience, strategy=params.compute.strategy)
+    run_train_head(args.features, args.model, args.metrics, args.live, params.head,
+                   TrainSettings.from_params(params.head, params.train),
+                   backbone=with_cut(params.backbone, f"{args.features}/{CUT_FILE}"), strategy=params.compute.strategy)
 
 
 if __name__ == "__main__":

@@ -28,11 +28,12 @@ def main(argv=None):
 
     from tlpipe.features.cut import with_cut
     from tlpipe.train.head_aug import run_head_aug
+    from tlpipe.train.settings import TrainSettings
 
     run_head_aug(cache=args.cache, split_dir=args.split_dir, images_dir=args.images, model_out=args.model,
                  metrics_out=args.metrics, live_dir=args.live, backbone=with_cut(p.backbone, args.cut), compute=p.compute,
-                 head=p.head, head_aug=p.head_aug, augment=p.augment, resume=p.train.resume,
-                 keep=p.train.keep, patience=p.train.patience, train_features=args.features)
+                 head=p.head, run=TrainSettings.from_params(p.head_aug, p.train), augment=p.augment,
+                 train_features=args.features)
 
 
 if __name__ == "__main__":

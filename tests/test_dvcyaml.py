@@ -177,6 +177,19 @@ def test_deps_list_exactly_the_modules_the_stage_runs(name):
         f"The modules its script runs:\n{want}")
 
 
+def test_no_stage_declares_a_how_key():
+    """Switching a how key (config.HOW_KEYS: train.resume, compute.strategy...) reruns nothing: no stage
+    names it, nor the whole section holding it (DVC would track every key of that section)."""
+    from tlpipe.config import HOW_KEYS
+
+    for name, stage in STAGES.items():
+        for item in stage.get("params", []):
+            keys = item if isinstance(item, dict) else {"params.yaml": [item]}
+            for key in (k for ks in keys.values() for k in (ks or [])):
+                hidden = [h for h in HOW_KEYS if h == key or h.startswith(key + ".")]
+                assert not hidden, f"dvc.yaml stage {name!r} declares {key!r}, so switching {hidden} reruns it"
+
+
 def test_the_readme_shows_the_real_graph():
     proc = subprocess.run([str(BIN / "dvc"), "dag", "--md"], cwd=REPO, env=tool_env(), capture_output=True,
                           text=True, timeout=120, check=True)

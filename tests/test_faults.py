@@ -112,7 +112,7 @@ def train_scenario(project: Path) -> dict:
     copy, false."""
     cmd = stage_cmd("train_head", "--features", "features", "--model", "models/head.keras",
                     "--metrics", "metrics/train_head.json", "--live", "dvclive/train_head")
-    seen = {"killed": kill_at(project, cmd, "tlpipe.train.loop:save_checkpoint:3"),
+    seen = {"killed": kill_at(project, cmd, "tlpipe.train.checkpoint:save_checkpoint:3"),
             "after_kill": listing(project / "models"), "metrics_after_kill": (project / "metrics").exists()}
     state = project / "models" / ".head.work" / "state.json"
     seen["state"] = json.loads(state.read_text()) if state.exists() else None

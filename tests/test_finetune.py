@@ -15,6 +15,7 @@ from tlpipe.train.compile import compile_classifier
 from tlpipe.train.views import CachedViews, epoch_views
 from tlpipe.train.finetune import run_finetune
 from tlpipe.train.head_aug import run_head_aug
+from tlpipe.train.settings import TrainSettings
 from tlpipe.train.models import cached_training_model, freeze_batchnorm
 
 SIZE = 32
@@ -40,14 +41,14 @@ def head_aug(tmp, p, split, images, tag="a"):
     return run_head_aug(cache=tmp / "views.h5", split_dir=split, images_dir=images,
                         model_out=tmp / f"head_aug_{tag}.keras", metrics_out=tmp / f"m_{tag}.json",
                         live_dir=tmp / f"live_{tag}", backbone=p.backbone, compute=p.compute, head=p.head,
-                        head_aug=p.head_aug, augment=p.augment)
+                        run=TrainSettings.from_params(p.head_aug), augment=p.augment)
 
 
 def fine(tmp, p, split, images, model_in, tag="f"):
     return run_finetune(cache=tmp / "views.h5", split_dir=split, images_dir=images, model_in=model_in,
                         model_out=tmp / f"finetuned_{tag}.keras", metrics_out=tmp / f"mf_{tag}.json",
                         live_dir=tmp / f"livef_{tag}", backbone=p.backbone, compute=p.compute,
-                        augment=p.augment, finetune=p.finetune)
+                        augment=p.augment, finetune=p.finetune, run=TrainSettings.from_params(p.finetune))
 
 
 def base_weights(model):
@@ -219,8 +220,9 @@ def test_frozen_suffix_training_equals_running_the_suffix_every_epoch(cached_run
             x, y = views.epoch(e)
             np.testing.assert_allclose(frozen.epoch(e)[0], running.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
             np.testing.assert_array_equal(frozen.epoch(e)[1], y)
-        fast = fit(compile_classifier(head, 2, 1e-2), frozen, 3, 4, 4, tmp / "live_fast")
-        slow = fit(compile_classifier(suffix_model, 2, 1e-2), views, 3, 4, 4, tmp / "live_slow")
+        fast = fit(compile_classifier(head, 2, 1e-2), frozen, epochs=3, batch_size=4, seed=4, live_dir=tmp / "live_fast")
+        slow = fit(compile_classifier(suffix_model, 2, 1e-2), views, epochs=3, batch_size=4, seed=4,
+                   live_dir=tmp / "live_slow")
     for a, b in zip(fast["history"], slow["history"]):
         assert a == pytest.approx(b, rel=1e-4, abs=1e-6)
     assert fast["history"][0]["train_loss"] != fast["history"][-1]["train_loss"]  # the head did train

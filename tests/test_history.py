@@ -8,7 +8,8 @@ import pandas as pd
 
 from tlpipe.history import best_index
 from tlpipe.report.curves import best_epoch
-from tlpipe.train.loop import should_stop, summarize
+from tlpipe.train.callbacks import should_stop
+from tlpipe.train.loop import summarize
 
 NAN = math.nan
 

@@ -18,6 +18,7 @@ from tlpipe.model.saved import load_model
 from tlpipe.train.compile import compile_classifier
 from tlpipe.train.finetune import run_finetune
 from tlpipe.train.head_aug import run_head_aug
+from tlpipe.train.settings import TrainSettings
 from tlpipe.train.models import cached_training_model
 from tlpipe.train.views import CachedViews
 
@@ -48,7 +49,7 @@ def head_aug(tmp, p, split, images, tag, epochs=None, **kw):
     return run_head_aug(cache=tmp / "views.h5", split_dir=split, images_dir=images,
                         model_out=tmp / f"head_aug_{tag}.keras", metrics_out=tmp / f"m_{tag}.json",
                         live_dir=tmp / f"live_{tag}", backbone=p.backbone, compute=p.compute, head=p.head,
-                        head_aug=p.head_aug, augment=p.augment, **kw)
+                        run=TrainSettings.from_params(p.head_aug, p.train.model_copy(update=kw)), augment=p.augment)
 
 
 def fine(tmp, p, split, images, model_in, tag, epochs=None, **kw):
@@ -58,7 +59,8 @@ def fine(tmp, p, split, images, model_in, tag, epochs=None, **kw):
     return run_finetune(cache=tmp / "views.h5", split_dir=split, images_dir=images, model_in=model_in,
                         model_out=tmp / f"finetuned_{tag}.keras", metrics_out=tmp / f"mf_{tag}.json",
                         live_dir=tmp / f"livef_{tag}", backbone=p.backbone, compute=p.compute,
-                        augment=p.augment, finetune=p.finetune, **kw)
+                        augment=p.augment, finetune=p.finetune,
+                        run=TrainSettings.from_params(p.finetune, p.train.model_copy(update=kw)))
 
 
 def scored_from_the_cache(tmp, model_path):

@@ -149,6 +149,17 @@ def test_a_param_makes_stale_only_the_stages_that_read_it(repo, key, value, stal
     assert stale in changed and not changed & fresh, changed
 
 
+def test_switching_how_keys_makes_nothing_stale(repo):
+    # train.resume: a resumed run is identical to an uninterrupted one, so no stage declares it.
+    repo, _, _ = repo
+    set_params(repo, {"train": {"resume": True}, "compute": {"strategy": "default"}})
+    try:
+        changed = json.loads(dvc(repo, "status", "--json").stdout)
+    finally:
+        sh(["git", "checkout", "params.yaml"], repo)
+    assert changed == {}, changed
+
+
 def test_changing_head_lr_reruns_only_what_follows_the_head(repo):
     repo, _, _ = repo
     sh(["git", "add", "-A"], repo)

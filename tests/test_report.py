@@ -157,7 +157,7 @@ def run_dir(tmp_path_factory) -> Path:
                 d.mkdir(parents=True, exist_ok=True)
                 vals = [(0.9 if metric == "loss" else 0.5) * (0.9 ** e if metric == "loss" else 1 + 0.05 * e)
                         for e in range(5)]
-                (d / f"{metric}.tsv").write_text(f"step\t{metric}\n" + "".join(f"{e}\t{v}\n" for e, v in enumerate(vals)))
+                (d / f"{metric}.tsv").write_text(f"step\t{metric}\n" + "".join(f"{e}\t{v}\n" for e, v in enumerate(vals, 1)))
     from tlpipe.features.cut import write_cut
 
     write_cut(root / "features" / "cut.json", "block4_pool", "avg", "probe",
@@ -330,12 +330,12 @@ def test_curves_read_whatever_dvclive_wrote(tmp_path):
     assert split_metric_name("accuracy") == ("accuracy", "train")
     d = tmp_path / "live" / "finetune" / "plots" / "metrics"
     d.mkdir(parents=True)
-    (d / "loss.tsv").write_text("timestamp\tstep\tloss\n1\t0\t0.9\n2\t1\t0.7\n3\t2\t0.6\n")
-    (d / "val_loss.tsv").write_text("timestamp\tstep\tval_loss\n1\t0\t1.0\n2\t1\t0.8\n3\t2\t0.9\n")
+    (d / "loss.tsv").write_text("timestamp\tstep\tloss\n1\t1\t0.9\n2\t2\t0.7\n3\t3\t0.6\n")
+    (d / "val_loss.tsv").write_text("timestamp\tstep\tval_loss\n1\t1\t1.0\n2\t2\t0.8\n3\t3\t0.9\n")
     (d / "lr.tsv").write_text("step\tlr\n")  # no rows yet: skipped
     m = read_stage_metrics(d.parent.parent)
     assert list(m) == ["loss"] and m["loss"]["validation"].tolist() == [1.0, 0.8, 0.9]
-    assert m["loss"]["train"].index.tolist() == [1, 2, 3]  # epochs count from 1
+    assert m["loss"]["train"].index.tolist() == [1, 2, 3]  # the step is the epoch, from 1
     recs = save_curves(tmp_path / "live", tmp_path / "out")
     assert [(r["stage"], r["epochs"], r["best_epoch"]) for r in recs] == [("finetune", 3, 2)]
     assert Image.open(tmp_path / "out" / recs[0]["file"]).size[0] > 300

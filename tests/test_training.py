@@ -1,4 +1,4 @@
-"""training.fit: determinism, dvclive output, checkpoints and resume."""
+"""loop.fit: determinism, dvclive output, checkpoints and resume."""
 
 import json
 
@@ -10,7 +10,7 @@ from tlpipe.errors import ConfigError
 from tlpipe.model.dense_head import build_head
 from tlpipe.train import loop as training
 from tlpipe.train.compile import compile_classifier
-from tlpipe.train.data import StoredFeatures
+from tlpipe.train.trainingdata import StoredFeatures
 
 
 def _data(n, dim=12, seed=0):
@@ -64,7 +64,8 @@ def test_dvclive_files_and_summary(tmp_path):
     live = tmp_path / "a" / "live"
     lines = _tsv(live, "val/accuracy").splitlines()
     assert lines[0].split("\t") == ["step", "accuracy"]
-    assert [ln.split("\t")[0] for ln in lines[1:]] == ["0", "1", "2"]
+    assert [ln.split("\t")[0] for ln in lines[1:]] == ["1", "2", "3"]  # step = epoch, from 1
+    assert json.loads((live / "metrics.json").read_text())["step"] == 3
     assert float(lines[-1].split("\t")[1]) == pytest.approx(res["last"]["val_accuracy"], abs=1e-6)
     # dvclive must not write a dvc.yaml or a report of its own.
     assert not (live / "dvc.yaml").exists() and not (tmp_path / "dvc.yaml").exists()
@@ -270,7 +271,7 @@ def test_patience_stops_after_that_many_epochs_without_a_new_best(tmp_path):
     model, res = _fit(tmp_path, "p", patience=3)
     assert res["best_epoch"] == 2 and res["epochs"] == 5 and res["kept_epoch"] == 2  # epochs 3, 4, 5: no new best
     lines = _tsv(tmp_path / "p", "val/loss").splitlines()[1:]
-    assert [ln.split("\t")[0] for ln in lines] == ["0", "1", "2", "3", "4"]
+    assert [ln.split("\t")[0] for ln in lines] == ["1", "2", "3", "4", "5"]
     _, full = _fit(tmp_path, "full", keep="last")
     assert res["history"] == full["history"][:5]
     _, never = _fit(tmp_path, "never", patience=8)  # patience longer than the run: all epochs

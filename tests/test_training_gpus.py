@@ -127,6 +127,7 @@ def test_mixed_float16_stops_train_head_aug_before_any_work(tmp_path):
 
     from tlpipe.config import validate_params
     from tlpipe.train.head_aug import run_head_aug
+    from tlpipe.train.settings import TrainSettings
 
     if tf.config.list_physical_devices("GPU"):
         pytest.skip("a GPU is visible: mixed_float16 is allowed here")
@@ -138,7 +139,8 @@ def test_mixed_float16_stops_train_head_aug_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="compute.precision: mixed_float16"):
         run_head_aug(cache=tmp_path / "views.h5", split_dir=split, images_dir=tmp_path,
                      model_out=tmp_path / "m.keras", metrics_out=tmp_path / "m.json", live_dir=tmp_path / "live",
-                     backbone=p.backbone, compute=p.compute, head=p.head, head_aug=p.head_aug, augment=p.augment)
+                     backbone=p.backbone, compute=p.compute, head=p.head, run=TrainSettings.from_params(p.head_aug),
+                     augment=p.augment)
     assert sorted(x.name for x in tmp_path.iterdir()) == ["split"]  # nothing written
 
 

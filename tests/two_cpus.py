@@ -28,6 +28,7 @@ from tlpipe.features import viewcache  # noqa: E402
 from tlpipe.train.finetune import run_finetune  # noqa: E402
 from tlpipe.train.head import run_train_head  # noqa: E402
 from tlpipe.train.head_aug import run_head_aug  # noqa: E402
+from tlpipe.train.settings import TrainSettings  # noqa: E402
 from tlpipe.train.strategy import training_strategy  # noqa: E402
 
 STRATEGIES = ("default", "mirrored")
@@ -63,7 +64,7 @@ def main(out: Path) -> None:
                                    compute=p.compute, unfreeze_from=p.finetune.unfreeze_from, progress=False)
     run_head_aug(cache=out / "views.h5", split_dir=split, images_dir=images, model_out=out / "head_aug.keras",
                  metrics_out=out / "head_aug.json", live_dir=out / "live_head_aug", backbone=p.backbone,
-                 compute=p.compute, head=p.head, head_aug=p.head_aug, augment=p.augment)
+                 compute=p.compute, head=p.head, run=TrainSettings.from_params(p.head_aug), augment=p.augment)
     for name in STRATEGIES:
         p = params(name)
         keras.backend.clear_session()
@@ -73,7 +74,8 @@ def main(out: Path) -> None:
         fine = run_finetune(cache=out / "views.h5", split_dir=split, images_dir=images,
                             model_in=out / "head_aug.keras", model_out=out / f"finetuned_{name}.keras",
                             metrics_out=out / f"finetune_{name}.json", live_dir=out / f"live_finetune_{name}",
-                            backbone=p.backbone, compute=p.compute, augment=p.augment, finetune=p.finetune)
+                            backbone=p.backbone, compute=p.compute, augment=p.augment, finetune=p.finetune,
+                            run=TrainSettings.from_params(p.finetune))
         result[name].update(head=head["history"], finetune=fine["history"])
     # A mirrored run stopped after epoch 2, then resumed from its checkpoint.
     p = params("mirrored")
@@ -90,7 +92,8 @@ def main(out: Path) -> None:
         pass
     keras.backend.clear_session()
     resumed = run_train_head(out / "features", out / "head_resumed.keras", out / "head_resumed.json",
-                             out / "live_head_resumed", p.head, strategy="mirrored", resume=True)
+                             out / "live_head_resumed", p.head, TrainSettings.from_params(p.head, p.train.model_copy(update={"resume": True})),
+                             strategy="mirrored")
     result["mirrored"]["head_resumed"] = resumed["history"]
     (out / "result.json").write_text(json.dumps(result))
 

@@ -118,7 +118,8 @@ class ComputeParams(Section):
 
 # Keys that change how a stage computes, never what it writes (byte-identical outputs, or training
 # metrics within a stated tolerance): dvc.yaml leaves them out, so switching them reruns nothing.
-HOW_KEYS = ("compute.engine", "compute.ray_address", "compute.strategy")
+# train.resume: a resumed run is bit-for-bit an uninterrupted one (train/checkpoint.py).
+HOW_KEYS = ("compute.engine", "compute.ray_address", "compute.strategy", "train.resume")
 
 
 class HeadParams(Section):
@@ -161,7 +162,7 @@ class FinetuneParams(TrainRunParams):
 
 
 class TrainParams(Section):
-    resume: bool = False
+    resume: bool = False  # how, not what (HOW_KEYS)
     keep: Literal[TRAIN_KEEPS] = "best"  # type: ignore[valid-type]
     patience: PosInt | None = None
 

@@ -1,7 +1,7 @@
 """Training curves (train vs validation, per epoch) from dvclive folders, one PNG per stage.
 
 dvclive writes each logged metric to `<live>/<stage>/plots/metrics/<name>.tsv` with columns
-`step` (0-based epoch) and the metric. Names vary with how training logs them ("train/loss",
+`step` (the epoch, from 1: training sets dvclive's step to it) and the metric. Names vary with how training logs them ("train/loss",
 "val/loss", or Keras-style "loss", "val_loss"), so we read whatever exists and group by metric.
 Each panel marks the best epoch as training defines it (tlpipe.history.best_index: lowest validation
 loss, earliest on ties, never a NaN; the metrics files' best_epoch), the epoch `train.keep: best` saves.
@@ -49,7 +49,7 @@ def read_stage_metrics(stage_dir) -> dict[str, dict[str, pd.Series]]:
         if "step" not in df.columns or not value_cols or df.empty:
             continue  # nothing plottable; an empty file is a run interrupted before its first epoch
         metric, split = split_metric_name(rel)
-        series = pd.Series(df[value_cols[-1]].to_numpy(float), index=df["step"].to_numpy() + 1)
+        series = pd.Series(df[value_cols[-1]].to_numpy(float), index=df["step"].to_numpy())
         metrics.setdefault(metric, {})[split] = series
     return metrics
 

@@ -3,9 +3,9 @@ modes (`augment.mode`):
 
 - cached: only the part after the view cache's boundary runs (models.cached_training_model, built
   from the SAME layer objects as the full model, so training it trains the full model in place) on
-  data.CachedViews; when that part is frozen too (train_head_aug), the head alone trains on
-  data.FrozenSuffix.
-- online (the book's way): the full model on data.OnlineAugmented.
+  views.CachedViews; when that part is frozen too (train_head_aug), the head alone trains on
+  views.FrozenSuffix.
+- online (the book's way): the full model on online.OnlineAugmented.
 
 Either way the full model is what gets saved; in cached mode its prefix (frozen) is untouched.
 """
@@ -14,26 +14,10 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from tlpipe.choices import AUGMENT_MODES
 from tlpipe.errors import ConfigError
-
-
-@dataclass(frozen=True)
-class RunSettings:
-    """One training run's `lr, epochs, batch_size, seed, schedule` (params.head_aug or params.finetune)."""
-    lr: float
-    epochs: int
-    batch_size: int
-    seed: int
-    schedule: str = "constant"
-
-    @classmethod
-    def from_params(cls, section) -> "RunSettings":
-        return cls(float(section.lr), int(section.epochs), int(section.batch_size), int(section.seed),
-                   str(section.schedule))
 
 
 def cache_expect(backbone, augment, compute, class_names) -> dict:
@@ -74,25 +58,20 @@ def choose_data(full, augment, seed: int, *, cache, split_dir, images_dir, expec
     raise ConfigError(f"augment.mode: must be one of {', '.join(AUGMENT_MODES)}, got {augment.mode!r}")
 
 
-def fit_and_save(full, model, data, run: RunSettings, *, live_dir, model_path, resume: bool = False,
-                 on_epoch_end=None, keep: str = "best", patience: int | None = None) -> dict:
-    """Compile and fit `model` (choose_data's) on `data`, then save `full` atomically to `model_path`;
-    returns fit's summary with the per-epoch history. keep="best" (train.keep) restores the best
-    epoch's variables into `model`'s layers, which are `full`'s, so `full` is saved with them."""
+def fit_and_save(full, model, data, run, *, live_dir, model_path, on_epoch_end=None) -> dict:
+    """Compile and fit `model` (choose_data's) on `data` as `run` (a settings.TrainSettings with lr and
+    schedule) says, then save `full` atomically to `model_path`; returns fit's summary with the
+    per-epoch history. keep="best" (train.keep) restores the best epoch's variables into `model`'s
+    layers, which are `full`'s, so `full` is saved with them."""
     from tlpipe.model.saved import model_info, save_model
-    from tlpipe.train.compile import compile_classifier, learning_rates
-    from tlpipe.train.loop import fit, work_dir_for
+    from tlpipe.train.checkpoint import work_dir_for
+    from tlpipe.train.compile import compile_classifier
+    from tlpipe.train.loop import fit
     from tlpipe.train.models import detached
 
     compile_classifier(model, len(model_info(full)["class_names"]), run.lr)
-    rates = learning_rates(run.lr, run.epochs, run.schedule)
-    # A checkpoint resumes only under the same rates: a cosine's depend on the epochs too.
-    finger = {"lr": run.lr} if run.schedule == "constant" else {"lr": run.lr, "schedule": run.schedule,
-                                                               "epochs": run.epochs}
     t0 = time.perf_counter()
-    result = fit(model, data, run.epochs, run.batch_size, run.seed, live_dir, work_dir=work_dir_for(model_path),
-                 resume=resume, fingerprint=finger, on_epoch_end=on_epoch_end, keep=keep,
-                 patience=patience, learning_rates=rates)
+    result = fit(model, data, run, live_dir=live_dir, work_dir=work_dir_for(model_path), on_epoch_end=on_epoch_end)
     seconds = time.perf_counter() - t0
     print(f"{Path(model_path).name}: {data.fingerprint['mode']} mode, "
           f"{seconds / max(1, len(result['history'])):.1f} s/epoch",

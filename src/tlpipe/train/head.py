@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from tlpipe.errors import FeatureFileError
@@ -55,7 +56,7 @@ def read_stored_features(features_dir, backbone=None):
     """features_dir/{train,validation}.h5 checked against each other and params.backbone (None: not
     checked) -> (StoredFeatures, their shared attrs)."""
     from tlpipe.features.featurefile import read_features
-    from tlpipe.train.data import StoredFeatures
+    from tlpipe.train.trainingdata import StoredFeatures
 
     features_dir = Path(features_dir)
     paths = {part: features_dir / f"{part}.h5" for part in ("train", "validation")}
@@ -77,34 +78,37 @@ def read_stored_features(features_dir, backbone=None):
     return StoredFeatures((xt, yt), (xv, yv)), attrs
 
 
-def run_train_head(features_dir, model_out, metrics_out, live_dir, head, resume: bool = False,
-                   backbone=None, on_epoch_end=None, keep: str = "best", patience: int | None = None,
-                   strategy: str = "auto") -> dict:
+def run_train_head(features_dir, model_out, metrics_out, live_dir, head, run=None, backbone=None,
+                   on_epoch_end=None, strategy: str = "auto") -> dict:
     """train_head: the dense head on stored features, saved as a full model (model.saved format).
 
-    `head`: params.head (units, dropout, lr, epochs, batch_size, seed); `backbone`: params.backbone,
-    which the feature files must match (None: not checked); `keep`, `patience`: train.keep and
-    train.patience (loop.fit); `strategy`: compute.strategy (train.strategy). Writes `model_out` and the metrics file
-    (loop.metrics_of); returns fit's summary with the per-epoch history.
+    `head`: params.head (units, dropout, standardize; lr, epochs, batch_size, seed); `run`: the
+    settings.TrainSettings of head and params.train (None: head's with train's defaults);
+    `backbone`: params.backbone, which the feature files must match (None: not checked); `strategy`:
+    compute.strategy (train.strategy). Writes `model_out` and the metrics file (loop.metrics_of);
+    returns fit's summary with the per-epoch history.
     """
     from tlpipe.model.dense_head import build_head, feature_stats
     from tlpipe.model.saved import assemble, save_model
-    from tlpipe.train.compile import compile_classifier
     from tlpipe.atomic import write_json
-    from tlpipe.train.loop import fit, metrics_of, work_dir_for
+    from tlpipe.train.checkpoint import work_dir_for
+    from tlpipe.train.compile import compile_classifier
+    from tlpipe.train.loop import fit, metrics_of
+    from tlpipe.train.settings import TrainSettings
     from tlpipe.train.strategy import training_strategy
 
+    run = run or TrainSettings.from_params(head)
+    # The model's settings too: a checkpoint resumes only into the same head.
+    run = replace(run, fingerprint={**run.fingerprint, "units": int(head.units), "dropout": float(head.dropout),
+                                    "standardize": bool(head.standardize)})
     data, attrs = read_stored_features(features_dir, backbone)
     n_classes = len(attrs["class_names"])
     stats = feature_stats(data.train[0]) if head.standardize else None
-    settings = {"lr": float(head.lr), "units": int(head.units), "dropout": float(head.dropout),
-                "standardize": bool(head.standardize)}
-    with training_strategy(strategy, head.batch_size).scope():
+    with training_strategy(strategy, run.batch_size).scope():
         model = compile_classifier(build_head(data.train[0].shape[1], n_classes, head.units, head.dropout,
-                                              seed=head.seed, stats=stats), n_classes, head.lr)
-        result = fit(model, data, head.epochs, head.batch_size, head.seed, live_dir,
-                     work_dir=work_dir_for(model_out), resume=resume, fingerprint=settings,
-                     on_epoch_end=on_epoch_end, keep=keep, patience=patience)
+                                              seed=run.seed, stats=stats), n_classes, run.lr)
+        result = fit(model, data, run, live_dir=live_dir, work_dir=work_dir_for(model_out),
+                     on_epoch_end=on_epoch_end)
 
     info = {**attrs, "trainable_from": None}
     save_model(assemble(base_for(attrs), attrs["layer"], attrs["pooling"], model, info, name="head"), model_out)

@@ -1,4 +1,4 @@
-"""Training data augmented while training (augment.mode online): see tlpipe.train.data."""
+"""Training data augmented while training (augment.mode online): see tlpipe.train.trainingdata."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Callable
 
 import numpy as np
 
-from tlpipe.train.data import Closing
+from tlpipe.train.trainingdata import Closing
 
 
 def load_images(files, image_size: int, batch_size: int = 64) -> np.ndarray:

@@ -1,5 +1,5 @@
 """Training data from the view cache: the boundary activations of each view (finetune, cached mode),
-or their pooled output through a frozen suffix (train_head_aug, cached mode). See tlpipe.train.data."""
+or their pooled output through a frozen suffix (train_head_aug, cached mode). See tlpipe.train.trainingdata."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from tlpipe.train.data import Closing
+from tlpipe.train.trainingdata import Closing
 
 
 def epoch_views(n: int, views: int, seed: int, epoch: int) -> np.ndarray:

@@ -6,7 +6,7 @@ which a checkpoint must match to be resumed. An epoch depends on (seed, e) alone
 sees the batches an uninterrupted one would.
 
 One source per module, so a stage depends only on the code of the data it reads:
-- data.StoredFeatures: the extract stage's features (train_head): the same arrays every epoch.
+- trainingdata.StoredFeatures: the extract stage's features (train_head): the same arrays every epoch.
 - views.CachedViews: the view cache's boundary activations (finetune, cached mode): each epoch
   shows every training image as one of its cached views (`views.epoch_views`).
 - views.FrozenSuffix: CachedViews run through a frozen suffix once (train_head_aug, cached mode):

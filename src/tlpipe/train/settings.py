@@ -1,0 +1,76 @@
+"""One training run's settings, built once from the validated params sections and handed whole from the
+stage script down to `loop.fit`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tlpipe.choices import TRAIN_KEEPS
+from tlpipe.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """How `loop.fit` trains.
+
+    epochs, batch_size, seed: the stage section's (head, head_aug, finetune).
+    lr: the rate the model is compiled with (None: fit leaves the optimizer as compiled); a checkpoint
+      resumes only under the same one.
+    schedule: the section's (constant, cosine): fit sets each epoch's rate (compile.learning_rates);
+      None (head has no schedule): the compiled rate throughout. learning_rates: explicit per-epoch
+      rates instead (tests, benches).
+    resume, keep, patience: params.train's (docs/design.md, "Training: one shape").
+    fingerprint: further settings a checkpoint must match (e.g. head.units), besides the data's.
+    """
+
+    epochs: int
+    batch_size: int
+    seed: int
+    lr: float | None = None
+    schedule: str | None = None
+    learning_rates: tuple[float, ...] | None = None
+    resume: bool = False
+    keep: str = "best"
+    patience: int | None = None
+    fingerprint: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if isinstance(self.epochs, bool) or int(self.epochs) < 1:
+            raise ConfigError(f"epochs must be a positive integer, got {self.epochs}")
+        if isinstance(self.batch_size, bool) or int(self.batch_size) < 1:
+            raise ConfigError(f"batch_size must be a positive integer, got {self.batch_size}")
+        if self.keep not in TRAIN_KEEPS:
+            raise ConfigError(f"train.keep: must be one of {', '.join(TRAIN_KEEPS)}, got {self.keep!r}")
+        p = self.patience
+        if p is not None and (isinstance(p, bool) or int(p) != p or int(p) < 1):
+            raise ConfigError(f"train.patience: must be a positive integer or null, got {p!r}")
+        if self.learning_rates is not None and len(self.learning_rates) != int(self.epochs):
+            raise ValueError(f"learning_rates: {len(self.learning_rates)} rates for {self.epochs} epochs")
+
+    @classmethod
+    def from_params(cls, section, train=None) -> "TrainSettings":
+        """From a stage section (params.head, .head_aug, .finetune: lr, epochs, batch_size, seed and,
+        where it has one, schedule) and params.train (resume, keep, patience; None: the defaults)."""
+        schedule = getattr(section, "schedule", None)
+        extra = {} if train is None else {"resume": bool(train.resume), "keep": str(train.keep),
+                                          "patience": train.patience}
+        return cls(epochs=int(section.epochs), batch_size=int(section.batch_size), seed=int(section.seed),
+                   lr=float(section.lr), schedule=None if schedule is None else str(schedule), **extra)
+
+    def rates(self) -> list[float] | None:
+        """The learning rate of each epoch, or None to leave the compiled one."""
+        if self.learning_rates is not None:
+            return [float(r) for r in self.learning_rates]
+        if self.schedule is None:
+            return None
+        from tlpipe.train.compile import learning_rates
+
+        return learning_rates(self.lr, self.epochs, self.schedule)
+
+    def run_fingerprint(self) -> dict:
+        """The settings (besides seed, batch size, keep, patience and the data) a checkpoint must have
+        been made under: the rate, and a non-constant schedule's epochs (a cosine's rates depend on them)."""
+        out = {} if self.lr is None else {"lr": float(self.lr)}
+        if self.schedule not in (None, "constant"):
+            out.update(schedule=self.schedule, epochs=int(self.epochs))
+        return {**out, **self.fingerprint}
