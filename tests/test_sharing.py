@@ -132,18 +132,18 @@ def test_an_uncommitted_experiment_travels_by_exp_push_and_pull(team):
     alice, lr = team["alice"], 5e-3
     dvc(alice, "exp", "run", "-n", "lr5", "-S", f"head.lr={lr}")
     model = (alice / "models" / "head.keras").read_bytes()
-    metrics = (alice / "metrics" / "train_head.json").read_bytes()
+    metrics = (alice / "metrics" / "evaluate.json").read_bytes()  # (train_head's may not differ)
     dvc(alice, "exp", "push", "origin", "lr5")  # git ref to the hub, its outputs to the DVC remote
     sh(["git", "checkout", "--", "."], alice)
     dvc(alice, "checkout")
-    assert (alice / "metrics" / "train_head.json").read_bytes() != metrics  # the committed run's
+    assert (alice / "metrics" / "evaluate.json").read_bytes() != metrics  # the committed run's
     # Alice's own run cache: coming back to that value restores the outputs instead of training,
-    # the `cache: false` metrics file too (DVC copies it into the cache when it records the run).
+    # the `cache: false` metrics files too (DVC copies them into the cache when it records the run).
     set_params(alice, {"head": {"lr": lr}})
     proc = dvc(alice, "repro")
     assert stages_run(proc) == [] and "Stage 'train_head' is cached - skipping run" in proc.stdout, proc.stdout
     assert (alice / "models" / "head.keras").read_bytes() == model
-    assert (alice / "metrics" / "train_head.json").read_bytes() == metrics
+    assert (alice / "metrics" / "evaluate.json").read_bytes() == metrics
     sh(["git", "checkout", "--", "."], alice)
     dvc(alice, "checkout")
 
