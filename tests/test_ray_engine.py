@@ -153,6 +153,57 @@ def test_pool_shape_one_actor_per_gpu_else_per_thread_pool():
     assert engines.pool_shape(engines.Engine("ray"), 1, {"CPU": 8.0}) == (1, 8.0, 0.0)  # no idle actors
 
 
+def fits(shape, nodes) -> bool:
+    """Whether a pool of that shape can start on nodes of those resources, each actor on one node
+    (Ray places an actor whole), greedily, as the scheduler would."""
+    actors, cpu, gpu = shape
+    free = [dict(n) for n in nodes]
+    for _ in range(actors):
+        node = next((n for n in free if n.get("CPU", 0) >= cpu - 1e-9 and n.get("GPU", 0) >= gpu), None)
+        if node is None:
+            return False
+        node["CPU"] = node.get("CPU", 0) - cpu
+        node["GPU"] = node.get("GPU", 0) - gpu
+    return True
+
+
+HEAD = {"CPU": 64.0, "memory": 1e11}  # a CPU-only head node
+GPU_NODE = {"CPU": 16.0, "GPU": 4.0}
+
+
+def test_pool_shape_fits_each_actor_on_one_node_of_a_mixed_cluster():
+    gpu = engines.Engine("ray", device="gpu")
+    nodes = [HEAD, GPU_NODE, GPU_NODE]
+    # One actor per card; the CPUs each asks for are what a GPU node has per card, not the
+    # cluster's 96 CPUs over 8 actors (12 each: no GPU node could hold its 4 actors).
+    shape = engines.pool_shape(gpu, 100, nodes)
+    assert shape == (8, 4.0, 1.0) and fits(shape, nodes)
+    uneven = [HEAD, GPU_NODE, {"CPU": 8.0, "GPU": 4.0}]
+    shape = engines.pool_shape(gpu, 100, uneven)
+    assert shape == (8, 2.0, 1.0) and fits(shape, uneven)
+    few = [{"CPU": 2.0, "GPU": 4.0}]  # fewer CPUs than cards: a share of one
+    shape = engines.pool_shape(gpu, 100, few)
+    assert shape[0] == 4 and 0 < shape[1] < 1 and fits(shape, few)
+    # compute.device: cpu: actors of INTRA_OP_THREADS CPUs on every node, each within one node.
+    shape = engines.pool_shape(engines.Engine("ray"), 100, nodes)
+    assert shape == (24, 4.0, 0.0) and fits(shape, nodes)
+    small = [{"CPU": 3.0}, {"CPU": 2.0}, {"CPU": 2.0}]  # no node has 7 CPUs: 2 each, one per node
+    shape = engines.pool_shape(engines.Engine("ray", actors=3), 100, small)
+    assert shape == (3, 2.0, 0.0) and fits(shape, small)
+    # Few jobs: fewer actors, each as large as the nodes allow.
+    shape = engines.pool_shape(engines.Engine("ray"), 2, [{"CPU": 8.0}, {"CPU": 6.0}])
+    assert shape == (2, 6.0, 0.0) and fits(shape, [{"CPU": 8.0}, {"CPU": 6.0}])
+
+
+@pytest.mark.parametrize("device", ["cpu", "gpu"])
+@pytest.mark.parametrize("n_jobs", [1, 3, 50])
+@pytest.mark.parametrize("nodes", [[{"CPU": 2.0}], [HEAD, GPU_NODE], [{"CPU": 1.0}, {"CPU": 5.0, "GPU": 1.0}],
+                                   [{"CPU": 48.0, "GPU": 8.0}, {"CPU": 4.0, "GPU": 2.0}, {"CPU": 2.0}]])
+def test_every_pool_shape_fits_the_nodes(nodes, n_jobs, device):
+    shape = engines.pool_shape(engines.Engine("ray", device=device), n_jobs, nodes)
+    assert 1 <= shape[0] <= n_jobs and shape[1] > 0 and fits(shape, nodes), shape
+
+
 class Recording(engines.Engine):
     """Ray, keeping each shard's result (whether it was computed or found whole)."""
 

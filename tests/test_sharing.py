@@ -6,8 +6,10 @@ SSH; see docs/sharing.md). Teammates clone her git repo and use the remote:
   train_head and what follows, reusing the pulled features.
 - Carol gets an uncommitted experiment of Alice's (another head.lr) by `dvc exp pull`, without
   running it; Alice's own run cache restores that run when she comes back to the same value.
-- Erin, with the same code, data and params as a run Alice pushed with `--run-cache`, gets its
-  outputs restored by `dvc repro --pull` instead of running it.
+- Erin, with the same code, data and params as a run Alice pushed with `--run-cache`: `dvc repro
+  --pull` restores the stages whose outputs are all cached (visualize) and reruns those with a
+  `cache: false` metric or plot (train_head, evaluate), because DVC 3 records those files in the run
+  cache but `dvc push --run-cache` does not send their bytes (see dvc.yaml); the rerun gives Alice's bytes.
 - Dave has no copy of the raw photos: `dvc pull` + `dvc repro --allow-missing` still work.
 """
 
@@ -130,14 +132,18 @@ def test_an_uncommitted_experiment_travels_by_exp_push_and_pull(team):
     alice, lr = team["alice"], 5e-3
     dvc(alice, "exp", "run", "-n", "lr5", "-S", f"head.lr={lr}")
     model = (alice / "models" / "head.keras").read_bytes()
+    metrics = (alice / "metrics" / "evaluate.json").read_bytes()  # (train_head's may not differ)
     dvc(alice, "exp", "push", "origin", "lr5")  # git ref to the hub, its outputs to the DVC remote
     sh(["git", "checkout", "--", "."], alice)
     dvc(alice, "checkout")
-    # Alice's own run cache: coming back to that value restores the outputs instead of training.
+    assert (alice / "metrics" / "evaluate.json").read_bytes() != metrics  # the committed run's
+    # Alice's own run cache: coming back to that value restores the outputs instead of training,
+    # the `cache: false` metrics files too (DVC copies them into the cache when it records the run).
     set_params(alice, {"head": {"lr": lr}})
     proc = dvc(alice, "repro")
     assert stages_run(proc) == [] and "Stage 'train_head' is cached - skipping run" in proc.stdout, proc.stdout
     assert (alice / "models" / "head.keras").read_bytes() == model
+    assert (alice / "metrics" / "evaluate.json").read_bytes() == metrics
     sh(["git", "checkout", "--", "."], alice)
     dvc(alice, "checkout")
 
@@ -149,14 +155,18 @@ def test_an_uncommitted_experiment_travels_by_exp_push_and_pull(team):
     assert stages_run(dvc(carol, "repro")) == []
 
 
-def test_a_run_shared_through_the_run_cache_is_restored_not_run(team):
+def test_a_run_shared_through_the_run_cache_is_restored_where_dvc_pushed_every_output(team):
     # Alice tries a learning rate and pushes its run records; Erin, with the same code, data and
-    # params, gets the outputs from the remote without training anything.
+    # params, runs `dvc repro --pull`. DVC 3 pushes a run's record and the workspace's cached
+    # outputs, never the bytes of `cache: false` ones: a stage with a `cache: false` metric or plot
+    # (train_head, evaluate) finds its record but not those bytes, and runs; visualize, all of whose
+    # outputs are cached, is restored. Training is deterministic, so the reruns give Alice's bytes.
     alice, lr = team["alice"], 4e-3
     set_params(alice, {"head": {"lr": lr}})
     dvc(alice, "repro")
-    model = (alice / "models" / "head.keras").read_bytes()
-    metrics = (alice / "metrics" / "evaluate.json").read_bytes()
+    outputs = ("models/head.keras", "metrics/train_head.json", "metrics/evaluate.json",
+               "plots/confusion/head.csv", "reports/index.html")
+    made = {rel: (alice / rel).read_bytes() for rel in outputs}
     dvc(alice, "push", "--run-cache")
     sh(["git", "checkout", "--", "."], alice)
     dvc(alice, "checkout")
@@ -165,10 +175,13 @@ def test_a_run_shared_through_the_run_cache_is_restored_not_run(team):
     dvc(erin, "pull")
     set_params(erin, {"head": {"lr": lr}})
     proc = dvc(erin, "repro", "--pull")
-    assert stages_run(proc) == [], proc.stdout
-    assert "Stage 'train_head' is cached - skipping run" in proc.stdout, proc.stdout
-    assert (erin / "models" / "head.keras").read_bytes() == model
-    assert (erin / "metrics" / "evaluate.json").read_bytes() == metrics
+    out = proc.stdout + proc.stderr
+    assert set(stages_run(proc)) == {"train_head", "evaluate"}, out
+    assert "Stage 'visualize' is cached - skipping run" in out, out
+    # What DVC says when it gives up on a record: the `cache: false` files it could not fetch.
+    assert "Missing cache files" in out and "metrics/train_head.json" in out, out
+    for rel, data in made.items():
+        assert (erin / rel).read_bytes() == data, rel
 
 
 def test_a_teammate_without_the_raw_photos_works_from_the_remote(team):

@@ -6,7 +6,8 @@ the frozen model and turns a job into a result dict (the shard's hash and timing
 builds one worker here and runs the jobs in order. The Ray engine runs the same workers as a Ray
 Data actor pool (`map_batches(..., compute=ActorPoolStrategy(size=...))`), one job per call, each
 actor building its worker (and so the model) once: one actor per GPU with `num_gpus=1` where the
-cluster has GPUs, else one per tlpipe.threads.INTRA_OP_THREADS CPUs; every actor runs TensorFlow with
+cluster has GPUs, else one per tlpipe.threads.INTRA_OP_THREADS CPUs, each actor's request sized to
+fit one node (pool_shape); every actor runs TensorFlow with
 that fixed intra-op pool, as the local engine does, so the bytes do not depend on the pool's shape.
 
 Results come back keyed by shard, in whatever order Ray finishes them; nothing depends on that
@@ -28,7 +29,7 @@ from tlpipe.errors import ConfigError, TlpipeError
 from tlpipe.features.shards import run_local
 
 RAY_MISSING = ("compute.engine: ray needs Ray, which is not installed; install it with "
-               "`pip install -e '.[ray]'` (or `pip install 'ray[data]>=2.40'`), or set compute.engine: local")
+               "`pip install -e '.[ray]'` (or `pip install 'ray[data]>=2.51'`), or set compute.engine: local")
 
 
 @dataclass(frozen=True)
@@ -105,20 +106,52 @@ def connect(address: str | None):
     return True
 
 
-def pool_shape(engine: Engine, n_jobs: int, resources: dict) -> tuple[int, float, float]:
-    """(actors, num_cpus, num_gpus) per actor from the cluster's resources: one actor per GPU, else
-    one per INTRA_OP_THREADS CPUs (or engine.actors), never more actors than jobs."""
+def _node_resources(resources) -> list[dict]:
+    """One dict of resources per node: `resources` is a list of them (ray.nodes()'s "Resources"), or
+    one dict, which stands for a single node."""
+    nodes = [resources] if isinstance(resources, dict) else list(resources)
+    return [n for n in nodes if float(n.get("CPU", 0)) > 0 or float(n.get("GPU", 0)) > 0] or [{"CPU": 1.0}]
+
+
+def _fits(slots: list[tuple[float, int]], cpu: float, actors: int) -> bool:
+    """Whether `actors` actors of `cpu` CPUs each fit on nodes of (CPUs, most actors it may hold)."""
+    return sum(min(int(c / cpu + 1e-9), cap) for c, cap in slots) >= actors
+
+
+def _cpu_per_actor(slots: list[tuple[float, int]], actors: int, most: float) -> float:
+    """The most CPUs per actor (whole CPUs where possible, at most `most`) with which `actors`
+    actors still fit the nodes, each actor on one node."""
+    for cpu in range(int(most), 0, -1):
+        if _fits(slots, cpu, actors):
+            return float(cpu)
+    shares = sorted({c / k for c, cap in slots for k in range(1, actors + 1) if c / k < 1}, reverse=True)
+    return next((round(s - 5e-3, 2) for s in shares if s > 0.01 and _fits(slots, s - 5e-3, actors)), 0.01)
+
+
+def pool_shape(engine: Engine, n_jobs: int, resources) -> tuple[int, float, float]:
+    """(actors, num_cpus, num_gpus) per actor, from the resources of each node (a list of dicts, as
+    ray.nodes() gives them; one dict stands for one node): one actor per GPU, else one per
+    INTRA_OP_THREADS CPUs (or engine.actors), never more actors than jobs. Each actor's request fits
+    on one node: Ray places an actor on a single node, so a request sized from the cluster's totals
+    (a big CPU-only head node next to GPU nodes) could fit nowhere. With GPUs, the CPUs per actor are
+    what every GPU node can give each of its cards."""
     from tlpipe.threads import INTRA_OP_THREADS
 
-    gpus = int(resources.get("GPU", 0)) if engine.device == "gpu" else 0  # cpu: the cards are not used
-    cpus = max(1, int(resources.get("CPU", 1)))
-    actors = engine.actors or (gpus or max(1, cpus // INTRA_OP_THREADS))
-    actors = max(1, min(actors, n_jobs))
-    if engine.cpus_per_actor:
-        cpu = engine.cpus_per_actor
+    nodes = _node_resources(resources)
+    cards = [(float(n.get("CPU", 0)), int(n.get("GPU", 0))) for n in nodes] if engine.device == "gpu" else []
+    cards = [(c, g) for c, g in cards if g > 0]  # compute.device cpu: the cards are not used
+    if cards:
+        slots = cards  # an actor per card, on the nodes that have them
+        actors = max(1, min(engine.actors or sum(g for _, g in cards), n_jobs))
+        most = max(c / g for c, g in cards)
     else:
-        cpu = max(1, cpus // actors)
-    return actors, float(cpu), (1.0 if gpus else 0.0)
+        big = max(float(n.get("CPU", 0)) for n in nodes)
+        slots = [(float(n.get("CPU", 0)), 1 << 30) for n in nodes]
+        base = max(1, min(INTRA_OP_THREADS, int(big)))
+        actors = max(1, min(engine.actors or sum(int(c // base) for c, _ in slots) or 1, n_jobs))
+        most = big
+    cpu = float(engine.cpus_per_actor) if engine.cpus_per_actor else _cpu_per_actor(slots, actors, most)
+    return actors, cpu, (1.0 if cards else 0.0)
 
 
 class _Actor:
@@ -161,10 +194,11 @@ def _run_ray(engine: Engine, jobs, make_worker) -> Iterable[dict]:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # the stage draws its own bar, in images
-        actors, cpus, gpus = pool_shape(engine, len(jobs), ray.cluster_resources())
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        actors, cpus, gpus = pool_shape(engine, len(jobs), nodes)
         # One block per job, so the pool hands shards out one by one (one block would go to one actor).
         ds = ray.data.from_items([{"job": json.dumps(j)} for j in jobs], override_num_blocks=len(jobs))
-        out = ds.map_batches(_Actor, fn_constructor_args=(make_worker, int(cpus), gpus > 0), batch_size=1,
+        out = ds.map_batches(_Actor, fn_constructor_args=(make_worker, max(1, int(cpus)), gpus > 0), batch_size=1,
                              compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus, num_gpus=gpus)
         for row in out.iter_rows():
             yield json.loads(row["result"])
