@@ -1,5 +1,6 @@
 """loop.fit: determinism, dvclive output, checkpoints and resume."""
 
+import contextlib
 import json
 
 import numpy as np
@@ -11,6 +12,15 @@ from tlpipe.model.dense_head import build_head
 from tlpipe.train import loop as training
 from tlpipe.train.compile import compile_classifier
 from tlpipe.train.trainingdata import StoredFeatures
+
+
+@contextlib.contextmanager
+def warned(capsys, text):
+    """The block logs a tlpipe warning containing `text` (on stderr, as a stage shows it)."""
+    capsys.readouterr()
+    yield
+    err = capsys.readouterr().err
+    assert any(line.startswith("warning: ") and text in line for line in err.splitlines()), err
 
 
 def _data(n, dim=12, seed=0):
@@ -120,12 +130,12 @@ def test_resume_false_discards_stale_checkpoint(tmp_path):
     assert sorted(p.name for p in work.iterdir()) == ["epoch-0002.npz", "state.json"]
 
 
-def test_resume_with_checkpoint_of_other_settings_starts_again(tmp_path):
+def test_resume_with_checkpoint_of_other_settings_starts_again(tmp_path, capsys):
     data = _stored(40, 10)
     work = tmp_path / "work"
     training.fit(_model(), data, epochs=2, batch_size=8, seed=7, live_dir=tmp_path / "l",
                  work_dir=work, keep_work=True)
-    with pytest.warns(UserWarning, match="other settings"):
+    with warned(capsys, "other settings"):
         res = training.fit(_model(), data, epochs=2, batch_size=4, seed=7, live_dir=tmp_path / "l",
                            work_dir=work, resume=True)
     assert [r["epoch"] for r in res["history"]] == [1, 2]
@@ -193,11 +203,11 @@ def test_fit_asks_each_epoch_once_and_a_resumed_run_only_the_rest(tmp_path):
     assert resumed.asked == [2, 3]
 
 
-def test_checkpoint_of_other_data_is_not_resumed(tmp_path):
+def test_checkpoint_of_other_data_is_not_resumed(tmp_path, capsys):
     training.fit(_model(), Recording("a"), epochs=2, batch_size=8, seed=7, live_dir=tmp_path / "l",
                  work_dir=tmp_path / "w", keep_work=True)
     other = Recording("b")
-    with pytest.warns(UserWarning, match="other settings"):
+    with warned(capsys, "other settings"):
         training.fit(_model(), other, epochs=2, batch_size=8, seed=7, live_dir=tmp_path / "l",
                      work_dir=tmp_path / "w", resume=True)
     assert other.asked == [0, 1]
@@ -312,14 +322,14 @@ def test_resume_with_keep_best_equals_an_uninterrupted_run(tmp_path, patience, s
     assert not work.exists()
 
 
-def test_checkpoint_of_other_keep_or_patience_is_not_resumed(tmp_path):
+def test_checkpoint_of_other_keep_or_patience_is_not_resumed(tmp_path, capsys):
     work = tmp_path / "w"
     _fit(tmp_path, "l", epochs=3, work_dir=work, keep_work=True, keep="last")
-    with pytest.warns(UserWarning, match="other settings"):
+    with warned(capsys, "other settings"):
         _, res = _fit(tmp_path, "l", epochs=3, work_dir=work, resume=True)  # keep="best" needs the best weights
     assert res["kept_epoch"] == 2
     _fit(tmp_path, "l", epochs=3, work_dir=work, keep_work=True)
-    with pytest.warns(UserWarning, match="other settings"):
+    with warned(capsys, "other settings"):
         _fit(tmp_path, "l", epochs=3, work_dir=work, resume=True, patience=1)
 
 

@@ -37,6 +37,15 @@ class _Stderr(logging.StreamHandler):
     def stream(self, value):
         pass
 
+    def emit(self, record: logging.LogRecord) -> None:
+        # Through tqdm.write: on a terminal, a line printed while a bar is drawn would break it.
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # as StreamHandler.emit: a failing message must not stop the stage
+            self.handleError(record)
+
 
 class _Prefixed(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:

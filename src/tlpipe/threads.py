@@ -19,7 +19,7 @@ fingerprints, like the TensorFlow version.
 
 from __future__ import annotations
 
-import sys
+from tlpipe.log import log
 
 INTRA_OP_THREADS = 4
 
@@ -51,6 +51,6 @@ def ensure() -> bool:
     try:
         configure()
     except RuntimeError as exc:
-        print(f"warning: {exc}", file=sys.stderr)
+        log.warning(str(exc))
         return False
     return True

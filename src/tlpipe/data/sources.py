@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
 import tarfile
 import urllib.parse
 import zipfile
@@ -20,6 +19,7 @@ from tlpipe import atomic
 from tlpipe.downloads import fetch
 from tlpipe.errors import DataError
 from tlpipe.hashes import file_sha256
+from tlpipe.log import log
 
 CONNECT_TIMEOUT = 10.0  # seconds; offline machines should hear "no" quickly
 OFFLINE_HINT = (
@@ -63,11 +63,8 @@ def verify_sha256(path: Path, expected: str | None, what: str = "data.sha256") -
     """Check a file against its pinned SHA-256; when unpinned, print the hash and how to pin it."""
     actual = file_sha256(path)
     if expected is None:
-        print(
-            f"note: {path.name} has SHA-256 {actual}; pin it with "
-            f"`dvc exp run -S {what}={actual}` or by setting {what} in params.yaml.",
-            file=sys.stderr,
-        )
+        log.info(f"{path.name} has SHA-256 {actual}; pin it with "
+                 f"`dvc exp run -S {what}={actual}` or by setting {what} in params.yaml.")
     elif actual != expected.lower():
         raise DataError(
             f"{path}: SHA-256 mismatch: expected {expected.lower()} ({what}), got {actual}. The file is "

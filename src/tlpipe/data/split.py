@@ -16,13 +16,10 @@ import json
 import math
 import os
 import random
-import sys
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-
-from tqdm import tqdm
 
 from tlpipe import atomic
 from tlpipe.choices import check_split
@@ -30,14 +27,15 @@ from tlpipe.errors import ConfigError, DataError, ImageDecodeError
 from tlpipe.data.images import MAX_SIDE, SMALL_SIDE, normalise_bytes, read_file
 from tlpipe.data.manifests import MANIFEST_COLUMNS, SPLITS
 from tlpipe.data.sources import is_hidden
+from tlpipe.log import log, progress
 
 
 def warn(msg: str) -> None:
-    print(f"warning: {msg}", file=sys.stderr)
+    log.warning(msg)
 
 
 def note(msg: str) -> None:
-    print(f"note: {msg}", file=sys.stderr)
+    log.info(msg)
 
 
 # ---------------------------------------------------------------- scanning
@@ -194,8 +192,8 @@ def decode_candidates(candidates: list[Candidate], store: Path, max_side: int = 
     records, rejected = [], []
     with ThreadPoolExecutor(workers) as pool:
         # map() yields in input order, so the result does not depend on thread timing.
-        for rec, rej in tqdm(pool.map(work, candidates), total=len(candidates), desc="decode images",
-                             unit="img", file=sys.stderr, leave=False):
+        for rec, rej in progress(pool.map(work, candidates), total=len(candidates), desc="decode images",
+                                 unit="img", leave=False):
             if rec is not None:
                 records.append(rec)
             else:

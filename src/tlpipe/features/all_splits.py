@@ -7,7 +7,6 @@ Writes `<out>/cut.json` (features.cut) either way.
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -17,6 +16,7 @@ from tlpipe.data.manifests import SPLITS, read_class_names
 from tlpipe.errors import DataError
 from tlpipe.features import cut, probe
 from tlpipe.features.extract import BaseSpec, Extractor, SplitWork, assemble_split, compute_split
+from tlpipe.log import log
 
 
 def extract_splits(split_dir, images_dir, out_dir, spec: BaseSpec, batch_size: int = 32,
@@ -59,8 +59,8 @@ def _probe(extractor: Extractor, train: SplitWork, validation: SplitWork) -> lis
     if not extractor.probing:
         return [{"layer": extractor.layer, "pooling": extractor.spec.pooling, "dim": int(rt.shape[1]),
                  **probe.score(rt, yt, rv, yv)}]
-    print(f"probe: {len(extractor.candidates)} candidates on {len(it)} training and {len(iv)} validation images",
-          file=sys.stderr)
+    log.info(f"probe: {len(extractor.candidates)} candidates on {len(it)} training and {len(iv)} "
+             "validation images")
     return probe.run_probe(extractor.candidates, lambda layer: extractor.raw(rt, layer),
                            lambda layer: extractor.raw(rv, layer), yt, yv)
 

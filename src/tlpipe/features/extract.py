@@ -27,7 +27,6 @@ import errno
 import hashlib
 import os
 import shutil
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -243,7 +242,7 @@ def compute_split(manifest_csv, images_dir, out_h5, extractor: Extractor, classe
                   batch_size: int = 32, chunk_rows: int | None = None, engine=None) -> SplitWork:
     """Run one split's images through `extractor` into shard files in its work folder (resumable; see
     the module docstring), on `engine` (a features.engine.Engine; None: this process)."""
-    from tqdm import tqdm
+    from tlpipe.log import progress
 
     out = Path(out_h5)
     files, labels, paths = manifest_rows(manifest_csv, images_dir, classes)
@@ -266,8 +265,8 @@ def compute_split(manifest_csv, images_dir, out_h5, extractor: Extractor, classe
         sizes = {j["shard"]: len(j["files"]) for j in jobs}
         done = all(Path(j["target"]).exists() for j in jobs)  # nothing to compute: no bar
         run = engine.run if engine is not None else shards.run_local
-        with tqdm(total=n, unit="img", desc=f"extract {out.name}", file=sys.stderr, dynamic_ncols=True,
-                  disable=done) as bar:
+        with progress(total=n, unit="img", desc=f"extract {out.name}", dynamic_ncols=True,
+                      disable=done) as bar:
             results = run(jobs, ExtractWork(extractor.spec, extractor.precision, batch_size, extractor),
                           progress=lambda r: bar.update(sizes[r["shard"]]))
     entries = [{"file": j["shard"], "start": j["start"], "rows": len(j["files"]),

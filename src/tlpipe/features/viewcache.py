@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,11 +150,11 @@ def build_cache(out_path, parts: dict, *, base, spec: CacheSpec, batch_size: int
 
 
 def _run(engine, jobs, make_worker, progress: bool, name: str) -> dict:
-    from tqdm import tqdm
+    from tlpipe.log import progress as progress_bar
 
     # Counted in images through the prefix, not shards: a training image costs `views` passes.
-    with tqdm(total=sum(j["images"] for j in jobs), desc=f"view cache -> {name}", unit="img",
-              disable=not progress, file=sys.stderr) as bar:
+    with progress_bar(total=sum(j["images"] for j in jobs), desc=f"view cache -> {name}", unit="img",
+                      disable=not progress) as bar:
         sizes = {j["shard"]: j["images"] for j in jobs}
         run = engine.run if engine is not None else shards.run_local
         return run(jobs, make_worker, progress=lambda r: bar.update(sizes[r["shard"]]))

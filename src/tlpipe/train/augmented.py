@@ -12,12 +12,12 @@ Either way the full model is what gets saved; in cached mode its prefix (frozen)
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
 from tlpipe.choices import AUGMENT_MODES
 from tlpipe.errors import ConfigError
+from tlpipe.log import log
 
 
 def cache_expect(backbone, augment, compute, class_names) -> dict:
@@ -73,8 +73,7 @@ def fit_and_save(full, model, data, run, *, live_dir, model_path, on_epoch_end=N
     t0 = time.perf_counter()
     result = fit(model, data, run, live_dir=live_dir, work_dir=work_dir_for(model_path), on_epoch_end=on_epoch_end)
     seconds = time.perf_counter() - t0
-    print(f"{Path(model_path).name}: {data.fingerprint['mode']} mode, "
-          f"{seconds / max(1, len(result['history'])):.1f} s/epoch",
-          file=sys.stderr)
+    log.info(f"{Path(model_path).name}: {data.fingerprint['mode']} mode, "
+             f"{seconds / max(1, len(result['history'])):.1f} s/epoch")
     save_model(detached(full), model_path)
     return result

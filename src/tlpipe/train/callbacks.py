@@ -24,9 +24,9 @@ import sys
 from pathlib import Path
 
 import keras
-from tqdm.auto import tqdm
 
 from tlpipe.history import best_index
+from tlpipe.log import log, progress
 from tlpipe.train import checkpoint
 
 
@@ -72,7 +72,7 @@ class KeepBest(keras.callbacks.Callback):
         if kept is not None and kept != len(self.history):
             for v, a in zip(self.model.variables, self.best):
                 v.assign(a)
-            print(f"kept epoch {kept} of {len(self.history)} (lowest val_loss; train.keep: best)", file=sys.stderr)
+            log.info(f"kept epoch {kept} of {len(self.history)} (lowest val_loss; train.keep: best)")
 
 
 class Patience(keras.callbacks.Callback):
@@ -86,8 +86,8 @@ class Patience(keras.callbacks.Callback):
     def _check(self):
         if len(self.history) < self.epochs and should_stop(self.history, self.patience):
             self.model.stop_training = True
-            tqdm.write(f"early stop after epoch {len(self.history)}: no lower val_loss in {self.patience} epochs "
-                       f"(best epoch {best_epoch_of(self.history)})", file=sys.stderr)
+            log.info(f"early stop after epoch {len(self.history)}: no lower val_loss in {self.patience} epochs "
+                     f"(best epoch {best_epoch_of(self.history)})")
 
     def on_train_begin(self, logs=None):
         self._check()
@@ -121,7 +121,7 @@ class Checkpoint(keras.callbacks.Callback):
         self.history[:] = history[:epoch]
         if self.keep_best is not None:
             self.keep_best.best = best
-        print(f"resuming after epoch {epoch} from {self.work}", file=sys.stderr)
+        log.info(f"resuming after epoch {epoch} from {self.work}")
 
     def on_epoch_end(self, epoch, logs=None):
         checkpoint.save_checkpoint(self.work, self.model, epoch + 1, self.history, self.fingerprint,
@@ -173,7 +173,7 @@ class EpochBar(keras.callbacks.Callback):
         self.epochs, self.history, self.bar = int(epochs), history, None
 
     def on_train_begin(self, logs=None):
-        self.bar = tqdm(total=self.epochs, initial=len(self.history), desc="epochs", unit="epoch", file=sys.stderr)
+        self.bar = progress(total=self.epochs, initial=len(self.history), desc="epochs", unit="epoch")
 
     def on_epoch_end(self, epoch, logs=None):
         row = self.history[-1]
@@ -194,7 +194,7 @@ class BatchBar(keras.callbacks.Callback):
         self.total, self.desc = total, desc
 
     def on_train_begin(self, logs=None):
-        self.bar = tqdm(total=self.total, desc=self.desc, unit="batch", leave=False, file=sys.stderr)
+        self.bar = progress(total=self.total, desc=self.desc, unit="batch", leave=False)
 
     def on_train_batch_end(self, batch, logs=None):
         self.bar.update(1)

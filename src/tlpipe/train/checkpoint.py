@@ -11,7 +11,6 @@ comes from data.epoch(e)), and that callback neither writes atomically nor check
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -19,6 +18,7 @@ import numpy as np
 
 from tlpipe import atomic
 from tlpipe.history import best_index
+from tlpipe.log import log
 
 CKPT_FORMAT = 2  # 2: the best epoch's variables ride in the checkpoint (b0, b1, ...)
 
@@ -88,24 +88,24 @@ def load_checkpoint(work_dir: Path, model, fingerprint: dict,
         with np.load(work_dir / state["file"]) as data:
             arrays = {k: data[k] for k in data.files}
     except (OSError, ValueError, KeyError) as exc:
-        warnings.warn(f"{work_dir}: unreadable checkpoint ({exc}); starting from epoch 1", stacklevel=2)
+        log.warning(f"{work_dir}: unreadable checkpoint ({exc}); starting from epoch 1")
         return None
     if state.get("fingerprint") != fingerprint:
-        warnings.warn(f"{work_dir}: checkpoint was made with other settings; starting from epoch 1", stacklevel=2)
+        log.warning(f"{work_dir}: checkpoint was made with other settings; starting from epoch 1")
         return None
     if int(state["epoch"]) > int(max_epoch):
-        warnings.warn(f"{work_dir}: checkpoint is past epoch {max_epoch}; starting from epoch 1", stacklevel=2)
+        log.warning(f"{work_dir}: checkpoint is past epoch {max_epoch}; starting from epoch 1")
         return None
     if not model.optimizer.built:
         model.optimizer.build(model.trainable_variables)
     opt_vars = model.optimizer.variables
     if sum(k.startswith("o") for k in arrays) != len(opt_vars):
-        warnings.warn(f"{work_dir}: checkpoint optimizer state does not fit; starting from epoch 1", stacklevel=2)
+        log.warning(f"{work_dir}: checkpoint optimizer state does not fit; starting from epoch 1")
         return None
     n_vars = len(model.variables)
     has_best = any(k.startswith("b") for k in arrays)
     if has_best and sum(k.startswith("b") for k in arrays) != n_vars:
-        warnings.warn(f"{work_dir}: checkpoint best-epoch state does not fit; starting from epoch 1", stacklevel=2)
+        log.warning(f"{work_dir}: checkpoint best-epoch state does not fit; starting from epoch 1")
         return None
     for i, v in enumerate(model.variables):
         v.assign(arrays[f"m{i}"])

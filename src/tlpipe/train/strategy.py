@@ -13,10 +13,10 @@ update per global batch, as on one device.
 from __future__ import annotations
 
 import functools
-import sys
 
 from tlpipe.choices import STRATEGIES
 from tlpipe.errors import ConfigError
+from tlpipe.log import log
 
 
 def training_strategy(name: str, batch_size: int | None = None):
@@ -35,7 +35,7 @@ def training_strategy(name: str, batch_size: int | None = None):
     if batch_size:
         low, high = batch_size // len(devices), -(-batch_size // len(devices))
         share = f"; global batch {batch_size}, {low if low == high else f'{low}-{high}'} per replica"
-    print(f"compute.strategy {name}: {describe(strategy)} on {', '.join(devices)}{share}", file=sys.stderr)
+    log.info(f"compute.strategy {name}: {describe(strategy)} on {', '.join(devices)}{share}")
     return strategy
 
 

@@ -3,11 +3,11 @@ or their pooled output through a frozen suffix (train_head_aug, cached mode). Se
 
 from __future__ import annotations
 
-import sys
 import time
 
 import numpy as np
 
+from tlpipe.log import log
 from tlpipe.train.trainingdata import Closing
 
 
@@ -64,8 +64,8 @@ class FrozenSuffix(Closing):
         val_x, val_y = views.validation()
         self.val = (features.predict(val_x, batch_size=64, verbose=0), val_y)
         self.seconds = time.perf_counter() - t0
-        print(f"frozen suffix: pooled features of {reader.n} images x {reader.views} views in "
-              f"{self.seconds:.1f} s", file=sys.stderr)
+        log.info(f"frozen suffix: pooled features of {reader.n} images x {reader.views} views in "
+                 f"{self.seconds:.1f} s")
         self.labels = reader.labels.copy()
         self._views = lambda e: epoch_views(reader.n, reader.views, views.seed, e)
         self.fingerprint = dict(views.fingerprint)
