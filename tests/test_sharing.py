@@ -7,9 +7,10 @@ SSH; see docs/sharing.md). Teammates clone her git repo and use the remote:
 - Carol gets an uncommitted experiment of Alice's (another head.lr) by `dvc exp pull`, without
   running it; Alice's own run cache restores that run when she comes back to the same value.
 - Erin, with the same code, data and params as a run Alice pushed with `--run-cache`: `dvc repro
-  --pull` restores the stages whose outputs are all cached (visualize) and reruns those with a
-  `cache: false` metric or plot (train_head, evaluate), because DVC 3 records those files in the run
-  cache but `dvc push --run-cache` does not send their bytes (see dvc.yaml); the rerun gives Alice's bytes.
+  --pull` restores the stages whose outputs are all cached (finetune, visualize) and reruns the cheap
+  ones with a `cache: false` metric or plot (train_head, evaluate), because DVC 3 records those files
+  in the run cache but `dvc push --run-cache` does not send their bytes (see dvc.yaml); the rerun
+  gives Alice's bytes.
 - Dave has no copy of the raw photos: `dvc pull` + `dvc repro --allow-missing` still work.
 """
 
@@ -156,16 +157,18 @@ def test_an_uncommitted_experiment_travels_by_exp_push_and_pull(team):
 
 
 def test_a_run_shared_through_the_run_cache_is_restored_where_dvc_pushed_every_output(team):
-    # Alice tries a learning rate and pushes its run records; Erin, with the same code, data and
+    # Alice tries two learning rates and pushes its run records; Erin, with the same code, data and
     # params, runs `dvc repro --pull`. DVC 3 pushes a run's record and the workspace's cached
     # outputs, never the bytes of `cache: false` ones: a stage with a `cache: false` metric or plot
-    # (train_head, evaluate) finds its record but not those bytes, and runs; visualize, all of whose
-    # outputs are cached, is restored. Training is deterministic, so the reruns give Alice's bytes.
-    alice, lr = team["alice"], 4e-3
-    set_params(alice, {"head": {"lr": lr}})
+    # (train_head, evaluate: seconds) finds its record but not those bytes, and runs; finetune (the
+    # expensive one) and visualize, all of whose outputs are cached, are restored. Training is
+    # deterministic, so the reruns give Alice's bytes.
+    alice, lr, ft_lr = team["alice"], 4e-3, 3e-3
+    set_params(alice, {"head": {"lr": lr}, "finetune": {"lr": ft_lr}})
     dvc(alice, "repro")
-    outputs = ("models/head.keras", "metrics/train_head.json", "metrics/evaluate.json",
-               "plots/confusion/head.csv", "reports/index.html")
+    outputs = ("models/head.keras", "models/finetuned.keras", "metrics/train_head.json",
+               "metrics/finetune.json", "metrics/evaluate.json", "plots/confusion/head.csv",
+               "reports/index.html")
     made = {rel: (alice / rel).read_bytes() for rel in outputs}
     dvc(alice, "push", "--run-cache")
     sh(["git", "checkout", "--", "."], alice)
@@ -173,11 +176,12 @@ def test_a_run_shared_through_the_run_cache_is_restored_where_dvc_pushed_every_o
 
     erin = clone(team, "erin")
     dvc(erin, "pull")
-    set_params(erin, {"head": {"lr": lr}})
+    set_params(erin, {"head": {"lr": lr}, "finetune": {"lr": ft_lr}})
     proc = dvc(erin, "repro", "--pull")
     out = proc.stdout + proc.stderr
     assert set(stages_run(proc)) == {"train_head", "evaluate"}, out
-    assert "Stage 'visualize' is cached - skipping run" in out, out
+    for stage in ("finetune", "visualize"):
+        assert f"Stage '{stage}' is cached - skipping run" in out, out
     # What DVC says when it gives up on a record: the `cache: false` files it could not fetch.
     assert "Missing cache files" in out and "metrics/train_head.json" in out, out
     for rel, data in made.items():
