@@ -65,7 +65,8 @@ def main(argv=None) -> None:
     import pandas as pd
 
     from tlpipe.features import probe
-    from tlpipe.features.backbones import build_base, preprocessing_name
+    from tlpipe.features.backbones import preprocessing_name
+    from tlpipe.features.pretrained import build_base
 
     with tempfile.TemporaryDirectory() as tmp:
         split = make_split(args.source, Path(tmp), args.train, args.val, 0)

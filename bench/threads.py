@@ -68,7 +68,8 @@ def worker(args) -> None:
     tf.config.experimental.enable_op_determinism()
 
     from tlpipe.config import validate_params
-    from tlpipe.features.backbones import build_base, preprocess, preprocessing_name
+    from tlpipe.features.backbones import preprocess, preprocessing_name
+    from tlpipe.features.pretrained import build_base
     from tlpipe.features.inputs import read_resized
     from tlpipe.features.boundary import prefix_model
     from tlpipe.model.saved import set_trainable_from

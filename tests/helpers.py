@@ -220,7 +220,7 @@ def make_feature_project(root, classes=("cat", "dog"), counts=None, seed=0):
     import numpy as np
     from imagegen import draw_class_image
 
-    from tlpipe.features import backbones
+    from tlpipe.features import backbones, pretrained
     from tlpipe.features.inputs import image_dataset
 
     counts = counts or {"train": 8, "validation": 4, "test": 6}
@@ -230,7 +230,7 @@ def make_feature_project(root, classes=("cat", "dog"), counts=None, seed=0):
     split.mkdir(parents=True)
     (split / "classes.json").write_text(json.dumps({"classes": list(classes)}))
     rng = np.random.default_rng(seed)
-    base = backbones.build_base("vgg16", "none", FEATURE_SIZE)
+    base = pretrained.build_base("vgg16", "none", FEATURE_SIZE)
     # Truncated early and averaged: a small model (fast saves) that still exercises the format.
     fmodel = backbones.feature_model(base, FEATURE_LAYER, "avg")
     attrs = {"backbone": "vgg16", "weights": "none", "weights_sha256": "", "layer": FEATURE_LAYER,

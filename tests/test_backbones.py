@@ -1,4 +1,4 @@
-"""Backbones: weights sources (HED, files, ImageNet offline), layers, pooling, preprocessing, precision."""
+"""Backbones and the pretrained base: weights sources (HED, files, ImageNet offline), layers, pooling, preprocessing, precision."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tlpipe.features import backbones
+from tlpipe.features import backbones, pretrained
 from tlpipe.errors import ConfigError, WeightsError
 
 
 @pytest.fixture(scope="module")
 def hed_base():
-    return backbones.build_base("vgg16", "hed-bsds500", 64)
+    return pretrained.build_base("vgg16", "hed-bsds500", 64)
 
 
 def test_hed_weights_give_hed_models_own_vgg_outputs(hed_base):
@@ -69,7 +69,7 @@ def test_layer_validation(hed_base):
 
 
 def test_pooling_shapes_and_values():
-    base = backbones.build_base("vgg16", "none", 150)
+    base = pretrained.build_base("vgg16", "none", 150)
     assert backbones.feature_model(base).output_shape == (None, 8192)  # the book's 4*4*512
     assert backbones.feature_model(base, None, "avg").output_shape == (None, 512)
     assert backbones.feature_model(base, "block4_pool", "max").output_shape == (None, 512)
@@ -77,7 +77,7 @@ def test_pooling_shapes_and_values():
     with pytest.raises(ConfigError, match="backbone.pooling"):
         backbones.feature_model(base, None, "sum")
 
-    small = backbones.build_base("vgg16", "none", 32)
+    small = pretrained.build_base("vgg16", "none", 32)
     x = np.random.default_rng(3).normal(0, 50, (2, 32, 32, 3)).astype("float32")
     maps = keras.Model(small.input, small.get_layer("block3_pool").output)(x).numpy()
     np.testing.assert_allclose(backbones.feature_model(small, "block3_pool", "avg")(x).numpy(),
@@ -89,21 +89,21 @@ def test_pooling_shapes_and_values():
 
 
 def test_random_init_is_seeded():
-    a = backbones.build_base("vgg16", "none", 32).get_layer("block1_conv1").get_weights()[0]
-    b = backbones.build_base("vgg16", "none", 32).get_layer("block1_conv1").get_weights()[0]
-    c = backbones.build_base("vgg16", "none", 32, seed=1).get_layer("block1_conv1").get_weights()[0]
+    a = pretrained.build_base("vgg16", "none", 32).get_layer("block1_conv1").get_weights()[0]
+    b = pretrained.build_base("vgg16", "none", 32).get_layer("block1_conv1").get_weights()[0]
+    c = pretrained.build_base("vgg16", "none", 32, seed=1).get_layer("block1_conv1").get_weights()[0]
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
 
 
 def test_image_size_below_minimum():
     with pytest.raises(ConfigError, match="at least 75 px"):
-        backbones.build_base("inception_v3", "none", 64)
+        pretrained.build_base("inception_v3", "none", 64)
 
 
 def test_bfloat16_outputs_float32_and_restores_policy(hed_base):
     before = keras.mixed_precision.global_policy().name
-    base16 = backbones.build_base("vgg16", "hed-bsds500", 64, precision="bfloat16")
+    base16 = pretrained.build_base("vgg16", "hed-bsds500", 64, precision="bfloat16")
     assert keras.mixed_precision.global_policy().name == before
     assert base16.get_layer("block1_conv1").compute_dtype == "bfloat16"
     x = backbones.preprocess(np.random.default_rng(4).uniform(0, 255, (2, 64, 64, 3)), "hed-caffe")
@@ -114,27 +114,27 @@ def test_bfloat16_outputs_float32_and_restores_policy(hed_base):
 
 
 def test_weights_file_roundtrip_and_errors(tmp_path):
-    src = backbones.build_base("vgg16", "none", 32, seed=7)
+    src = pretrained.build_base("vgg16", "none", 32, seed=7)
     good = tmp_path / "mine.weights.h5"
     src.save_weights(good)
-    loaded = backbones.build_base("vgg16", str(good), 32)
+    loaded = pretrained.build_base("vgg16", str(good), 32)
     np.testing.assert_array_equal(loaded.get_layer("block5_conv3").get_weights()[0],
                                   src.get_layer("block5_conv3").get_weights()[0])
-    assert backbones.weights_sha256("vgg16", str(good)) == hashlib.sha256(good.read_bytes()).hexdigest()
+    assert pretrained.weights_sha256("vgg16", str(good)) == hashlib.sha256(good.read_bytes()).hexdigest()
 
     missing = tmp_path / "nope.weights.h5"
     with pytest.raises(WeightsError, match="nope.weights.h5"):
-        backbones.build_base("vgg16", str(missing), 32)
+        pretrained.build_base("vgg16", str(missing), 32)
 
     text = tmp_path / "notes.weights.h5"
     text.write_text("not weights")
     with pytest.raises(WeightsError, match=r"notes\.weights\.h5: not an HDF5"):
-        backbones.build_base("vgg16", str(text), 32)
+        pretrained.build_base("vgg16", str(text), 32)
 
     other = tmp_path / "vgg19.weights.h5"
-    backbones.build_base("vgg19", "none", 32).save_weights(other)
+    pretrained.build_base("vgg19", "none", 32).save_weights(other)
     with pytest.raises(WeightsError) as err:
-        backbones.build_base("vgg16", str(other), 32)
+        pretrained.build_base("vgg16", str(other), 32)
     assert "vgg19.weights.h5" in str(err.value) and "VGG16" in str(err.value)
 
 
@@ -144,7 +144,7 @@ def test_imagenet_offline_fails_fast_with_hint(tmp_path, monkeypatch):
     monkeypatch.setattr(backbones, "_KERAS_URL", "http://127.0.0.1:9/")
     t0 = time.monotonic()
     with pytest.raises(WeightsError) as err:
-        backbones.build_base("vgg16", "imagenet", 32)
+        pretrained.build_base("vgg16", "imagenet", 32)
     assert time.monotonic() - t0 < 10
     msg = str(err.value)
     assert "hed-bsds500" in msg and "none" in msg and "~/.keras/models/" in msg
@@ -154,31 +154,31 @@ def test_imagenet_offline_fails_fast_with_hint(tmp_path, monkeypatch):
 
 def test_imagenet_download_does_not_hang(tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
-    monkeypatch.setattr(backbones, "DOWNLOAD_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(pretrained, "DOWNLOAD_TIMEOUT_S", 1.0)
     # A non-routable address: packets are dropped, so only the timeout ends the attempt.
     monkeypatch.setattr(backbones, "_KERAS_URL", "http://10.255.255.1/")
     t0 = time.monotonic()
     with pytest.raises(WeightsError, match="cannot download"):
-        backbones.imagenet_weights_path("vgg16", 32)
+        pretrained.imagenet_weights_path("vgg16", 32)
     assert time.monotonic() - t0 < 10
 
 
 def test_imagenet_uses_cached_file_and_reports_its_hash(tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
-    assert backbones.weights_sha256("vgg16", "none") is None
+    assert pretrained.weights_sha256("vgg16", "none") is None
     with pytest.raises(WeightsError, match="not in"):
-        backbones.weights_sha256("mobilenet", "imagenet")
+        pretrained.weights_sha256("mobilenet", "imagenet")
     cached = tmp_path / "models" / "mobilenet_1_0_224_tf_no_top.h5"  # Keras publishes no checksum for it
     cached.parent.mkdir(parents=True)
-    backbones.build_base("mobilenet", "none", 32).save_weights(tmp_path / "m.weights.h5")
+    pretrained.build_base("mobilenet", "none", 32).save_weights(tmp_path / "m.weights.h5")
     (tmp_path / "m.weights.h5").rename(cached)
-    assert backbones.weights_sha256("mobilenet", "imagenet", 150) == hashlib.sha256(cached.read_bytes()).hexdigest()
+    assert pretrained.weights_sha256("mobilenet", "imagenet", 150) == hashlib.sha256(cached.read_bytes()).hexdigest()
 
 
 @pytest.mark.parametrize("name", ["vgg19", "resnet50", "inception_v3", "xception", "mobilenet"])
 def test_registry_default_layer_is_last_layer(name):
     arch = backbones.ARCHS[name]
-    base = backbones.build_base(name, "none", max(arch.min_size, 32))
+    base = pretrained.build_base(name, "none", max(arch.min_size, 32))
     assert backbones.resolve_layer(base, None) == arch.last_layer == base.layers[-1].name
 
 
@@ -187,5 +187,5 @@ def test_known_layer_names_are_the_built_bases(name):
     # config checks finetune.unfreeze_from against these lists without building a model.
     from tlpipe.choices import known_layers
 
-    base = backbones.build_base(name, "none", 32)
+    base = pretrained.build_base(name, "none", 32)
     assert list(known_layers(name)) == [layer.name for layer in base.layers][1:]

@@ -48,7 +48,7 @@ def test_validation_accepts_exactly_the_pairs_inside_the_kept_base():
 
 @pytest.fixture(scope="module")
 def base():
-    from tlpipe.features.backbones import build_base
+    from tlpipe.features.pretrained import build_base
 
     return build_base("vgg16", "none", SIZE)
 

@@ -72,7 +72,7 @@ def cached_run(tmp_path_factory):
 
 def test_head_aug_cached_trains_only_the_head(cached_run):
     tmp, p, split, images, result = cached_run
-    from tlpipe.features.backbones import build_base
+    from tlpipe.features.pretrained import build_base
 
     model = load_model(tmp / "head_aug_a.keras")
     info = model_info(model)

@@ -17,7 +17,7 @@ from PIL import Image  # noqa: E402
 
 from imagegen import (make_class_folders, write_animated_gif, write_exif_rotated_jpeg, write_image,  # noqa: E402
                       write_text_as_image, write_truncated_jpeg, write_zero_byte)
-from tlpipe.features import backbones
+from tlpipe.features import pretrained
 from tlpipe.model import dense_head
 from tlpipe.features import inputs
 from tlpipe.model import saved  # noqa: E402
@@ -30,7 +30,7 @@ CLASSES = ["circle", "square", "stripes"]
 
 def build_model(path: Path, class_names: list[str], image_size: int, seed: int = 0) -> Path:
     """A tiny random tlpipe classifier: VGG16 (random weights) cut at block2_pool, avg-pooled, dense head."""
-    base = backbones.build_base("vgg16", "none", image_size, seed=seed)
+    base = pretrained.build_base("vgg16", "none", image_size, seed=seed)
     head = dense_head.build_head(128, len(class_names), units=8, dropout=0.0, seed=seed)
     info = {"class_names": class_names, "image_size": image_size, "backbone": "vgg16", "weights": "none",
             "pooling": "avg", "preprocessing": "caffe"}

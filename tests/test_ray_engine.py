@@ -17,7 +17,7 @@ from tlpipe.features import engine as engines
 from tlpipe.features import viewcache
 from tlpipe.features.boundary import boundary_layer
 from tlpipe.features.augment import augment_settings
-from tlpipe.features.backbones import build_base
+from tlpipe.features.pretrained import build_base
 from tlpipe.features.extract import BaseSpec
 
 SIZE = 32

@@ -11,7 +11,8 @@ from helpers import image_parts
 from tlpipe.features import viewcache, viewfile
 from tlpipe.features.boundary import boundary_layer, prefix_model, resolve_unfreeze
 from tlpipe.features.augment import augment_images, augment_settings, image_seeds
-from tlpipe.features.backbones import build_base, preprocess
+from tlpipe.features.backbones import preprocess
+from tlpipe.features.pretrained import build_base
 from tlpipe.errors import ConfigError, FeatureFileError
 from tlpipe.features.inputs import read_resized
 from tlpipe.train.views import epoch_views

@@ -1,6 +1,6 @@
 """Downloading a file once: to a temp name, renamed when complete, verified when pinned, failing fast
 offline. Used for data.source archives (data/sources.py) and Keras' ImageNet weights
-(features/backbones.py); apart from both, so only what downloads depends on it.
+(features/pretrained.py); apart from both, so only what downloads depends on it.
 """
 
 from __future__ import annotations

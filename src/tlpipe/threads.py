@@ -8,7 +8,7 @@ trained model. The pool's size decides the bits, not the cores under it: a pool 
 core gives the bits of a pool of 2 on two cores (bench/threads.py checks both). So every process
 that computes something the pipeline stores runs with INTRA_OP_THREADS, whatever the machine: the
 stage scripts (run_stage's import hook, right after `import tensorflow`), the Ray engine's actors,
-and, for code called from Python, `backbones.build_base`, `saved.load_model` and the training loop,
+and, for code called from Python, `pretrained.build_base`, `saved.load_model` and the training loop,
 which configure it themselves when TensorFlow has not started yet.
 
 Why 4: it uses up to 4 cores of a bigger machine, where a Ray pool of several actors (one per 4

@@ -68,11 +68,11 @@ class Extractor:
         import keras
 
         from tlpipe.choices import AUTO, POOLINGS, probe_layers
-        from tlpipe.features import backbones
+        from tlpipe.features import backbones, pretrained
 
         self.spec = spec
         self.precision = precision
-        base = backbones.build_base(spec.name, spec.weights, spec.image_size, precision)
+        base = pretrained.build_base(spec.name, spec.weights, spec.image_size, precision)
         layers = [backbones.resolve_layer(base, None if spec.layer == AUTO else spec.layer)]
         if spec.layer == AUTO and probe_layers(spec.name):
             layers = list(probe_layers(spec.name))
@@ -91,7 +91,7 @@ class Extractor:
             self.model = backbones.feature_model(base, self.layer, spec.pooling)
         self.dim = int(self.model.output_shape[-1])
         self.preprocessing = backbones.preprocessing_name(spec.name, spec.weights)
-        self.weights_sha256 = backbones.weights_sha256(spec.name, spec.weights, spec.image_size)
+        self.weights_sha256 = pretrained.weights_sha256(spec.name, spec.weights, spec.image_size)
         self._infer = None
 
     def raw(self, rows: np.ndarray, layer: str) -> np.ndarray:

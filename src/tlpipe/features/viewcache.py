@@ -57,7 +57,7 @@ class CacheSpec:
     def from_params(cls, backbone, augment, compute, unfreeze_from: str, class_names, base) -> "CacheSpec":
         """From the params sections (backbone, augment, compute) and finetune.unfreeze_from (`auto`:
         resolved against backbone.layer, so the boundary moves with the cut)."""
-        from tlpipe.features import backbones
+        from tlpipe.features import backbones, pretrained
 
         unfreeze_from = resolve_unfreeze(backbone.name, base, backbone.layer, unfreeze_from)
         # config.py refuses this for the architectures it knows by name; the others are known only now.
@@ -66,7 +66,7 @@ class CacheSpec:
                               f"the view cache (augment.mode: cached) nothing frozen to store; choose a later "
                               f"layer, or augment.mode: online")
         return cls(mode=augment.mode, backbone=backbone.name, weights=backbone.weights,
-                   weights_sha256=backbones.weights_sha256(backbone.name, backbone.weights, backbone.image_size),
+                   weights_sha256=pretrained.weights_sha256(backbone.name, backbone.weights, backbone.image_size),
                    image_size=backbone.image_size,
                    preprocessing=backbones.preprocessing_name(backbone.name, backbone.weights),
                    precision=compute.precision, boundary=boundary_layer(base, unfreeze_from),
@@ -181,7 +181,7 @@ class CacheWorker:
     def __init__(self, work: CacheWork):
         import tensorflow as tf
 
-        from tlpipe.features.backbones import build_base
+        from tlpipe.features.pretrained import build_base
 
         spec = self.spec = work.spec
         base = work.base if work.base is not None else build_base(spec.backbone, spec.weights, spec.image_size,
@@ -225,7 +225,7 @@ def build_from_manifests(split_dir, images_dir, out, *, backbone, augment, compu
                          progress: bool = True, engine=None) -> Path:
     """The viewcache stage: the split manifests -> `out` (params sections as plain arguments;
     `engine`: features.engine.Engine of compute.engine, None: this process)."""
-    from tlpipe.features.backbones import build_base
+    from tlpipe.features.pretrained import build_base
 
     split_dir = Path(split_dir)
     classes = read_class_names(split_dir / "classes.json")

@@ -98,7 +98,7 @@ def assemble(base: keras.Model, layer: str | None, pooling: str, head: keras.Mod
              name: str = "classifier") -> keras.Model:
     """Full classifier: Input -> Preprocess -> base (truncated at `layer`, nested) -> pool -> head.
 
-    `base` is a convolutional base (e.g. `backbones.build_base(...)`); `head` a trained model from
+    `base` is a convolutional base (e.g. `pretrained.build_base(...)`); `head` a trained model from
     `dense_head.build_head` whose weights are copied. `info` holds the metadata (see INFO_KEYS);
     `info["trainable_from"]` (default None = frozen base) sets which base layers train.
     """

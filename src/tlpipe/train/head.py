@@ -40,10 +40,10 @@ def check_backbone(path, attrs: dict, backbone) -> None:
 
 def base_for(attrs: dict, precision: str = "float32"):
     """The convolutional base the features came from, rebuilt, its weights file checked unchanged."""
-    from tlpipe.features import backbones
+    from tlpipe.features import pretrained
 
-    base = backbones.build_base(attrs["backbone"], attrs["weights"], int(attrs["image_size"]), precision)
-    now = backbones.weights_sha256(attrs["backbone"], attrs["weights"], int(attrs["image_size"]))
+    base = pretrained.build_base(attrs["backbone"], attrs["weights"], int(attrs["image_size"]), precision)
+    now = pretrained.weights_sha256(attrs["backbone"], attrs["weights"], int(attrs["image_size"]))
     if (now or None) != (attrs.get("weights_sha256") or None):
         raise FeatureFileError(
             f"backbone weights {attrs['weights']!r} changed since the features were extracted (SHA-256 "

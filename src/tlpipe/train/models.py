@@ -84,12 +84,12 @@ def new_model(backbone, precision: str, units: int, dropout: float, seed: int, c
               stats=None):
     """A full model with a fresh head (seeded) on the frozen base (`backbone`: params.backbone with the
     cut); `stats`: the head standardises its input with them (model.dense_head.build_head)."""
-    from tlpipe.features import backbones
+    from tlpipe.features import backbones, pretrained
     from tlpipe.model.dense_head import build_head
     from tlpipe.model.saved import assemble, truncate_base
 
     if base is None:
-        base = backbones.build_base(backbone.name, backbone.weights, backbone.image_size, precision)
+        base = pretrained.build_base(backbone.name, backbone.weights, backbone.image_size, precision)
     layer = backbones.resolve_layer(base, backbone.layer)
     width = backbones.pooled_width(truncate_base(base, layer).output.shape[1:], backbone.pooling)
     with backbones.dtype_policy(precision):
@@ -99,11 +99,11 @@ def new_model(backbone, precision: str, units: int, dropout: float, seed: int, c
 
 
 def _info(backbone, class_names, layer, trainable_from) -> dict:
-    from tlpipe.features import backbones
+    from tlpipe.features import backbones, pretrained
 
     return {"class_names": list(class_names), "image_size": backbone.image_size, "backbone": backbone.name,
             "weights": backbone.weights,
-            "weights_sha256": backbones.weights_sha256(backbone.name, backbone.weights, backbone.image_size),
+            "weights_sha256": pretrained.weights_sha256(backbone.name, backbone.weights, backbone.image_size),
             "layer": layer, "pooling": backbone.pooling,
             "preprocessing": backbones.preprocessing_name(backbone.name, backbone.weights),
             "trainable_from": trainable_from}
@@ -112,7 +112,7 @@ def _info(backbone, class_names, layer, trainable_from) -> dict:
 def finetune_model(start_path, backbone, precision: str, unfreeze_from: str):
     """The model of `start_path` rebuilt under `precision`, base trainable from `unfreeze_from` on
     (`auto`: the last block the model's base keeps; the name used is its info's trainable_from)."""
-    from tlpipe.features import backbones
+    from tlpipe.features import pretrained
     from tlpipe.model.saved import assemble, head_submodel, load_model, model_info, set_trainable_from
 
     start = load_model(start_path)
@@ -122,7 +122,7 @@ def finetune_model(start_path, backbone, precision: str, unfreeze_from: str):
         if info[key] != getattr(backbone, param):
             raise ModelFileError(f"{start_path}: built with {key} {info[key]!r} but params.yaml has "
                                  f"backbone.{param}: {getattr(backbone, param)!r}; rerun the stage that writes it")
-    base = backbones.build_base(info["backbone"], "none", info["image_size"], precision)
+    base = pretrained.build_base(info["backbone"], "none", info["image_size"], precision)
     from tlpipe.features.boundary import resolve_unfreeze
 
     unfreeze_from = resolve_unfreeze(info["backbone"], base, info["layer"], unfreeze_from)  # against the layer the model keeps
