@@ -6,8 +6,9 @@ import pytest
 from imagegen import write_exif_rotated_jpeg
 from PIL import Image
 
-from tlpipe.features.augment import (apply_transforms, augment_images, augment_settings, image_seeds, preview,
-                            random_transforms)
+from tlpipe.features.augment import (apply_transforms, augment_images, augment_settings, image_seeds,
+                                    random_transforms)
+from tlpipe.features.augment_preview import preview
 from tlpipe.errors import ConfigError, DataError
 
 S = 32

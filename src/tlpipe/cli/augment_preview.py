@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> Path:
     from tlpipe.config import load_params
     from tlpipe.data.manifests import first_image
     from tlpipe.errors import DataError
-    from tlpipe.features.augment import preview
+    from tlpipe.features.augment_preview import preview
     from tlpipe.log import log
 
     ap = _parser(prog)

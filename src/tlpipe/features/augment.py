@@ -1,4 +1,5 @@
-"""Data augmentation: seeded random affine transforms of training images, and a preview grid.
+"""Data augmentation: seeded random affine transforms of training images (the preview grid is in
+augment_preview.py).
 
 Every transform of one image (rotation, shift, shear, zoom, flip) is composed into ONE affine matrix
 and applied with a single bilinear resample (tf's ImageProjectiveTransformV3, the op under Keras 3's
@@ -22,13 +23,9 @@ Units (see docs/augmentation.md):
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
-import numpy as np
 import tensorflow as tf
 
-from tlpipe import atomic
-from tlpipe.tiles import square_cols, tile_grid
 
 _DEFAULTS = dict(rotation_range=0.0, width_shift_range=0.0, height_shift_range=0.0, shear_range=0.0,
                  zoom_range=0.0, horizontal_flip=False, fill_mode="nearest", seed=0)
@@ -103,26 +100,3 @@ def augment_images(images, seeds, settings: dict) -> tf.Tensor:
     images = tf.convert_to_tensor(images)
     transforms = random_transforms(settings, seeds, images.shape[1], images.shape[2])
     return apply_transforms(images, transforms, settings["fill_mode"])
-
-
-def preview_grid(image: np.ndarray, settings: dict, n: int = 8, pad: int = 4) -> np.ndarray:
-    """uint8 grid of `image` (top-left) followed by its augmented views 0..n-1, near-square, `pad`
-    white pixels between and around the tiles."""
-    views = augment_images(np.repeat(image[None], n, axis=0),
-                           image_seeds(settings["seed"], tf.range(n), tf.zeros([n], tf.int64)),
-                           settings).numpy()
-    tiles = np.stack([np.clip(np.round(t), 0, 255).astype(np.uint8) for t in [image, *views]])
-    return tile_grid(tiles, square_cols(len(tiles)), pad=pad, pad_value=255, border=pad)
-
-
-def preview(image_path, out_png, augment_params, n: int = 8, image_size: int = 150) -> Path:
-    """Write a PNG grid: the image (resized to image_size) and n augmented versions of it."""
-    from PIL import Image
-
-    from tlpipe.data.images import encode_png
-    from tlpipe.features.imagefile import decode_file
-
-    settings = augment_settings(augment_params)
-    # Normalised as the data stage would store it: a user's EXIF-rotated or CMYK photo shows upright.
-    grid = preview_grid(decode_file(image_path, image_size), settings, n)
-    return atomic.write_bytes(out_png, encode_png(Image.fromarray(grid, "RGB")))
