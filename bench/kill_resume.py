@@ -75,7 +75,10 @@ def run(project: Path, cmd: list[str]) -> float:
 
 def kill_extract(project: Path, kill_after: float | None) -> tuple[float, str]:
     """Start extract, SIGKILL it; returns (seconds it ran, what it was doing)."""
-    first_chunk = project / "features" / ".train.h5.work" / "chunk_000000.npy"
+    from tlpipe.features.shards import shard_name, work_dir
+
+    # The library's own names, so the bench follows the shard format wherever it goes.
+    first_chunk = work_dir(project / "features" / "train.h5") / shard_name(0)
     t0 = time.perf_counter()
     proc = subprocess.Popen(EXTRACT, cwd=project, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     when = "timer"

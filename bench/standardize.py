@@ -47,8 +47,8 @@ def main(argv=None) -> None:
                                              "epochs": args.epochs, "batch_size": 20, "seed": 42}}).head
             with tempfile.TemporaryDirectory() as tmp:
                 tmp = Path(tmp)
-                result = run_train_head(args.features, tmp / "head.keras", tmp / "metrics.json", tmp / "live", head,
-                                        keep="best")
+                result = run_train_head(args.features, tmp / "head.keras", tmp / "metrics.json", tmp / "live",
+                                        head)  # train's defaults: keep the best epoch
             h, best = result["history"], result["best_epoch"]  # best: train.keep's rule (tlpipe.history)
             print(f"| {'yes' if standardize else 'no'} | {lr:g} | {best} | {h[best - 1]['val_accuracy']:.1%} | "
                   f"{h[best - 1]['val_loss']:.3f} | {h[0]['train_loss']:.3f} |", flush=True)
