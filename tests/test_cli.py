@@ -85,10 +85,20 @@ def test_a_bad_log_level_names_the_variable():
     assert proc.stderr.startswith("error: TLPIPE_LOG_LEVEL='loud': choose one of debug, info, warning, error")
 
 
-def test_progress_bars_only_on_a_terminal(capsys):
+def test_progress_bars_only_on_a_terminal_unless_the_environment_says(capsys, monkeypatch):
+    from tlpipe import log
     from tlpipe.log import progress
 
+    monkeypatch.delenv("TLPIPE_PROGRESS", raising=False)
     assert progress(range(3)).disable  # pytest's captured stderr is not a terminal
+    assert progress(range(3), disable=True).disable
+    monkeypatch.setattr(log, "_stderr_is_terminal", lambda: True)
+    assert not progress(range(3)).disable
+    monkeypatch.setenv("TLPIPE_PROGRESS", "0")
+    assert progress(range(3)).disable
+    monkeypatch.setattr(log, "_stderr_is_terminal", lambda: False)
+    monkeypatch.setenv("TLPIPE_PROGRESS", "1")
+    assert not progress(range(3)).disable
     assert progress(range(3), disable=True).disable
 
 

@@ -54,7 +54,8 @@ def run(folder: Path, cmd: list[str], limit_fsize: int | None = None) -> subproc
     def set_limit():  # a file system that fills up at limit_fsize bytes per file (EFBIG, not ENOSPC)
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit_fsize, limit_fsize))
 
-    proc = subprocess.run(cmd, cwd=folder, env=tool_env(), capture_output=True, timeout=900,
+    # TLPIPE_PROGRESS=1: the bars, which these tests read, show although stderr is a pipe.
+    proc = subprocess.run(cmd, cwd=folder, env={**tool_env(), "TLPIPE_PROGRESS": "1"}, capture_output=True, timeout=900,
                           preexec_fn=set_limit if limit_fsize else None)
     proc.stdout, proc.stderr = proc.stdout.decode("utf-8", "replace"), proc.stderr.decode("utf-8", "replace")
     return proc

@@ -71,11 +71,11 @@ def test_a_resumed_cosine_run_equals_an_uninterrupted_one(tmp_path):
 
     work = tmp_path / "work"
     with pytest.raises(Interrupt):
-        training.fit(_model(), data, epochs=5, batch_size=8, seed=7, live_dir=tmp_path / "part", work_dir=work,
+        training.fit(_model(), data, epochs=5, batch_size=8, seed=7, live_dir=tmp_path / "part", checkpoint_dir=work,
                      learning_rates=rates, on_epoch_end=stop)
     resumed_model = _model(seed=99)
     resumed = training.fit(resumed_model, data, epochs=5, batch_size=8, seed=7, live_dir=tmp_path / "part",
-                           work_dir=work, resume=True, learning_rates=rates)
+                           checkpoint_dir=work, resume=True, learning_rates=rates)
     assert resumed["history"] == full["history"]
     for a, b in zip(full_model.get_weights(), resumed_model.get_weights()):
         np.testing.assert_array_equal(a, b)

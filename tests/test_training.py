@@ -102,14 +102,14 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path):
 
     with pytest.raises(Interrupt):
         training.fit(_model(), data, epochs=5, batch_size=8, seed=7, live_dir=tmp_path / "part",
-                     work_dir=work, on_epoch_end=stop)
+                     checkpoint_dir=work, on_epoch_end=stop)
     state = json.loads((work / "state.json").read_text())
     assert state["epoch"] == 2 and [p.name for p in work.glob("*.npz")] == ["epoch-0002.npz"]
 
     # A fresh process would build a fresh model: use another init seed to prove the checkpoint wins.
     resumed_model = _model(seed=99)
     resumed = training.fit(resumed_model, data, epochs=5, batch_size=8, seed=7, live_dir=tmp_path / "part",
-                           work_dir=work, resume=True)
+                           checkpoint_dir=work, resume=True)
     assert resumed["history"] == full["history"]
     for a, b in zip(full_model.get_weights(), resumed_model.get_weights()):
         np.testing.assert_array_equal(a, b)
@@ -125,7 +125,7 @@ def test_resume_false_discards_stale_checkpoint(tmp_path):
     (work / "state.json").write_text("{}")
     (work / "epoch-0009.npz").write_bytes(b"junk")
     res = training.fit(_model(), data, epochs=2, batch_size=8, seed=7, live_dir=tmp_path / "l",
-                       work_dir=work, resume=False, keep_work=True)
+                       checkpoint_dir=work, resume=False, keep_checkpoint=True)
     assert res["epochs"] == 2
     assert sorted(p.name for p in work.iterdir()) == ["epoch-0002.npz", "state.json"]
 
@@ -134,10 +134,10 @@ def test_resume_with_checkpoint_of_other_settings_starts_again(tmp_path, capsys)
     data = _stored(40, 10)
     work = tmp_path / "work"
     training.fit(_model(), data, epochs=2, batch_size=8, seed=7, live_dir=tmp_path / "l",
-                 work_dir=work, keep_work=True)
+                 checkpoint_dir=work, keep_checkpoint=True)
     with warned(capsys, "other settings"):
         res = training.fit(_model(), data, epochs=2, batch_size=4, seed=7, live_dir=tmp_path / "l",
-                           work_dir=work, resume=True)
+                           checkpoint_dir=work, resume=True)
     assert [r["epoch"] for r in res["history"]] == [1, 2]
 
 
@@ -194,22 +194,22 @@ def test_fit_asks_each_epoch_once_and_a_resumed_run_only_the_rest(tmp_path):
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        training.fit(_model(), data, epochs=4, batch_size=8, seed=7, live_dir=tmp_path / "l", work_dir=tmp_path / "w",
+        training.fit(_model(), data, epochs=4, batch_size=8, seed=7, live_dir=tmp_path / "l", checkpoint_dir=tmp_path / "w",
                      on_epoch_end=stop)
     assert data.asked == [0, 1]
     resumed = Recording()
-    training.fit(_model(), resumed, epochs=4, batch_size=8, seed=7, live_dir=tmp_path / "l", work_dir=tmp_path / "w",
+    training.fit(_model(), resumed, epochs=4, batch_size=8, seed=7, live_dir=tmp_path / "l", checkpoint_dir=tmp_path / "w",
                  resume=True)
     assert resumed.asked == [2, 3]
 
 
 def test_checkpoint_of_other_data_is_not_resumed(tmp_path, capsys):
     training.fit(_model(), Recording("a"), epochs=2, batch_size=8, seed=7, live_dir=tmp_path / "l",
-                 work_dir=tmp_path / "w", keep_work=True)
+                 checkpoint_dir=tmp_path / "w", keep_checkpoint=True)
     other = Recording("b")
     with warned(capsys, "other settings"):
         training.fit(_model(), other, epochs=2, batch_size=8, seed=7, live_dir=tmp_path / "l",
-                     work_dir=tmp_path / "w", resume=True)
+                     checkpoint_dir=tmp_path / "w", resume=True)
     assert other.asked == [0, 1]
 
 
@@ -308,11 +308,11 @@ def test_resume_with_keep_best_equals_an_uninterrupted_run(tmp_path, patience, s
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        _fit(tmp_path, "part", work_dir=work, patience=patience, on_epoch_end=stop)
+        _fit(tmp_path, "part", checkpoint_dir=work, patience=patience, on_epoch_end=stop)
     with np.load(work / f"epoch-{stop_after:04d}.npz") as ckpt:
         # the best epoch's weights ride in the same file as the last epoch's (one atomic write)
         assert any(k.startswith("b") for k in ckpt.files) == (stop_after > 2)
-    resumed_model, resumed = _fit(tmp_path, "part", model=_model(seed=99), work_dir=work, resume=True,
+    resumed_model, resumed = _fit(tmp_path, "part", model=_model(seed=99), checkpoint_dir=work, resume=True,
                                   patience=patience)
     assert resumed["history"] == full["history"] and resumed["kept_epoch"] == 2
     for a, b in zip(full_model.get_weights(), resumed_model.get_weights()):
@@ -324,13 +324,13 @@ def test_resume_with_keep_best_equals_an_uninterrupted_run(tmp_path, patience, s
 
 def test_checkpoint_of_other_keep_or_patience_is_not_resumed(tmp_path, capsys):
     work = tmp_path / "w"
-    _fit(tmp_path, "l", epochs=3, work_dir=work, keep_work=True, keep="last")
+    _fit(tmp_path, "l", epochs=3, checkpoint_dir=work, keep_checkpoint=True, keep="last")
     with warned(capsys, "other settings"):
-        _, res = _fit(tmp_path, "l", epochs=3, work_dir=work, resume=True)  # keep="best" needs the best weights
+        _, res = _fit(tmp_path, "l", epochs=3, checkpoint_dir=work, resume=True)  # keep="best" needs the best weights
     assert res["kept_epoch"] == 2
-    _fit(tmp_path, "l", epochs=3, work_dir=work, keep_work=True)
+    _fit(tmp_path, "l", epochs=3, checkpoint_dir=work, keep_checkpoint=True)
     with warned(capsys, "other settings"):
-        _fit(tmp_path, "l", epochs=3, work_dir=work, resume=True, patience=1)
+        _fit(tmp_path, "l", epochs=3, checkpoint_dir=work, resume=True, patience=1)
 
 
 def test_params_train_keep_and_patience():

@@ -223,8 +223,11 @@ def test_frozen_suffix_features_equal_running_the_suffix(tmp_path, parts):
         np.testing.assert_allclose(head(per_view[:, v]), cached(stored[:, v]), rtol=1e-5, atol=1e-6)
 
 
-def test_progress_counts_images_through_the_prefix(tmp_path, base, parts, capsys):
+def test_progress_counts_images_through_the_prefix(tmp_path, base, parts, capsys, monkeypatch):
     """The bar's total is training images x views + plain images, so its ETA is honest."""
+    from tlpipe import log
+
+    monkeypatch.setattr(log, "_stderr_is_terminal", lambda: True)  # bars show only on a terminal
     viewcache.build_cache(tmp_path / "v.h5", parts, base=base, spec=spec_for(base, views=3), batch_size=4,
                           progress=True)
     total = 6 * 3 + 2 + 2

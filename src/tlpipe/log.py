@@ -5,7 +5,7 @@
     log.warning("...")   # prints "warning: ..."
 
 The level comes from the environment, TLPIPE_LOG_LEVEL (debug, info, warning, error; default info),
-because flags cannot pass through `dvc repro` to a stage. `setup()` runs when a stage or a `tlpipe`
+because flags cannot pass through `dvc repro` to a stage; so does TLPIPE_PROGRESS (see progress). `setup()` runs when a stage or a `tlpipe`
 command starts (tlpipe.cli.start); a library imported in a notebook leaves the host's logging alone
 (its records then go wherever the host sends the `tlpipe` logger's). Deliberate errors do not go
 through here: run_stage prints `error: <message>` itself, whatever the level.
@@ -73,13 +73,20 @@ def setup(environ=None) -> None:
     log.propagate = False  # not twice when the host also logs to stderr
 
 
+PROGRESS_ENV = "TLPIPE_PROGRESS"  # 1: bars even off a terminal (a log you tail); 0: never
+
+
 def progress(iterable=None, **kwargs):
     """A tqdm bar on stderr, shown only when stderr is a terminal: a queued experiment's or CI's log
-    would otherwise fill with carriage-return frames. `disable=True` still hides it."""
+    would otherwise fill with carriage-return frames. TLPIPE_PROGRESS=1 shows it anyway, 0 never;
+    `disable=True` still hides it."""
+    import os
+
     from tqdm import tqdm
 
     if kwargs.get("disable") is not True:
-        kwargs["disable"] = not _stderr_is_terminal()
+        forced = os.environ.get(PROGRESS_ENV, "").strip()
+        kwargs["disable"] = forced == "0" if forced in ("0", "1") else not _stderr_is_terminal()
     kwargs.setdefault("file", sys.stderr)
     return tqdm(iterable, **kwargs)
 

@@ -174,7 +174,7 @@ def decode_candidates(candidates: list[Candidate], store: Path, max_side: int = 
                       workers: int | None = None) -> tuple[list[Record], list[tuple[str, str]]]:
     """Decode each candidate once, writing what the store keeps into `store`; (records, rejected)."""
 
-    def work(c: Candidate):
+    def decode(c: Candidate):
         try:
             data = read_file(c.file)
             digest = hashlib.sha256(data).hexdigest()
@@ -192,7 +192,7 @@ def decode_candidates(candidates: list[Candidate], store: Path, max_side: int = 
     records, rejected = [], []
     with ThreadPoolExecutor(workers) as pool:
         # map() yields in input order, so the result does not depend on thread timing.
-        for rec, rej in progress(pool.map(work, candidates), total=len(candidates), desc="decode images",
+        for rec, rej in progress(pool.map(decode, candidates), total=len(candidates), desc="decode images",
                                  unit="img", leave=False):
             if rec is not None:
                 records.append(rec)

@@ -15,7 +15,7 @@ import numpy as np
 from tlpipe.data.manifests import SPLITS, read_class_names
 from tlpipe.errors import DataError
 from tlpipe.features import cut, probe
-from tlpipe.features.extract import BaseSpec, Extractor, SplitWork, assemble_split, compute_split
+from tlpipe.features.extract import BaseSpec, Extractor, ComputedSplit, assemble_split, compute_split
 from tlpipe.log import log
 
 
@@ -48,7 +48,7 @@ def extract_splits(split_dir, images_dir, out_dir, spec: BaseSpec, batch_size: i
     return outs
 
 
-def _probe(extractor: Extractor, train: SplitWork, validation: SplitWork) -> list[dict]:
+def _probe(extractor: Extractor, train: ComputedSplit, validation: ComputedSplit) -> list[dict]:
     """The probe's table over the extractor's candidates (a single one when the params name it)."""
     it = probe.spaced_rows(train.n, probe.MAX_TRAIN_ROWS)
     iv = probe.spaced_rows(validation.n, probe.MAX_VALIDATION_ROWS)

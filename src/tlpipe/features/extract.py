@@ -152,7 +152,7 @@ def fingerprint(extractor: Extractor, files, labels, paths, class_names, batch_s
     })
 
 
-class ExtractWork:
+class ExtractWorkerFactory:
     """What a worker needs to compute feature shards; called once per worker to build it. Pickled
     to Ray's actors without the built extractor: each actor builds its own from the spec."""
 
@@ -169,11 +169,11 @@ class ExtractWork:
 class ExtractWorker:
     """Holds the feature model once; turns a shard job into its shard file (shards.ensure_shard)."""
 
-    def __init__(self, work: ExtractWork):
+    def __init__(self, factory: ExtractWorkerFactory):
         import tensorflow as tf
 
-        self.extractor = work.extractor or Extractor(work.spec, work.precision)
-        self.batch_size = work.batch_size
+        self.extractor = factory.extractor or Extractor(factory.spec, factory.precision)
+        self.batch_size = factory.batch_size
         tf.config.experimental.enable_op_determinism()  # same inputs -> same features, on every worker
 
     def __call__(self, job: dict) -> dict:
@@ -191,7 +191,7 @@ class ExtractWorker:
 
 
 @dataclass
-class SplitWork:
+class ComputedSplit:
     """One split's finished shards in its work folder, ready to assemble."""
 
     out: Path
@@ -239,7 +239,7 @@ def _write_errors(out: Path, work: Path):
 
 
 def compute_split(manifest_csv, images_dir, out_h5, extractor: Extractor, classes: Sequence[str],
-                  batch_size: int = 32, chunk_rows: int | None = None, engine=None) -> SplitWork:
+                  batch_size: int = 32, chunk_rows: int | None = None, engine=None) -> ComputedSplit:
     """Run one split's images through `extractor` into shard files in its work folder (resumable; see
     the module docstring), on `engine` (a features.engine.Engine; None: this process)."""
     from tlpipe.log import progress
@@ -267,14 +267,14 @@ def compute_split(manifest_csv, images_dir, out_h5, extractor: Extractor, classe
         run = engine.run if engine is not None else shards.run_local
         with progress(total=n, unit="img", desc=f"extract {out.name}", dynamic_ncols=True,
                       disable=done) as bar:
-            results = run(jobs, ExtractWork(extractor.spec, extractor.precision, batch_size, extractor),
+            results = run(jobs, ExtractWorkerFactory(extractor.spec, extractor.precision, batch_size, extractor),
                           progress=lambda r: bar.update(sizes[r["shard"]]))
     entries = [{"file": j["shard"], "start": j["start"], "rows": len(j["files"]),
                 "sha256": results[j["shard"]]["sha256"], "bytes": results[j["shard"]]["bytes"]} for j in jobs]
-    return SplitWork(out, work, list(labels), list(paths), chunk_rows, entries, fp)
+    return ComputedSplit(out, work, list(labels), list(paths), chunk_rows, entries, fp)
 
 
-def assemble_split(split: SplitWork, dim: int, attrs: dict, select=None) -> Path:
+def assemble_split(split: ComputedSplit, dim: int, attrs: dict, select=None) -> Path:
     """Publish the split's shards and write its .h5 over them (`select`: rows -> stored features,
     each shard then derived into a new one; None: the shards as they are, linked, so the work
     folder stays whole until the caller removes it)."""

@@ -137,7 +137,7 @@ def build_cache(out_path, parts: dict, *, base, spec: CacheSpec, batch_size: int
 
     try:
         shards.prepare_work(work, fp)
-        results = _run(engine, jobs, CacheWork(spec, batch_size, dtype, base), progress, out.name)
+        results = _run(engine, jobs, CacheWorkerFactory(spec, batch_size, dtype, base), progress, out.name)
         entries = [{"file": j["shard"], "start": j["start"], "rows": len(j["files"]),
                     "sha256": results[j["shard"]]["sha256"], "bytes": results[j["shard"]]["bytes"]} for j in jobs]
         manifest_sha = shards.publish(out, work, entries, fp)
@@ -160,7 +160,7 @@ def _run(engine, jobs, make_worker, progress: bool, name: str) -> dict:
         return run(jobs, make_worker, progress=lambda r: bar.update(sizes[r["shard"]]))
 
 
-class CacheWork:
+class CacheWorkerFactory:
     """What a worker needs to compute view-cache shards; called once per worker to build it.
 
     Pickled to Ray's actors without the built base: each actor builds its own from the spec."""
@@ -178,17 +178,18 @@ class CacheWork:
 class CacheWorker:
     """Holds the frozen prefix once; turns a shard job into its shard file (see shards.ensure_shard)."""
 
-    def __init__(self, work: CacheWork):
+    def __init__(self, factory: CacheWorkerFactory):
         import tensorflow as tf
 
         from tlpipe.features.pretrained import build_base
 
-        spec = self.spec = work.spec
-        base = work.base if work.base is not None else build_base(spec.backbone, spec.weights, spec.image_size,
-                                                                  spec.precision)
+        spec = self.spec = factory.spec
+        base = factory.base
+        if base is None:
+            base = build_base(spec.backbone, spec.weights, spec.image_size, spec.precision)
         self.prefix = prefix_model(base, spec.boundary)
         self.settings = augment_settings(spec.augment)
-        self.batch_size, self.dtype = work.batch_size, work.dtype
+        self.batch_size, self.dtype = factory.batch_size, factory.dtype
         tf.config.experimental.enable_op_determinism()  # same inputs -> same bytes, also after a resume
 
     def __call__(self, job: dict) -> dict:

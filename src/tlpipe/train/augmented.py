@@ -64,14 +64,14 @@ def fit_and_save(full, model, data, run, *, live_dir, model_path, on_epoch_end=N
     per-epoch history. keep="best" (train.keep) restores the best epoch's variables into `model`'s
     layers, which are `full`'s, so `full` is saved with them."""
     from tlpipe.model.saved import model_info, save_model
-    from tlpipe.train.checkpoint import work_dir_for
+    from tlpipe.train.checkpoint import checkpoint_dir_for
     from tlpipe.train.compile import compile_classifier
     from tlpipe.train.loop import fit
     from tlpipe.train.models import detached
 
     compile_classifier(model, len(model_info(full)["class_names"]), run.lr)
     t0 = time.perf_counter()
-    result = fit(model, data, run, live_dir=live_dir, work_dir=work_dir_for(model_path), on_epoch_end=on_epoch_end)
+    result = fit(model, data, run, live_dir=live_dir, checkpoint_dir=checkpoint_dir_for(model_path), on_epoch_end=on_epoch_end)
     seconds = time.perf_counter() - t0
     log.info(f"{Path(model_path).name}: {data.fingerprint['mode']} mode, "
              f"{seconds / max(1, len(result['history'])):.1f} s/epoch")

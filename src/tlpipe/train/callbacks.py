@@ -97,39 +97,39 @@ class Patience(keras.callbacks.Callback):
 
 
 class Checkpoint(keras.callbacks.Callback):
-    """Checkpoints each epoch to `work_dir` (checkpoint.py). At the start, with settings.resume, restores
+    """Checkpoints each epoch to `checkpoint_dir` (checkpoint.py). At the start, with settings.resume, restores
     the last finished epoch of a checkpoint of this run (its history into `history`, its best epoch's
-    variables into `keep_best`), else removes any stale one; at the end removes it unless `keep_work`."""
+    variables into `keep_best`), else removes any stale one; at the end removes it unless `keep_checkpoint`."""
 
-    def __init__(self, work_dir, settings, data_fingerprint: dict, history: list[dict],
-                 keep_best: KeepBest | None = None, keep_work: bool = False):
+    def __init__(self, checkpoint_dir, settings, data_fingerprint: dict, history: list[dict],
+                 keep_best: KeepBest | None = None, keep_checkpoint: bool = False):
         super().__init__()
-        self.work, self.settings, self.data_fingerprint = Path(work_dir), settings, data_fingerprint
-        self.history, self.keep_best, self.keep_work = history, keep_best, keep_work
+        self.folder, self.settings, self.data_fingerprint = Path(checkpoint_dir), settings, data_fingerprint
+        self.history, self.keep_best, self.keep_checkpoint = history, keep_best, keep_checkpoint
 
     def on_train_begin(self, logs=None):
         self.fingerprint = checkpoint.fingerprint(self.model, self.settings, self.data_fingerprint)
         if not self.settings.resume:
-            if self.work.exists():
-                shutil.rmtree(self.work)
+            if self.folder.exists():
+                shutil.rmtree(self.folder)
             return
-        restored = checkpoint.load_checkpoint(self.work, self.model, self.fingerprint, int(self.settings.epochs))
+        restored = checkpoint.load_checkpoint(self.folder, self.model, self.fingerprint, int(self.settings.epochs))
         if restored is None:
-            shutil.rmtree(self.work, ignore_errors=True)
+            shutil.rmtree(self.folder, ignore_errors=True)
             return
         epoch, history, best = restored
         self.history[:] = history[:epoch]
         if self.keep_best is not None:
             self.keep_best.best = best
-        log.info(f"resuming after epoch {epoch} from {self.work}")
+        log.info(f"resuming after epoch {epoch} from {self.folder}")
 
     def on_epoch_end(self, epoch, logs=None):
-        checkpoint.save_checkpoint(self.work, self.model, epoch + 1, self.history, self.fingerprint,
+        checkpoint.save_checkpoint(self.folder, self.model, epoch + 1, self.history, self.fingerprint,
                                    self.keep_best.best if self.keep_best is not None else None)
 
     def on_train_end(self, logs=None):
-        if not self.keep_work:
-            shutil.rmtree(self.work, ignore_errors=True)
+        if not self.keep_checkpoint:
+            shutil.rmtree(self.folder, ignore_errors=True)
 
 
 class DvcLive(keras.callbacks.Callback):

@@ -91,7 +91,7 @@ def run_train_head(features_dir, model_out, metrics_out, live_dir, head, run=Non
     from tlpipe.model.dense_head import build_head, feature_stats
     from tlpipe.model.saved import assemble, save_model
     from tlpipe.atomic import write_json
-    from tlpipe.train.checkpoint import work_dir_for
+    from tlpipe.train.checkpoint import checkpoint_dir_for
     from tlpipe.train.compile import compile_classifier
     from tlpipe.train.loop import fit, metrics_of
     from tlpipe.train.settings import TrainSettings
@@ -107,7 +107,7 @@ def run_train_head(features_dir, model_out, metrics_out, live_dir, head, run=Non
     with training_strategy(strategy, run.batch_size).scope():
         model = compile_classifier(build_head(data.train[0].shape[1], n_classes, head.units, head.dropout,
                                               seed=run.seed, stats=stats), n_classes, run.lr)
-        result = fit(model, data, run, live_dir=live_dir, work_dir=work_dir_for(model_out),
+        result = fit(model, data, run, live_dir=live_dir, checkpoint_dir=checkpoint_dir_for(model_out),
                      on_epoch_end=on_epoch_end)
 
     info = {**attrs, "trainable_from": None}

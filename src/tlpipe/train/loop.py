@@ -7,7 +7,7 @@ give the same history, and an epoch's batches do not depend on whether earlier e
 process.
 
 The rest is policy, one keras.callbacks.Callback each (tlpipe.train.callbacks), chosen by the run's
-TrainSettings (tlpipe.train.settings): Checkpoint (each epoch to the work folder; train.resume
+TrainSettings (tlpipe.train.settings): Checkpoint (each epoch to the checkpoint folder; train.resume
 continues the last finished one, bit for bit: tlpipe.train.checkpoint), KeepBest (train.keep: best
 ends with the variables of the epoch of lowest validation loss, the earliest on ties, a NaN never:
 tlpipe.history.best_index), Patience (train.patience), LearningRates (the schedule), DvcLive (the
@@ -72,16 +72,16 @@ def summarize(history: list[dict]) -> dict:
     }
 
 
-def fit(model, data, settings: TrainSettings | None = None, *, live_dir, work_dir=None,
-        on_epoch_end: Callable[[int, dict], None] | None = None, keep_work: bool = False, **fields) -> dict:
+def fit(model, data, settings: TrainSettings | None = None, *, live_dir, checkpoint_dir=None,
+        on_epoch_end: Callable[[int, dict], None] | None = None, keep_checkpoint: bool = False, **fields) -> dict:
     """Train a compiled model on `data` (a tlpipe.train.trainingdata.TrainingData) as `settings` say;
     log per-epoch metrics to dvclive at `live_dir`.
 
     settings: a TrainSettings; `fields` (TrainSettings' own: epochs=, batch_size=, seed=, keep=, ...)
     replace its fields, or make one without it (tests, benches).
-    work_dir: checkpoint folder (None: no checkpoints; checkpoint.work_dir_for gives the stages').
+    checkpoint_dir: checkpoint folder (None: no checkpoints; checkpoint.checkpoint_dir_for gives the stages').
     on_epoch_end(epoch, row): called after each epoch is logged and checkpointed (1-based epoch).
-    keep_work: leave the checkpoint when done (tests).
+    keep_checkpoint: leave the checkpoint when done (tests).
     Returns `summarize(history)` plus "history" (a list of per-epoch dicts) and "kept_epoch" (the
     epoch whose variables the model holds).
     """
@@ -104,8 +104,8 @@ def fit(model, data, settings: TrainSettings | None = None, *, live_dir, work_di
     keep_best = cb.KeepBest(history) if settings.keep == "best" else None
     if keep_best is not None:
         policies.append(keep_best)
-    if work_dir is not None:
-        policies.append(cb.Checkpoint(work_dir, settings, data.fingerprint, history, keep_best, keep_work))
+    if checkpoint_dir is not None:
+        policies.append(cb.Checkpoint(checkpoint_dir, settings, data.fingerprint, history, keep_best, keep_checkpoint))
     rates = settings.rates()
     if rates is not None:
         policies.append(cb.LearningRates(rates))
