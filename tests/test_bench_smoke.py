@@ -79,6 +79,8 @@ def test_probe_then_standardize(source, tmp_path):
     assert "ratio auto / named" in out and "chosen:" in out
     out = run_bench("standardize.py", "--features", tmp_path / "features", "--lrs", "1e-3", "--epochs", 1)
     assert out.count("| 0.001 | 1 |") == 2  # standardize no and yes, one epoch each
+    out = run_bench("head_lr.py", "--features", tmp_path / "features", "--lrs", "1e-4,1e-2", "--epochs", 1)
+    assert "auto chooses" in out and out.count("| 1 | ") == 2  # two rates, one epoch each
 
 
 def test_probe_c(source):

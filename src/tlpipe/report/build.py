@@ -15,7 +15,7 @@ from tlpipe.errors import DataError, ModelFileError
 from tlpipe.log import log
 from tlpipe.report import page as rpt
 from tlpipe.report.confusion import confusion_counts, save_confusion_png
-from tlpipe.report.readers import read_metrics, read_per_class, read_training
+from tlpipe.report.readers import read_lr_searches, read_metrics, read_per_class, read_training
 from tlpipe.tiles import tile_grid
 from tlpipe.report.plotting import save_png
 
@@ -116,11 +116,17 @@ def _curves_section(live_dir, train_metrics, img: Path) -> rpt.Section:
             for r in recs]
     table = rpt.metrics_table(read_training(train_metrics), first="stage",
                               empty="No training metrics files.")
-    return rpt.Section("curves", "Training",
-                       "Per training stage: the best epoch (lowest validation loss, the one saved with "
-                       "train.keep: best) and its validation accuracy; then each epoch's figures, the best "
-                       "epoch dashed. A validation curve that turns up while the "
-                       "training one keeps falling is overfitting.",
+    intro = ("Per training stage: the best epoch (lowest validation loss, the one saved with "
+             "train.keep: best) and its validation accuracy; then each epoch's figures, the best "
+             "epoch dashed. A validation curve that turns up while the training one keeps falling is overfitting.")
+    for stage, rows in read_lr_searches(train_metrics).items():
+        # head.lr: auto: the stage trained the head at each rate; the lowest validation loss won.
+        intro += (f" {stage} chose its learning rate on validation (lr: auto): the rate whose best epoch had "
+                  "the lowest validation loss, of the runs in the table below it.")
+        table += rpt.metrics_table({f"{stage} lr {r['lr']:g}": {k: r[k] for k in ("best_epoch", "val_loss",
+                                                                              "val_accuracy") if k in r}
+                                    for r in rows}, first="learning-rate sweep")
+    return rpt.Section("curves", "Training", intro,
                        [rpt.Group("", figs)], empty=f"No dvclive metrics under {live_dir}/.", table=table)
 
 

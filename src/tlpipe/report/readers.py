@@ -61,3 +61,15 @@ def read_training(paths) -> dict[str, dict[str, float]]:
                 data = next(iter(data.values()))
             out[Path(path).stem] = _numbers(data)
     return out
+
+
+def read_lr_searches(paths) -> dict[str, list[dict]]:
+    """{stage: the rows of its learning-rate sweep} for the training metrics files that hold one
+    (`head.lr: auto`, train/lr_search.py), in the given order."""
+    out = {}
+    for path in paths:
+        data = _read_json(path, Path(path).stem) or {}
+        for figures in data.values():
+            if isinstance(figures, dict) and isinstance(figures.get("lr_search"), list):
+                out[Path(path).stem] = [r for r in figures["lr_search"] if isinstance(r, dict)]
+    return out

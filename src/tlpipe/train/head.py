@@ -5,8 +5,11 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from tlpipe.choices import AUTO
 from tlpipe.errors import FeatureFileError
+from tlpipe.log import log
 from tlpipe.model.saved import FEATURE_KEYS
+from tlpipe.train import lr_search
 
 
 def check_attrs_agree(files_attrs: dict) -> dict:
@@ -78,6 +81,20 @@ def read_stored_features(features_dir, backbone=None):
     return StoredFeatures((xt, yt), (xv, yv)), attrs
 
 
+def head_maker(data, n_classes: int, head, seed: int):
+    """lr -> a new compiled head for `data` (params.head's units, dropout, standardize), seeded alike."""
+    from tlpipe.model.dense_head import build_head, feature_stats
+    from tlpipe.train.compile import compile_classifier
+
+    stats = feature_stats(data.train[0]) if head.standardize else None
+
+    def make(lr):
+        return compile_classifier(build_head(data.train[0].shape[1], n_classes, head.units, head.dropout,
+                                             seed=seed, stats=stats), n_classes, lr)
+
+    return make
+
+
 def run_train_head(features_dir, model_out, metrics_out, live_dir, head, run=None, backbone=None,
                    on_epoch_end=None, strategy: str = "auto") -> dict:
     """train_head: the dense head on stored features, saved as a full model (model.saved format).
@@ -88,11 +105,9 @@ def run_train_head(features_dir, model_out, metrics_out, live_dir, head, run=Non
     compute.strategy (train.strategy). Writes `model_out` and the metrics file (loop.metrics_of);
     returns fit's summary with the per-epoch history.
     """
-    from tlpipe.model.dense_head import build_head, feature_stats
     from tlpipe.model.saved import assemble, save_model
     from tlpipe.atomic import write_json
     from tlpipe.train.checkpoint import checkpoint_dir_for
-    from tlpipe.train.compile import compile_classifier
     from tlpipe.train.loop import fit, metrics_of
     from tlpipe.train.settings import TrainSettings
     from tlpipe.train.strategy import training_strategy
@@ -102,15 +117,23 @@ def run_train_head(features_dir, model_out, metrics_out, live_dir, head, run=Non
     run = replace(run, fingerprint={**run.fingerprint, "units": int(head.units), "dropout": float(head.dropout),
                                     "standardize": bool(head.standardize)})
     data, attrs = read_stored_features(features_dir, backbone)
-    n_classes = len(attrs["class_names"])
-    stats = feature_stats(data.train[0]) if head.standardize else None
+    make = head_maker(data, len(attrs["class_names"]), head, run.seed)
     with training_strategy(strategy, run.batch_size).scope():
-        model = compile_classifier(build_head(data.train[0].shape[1], n_classes, head.units, head.dropout,
-                                              seed=run.seed, stats=stats), n_classes, run.lr)
+        search = None
+        if head.lr == AUTO:
+            log.info(f"head.lr auto: training the head at {len(lr_search.CANDIDATES)} rates on the stored features")
+            search = lr_search.sweep(make, data, run)
+            run = replace(run, lr=lr_search.choose(search))
+            log.info(f"head.lr auto: {run.lr:g} (lowest validation loss)")
+        model = make(run.lr)
         result = fit(model, data, run, live_dir=live_dir, checkpoint_dir=checkpoint_dir_for(model_out),
                      on_epoch_end=on_epoch_end)
 
     info = {**attrs, "trainable_from": None}
     save_model(assemble(base_for(attrs), attrs["layer"], attrs["pooling"], model, info, name="head"), model_out)
-    write_json(metrics_out, metrics_of(result, model_out))
+    metrics = metrics_of(result, model_out)
+    if search:  # the rate auto chose, for `dvc exp show`, and the sweep (a list: `dvc metrics` skips it)
+        metrics[Path(model_out).stem].update(lr=float(run.lr), lr_search=search)
+    write_json(metrics_out, metrics)
+    result["lr"] = float(run.lr)
     return result

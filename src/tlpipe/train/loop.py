@@ -73,7 +73,8 @@ def summarize(history: list[dict]) -> dict:
 
 
 def fit(model, data, settings: TrainSettings | None = None, *, live_dir, checkpoint_dir=None,
-        on_epoch_end: Callable[[int, dict], None] | None = None, keep_checkpoint: bool = False, **fields) -> dict:
+        on_epoch_end: Callable[[int, dict], None] | None = None, keep_checkpoint: bool = False,
+        verbose: bool = True, **fields) -> dict:
     """Train a compiled model on `data` (a tlpipe.train.trainingdata.TrainingData) as `settings` say;
     log per-epoch metrics to dvclive at `live_dir`.
 
@@ -82,6 +83,7 @@ def fit(model, data, settings: TrainSettings | None = None, *, live_dir, checkpo
     checkpoint_dir: checkpoint folder (None: no checkpoints; checkpoint.checkpoint_dir_for gives the stages').
     on_epoch_end(epoch, row): called after each epoch is logged and checkpointed (1-based epoch).
     keep_checkpoint: leave the checkpoint when done (tests).
+    verbose: False shows no bars and prints no epoch lines (head.lr: auto's trial runs).
     Returns `summarize(history)` plus "history" (a list of per-epoch dicts) and "kept_epoch" (the
     epoch whose variables the model holds).
     """
@@ -109,7 +111,9 @@ def fit(model, data, settings: TrainSettings | None = None, *, live_dir, checkpo
     rates = settings.rates()
     if rates is not None:
         policies.append(cb.LearningRates(rates))
-    policies += [cb.DvcLive(live_dir, history), cb.EpochBar(settings.epochs, history)]
+    policies.append(cb.DvcLive(live_dir, history))
+    if verbose:
+        policies.append(cb.EpochBar(settings.epochs, history))
     if on_epoch_end is not None:
         policies.append(cb.EpochHook(on_epoch_end, history))
     if settings.patience is not None:
@@ -128,7 +132,8 @@ def fit(model, data, settings: TrainSettings | None = None, *, live_dir, checkpo
             order = epoch_order(len(y), settings.seed, epoch)
             h = model.fit(x[order], y[order], batch_size=batch_size, shuffle=False, epochs=1, verbose=0,
                           validation_data=validation, validation_batch_size=batch_size,
-                          callbacks=[cb.BatchBar(-(-len(y) // batch_size), f"epoch {epoch + 1}")]).history
+                          callbacks=[cb.BatchBar(-(-len(y) // batch_size), f"epoch {epoch + 1}")] if verbose
+                          else []).history
             row = {"epoch": epoch + 1}
             for key in METRICS:
                 row[f"train_{key}"] = float(h[key][-1])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tlpipe.choices import TRAIN_KEEPS
+from tlpipe.choices import AUTO, TRAIN_KEEPS
 from tlpipe.errors import ConfigError
 
 
@@ -54,8 +54,9 @@ class TrainSettings:
         schedule = getattr(section, "schedule", None)
         extra = {} if train is None else {"resume": bool(train.resume), "keep": str(train.keep),
                                           "patience": train.patience}
+        lr = None if section.lr == AUTO else float(section.lr)  # auto: the stage sets it once chosen
         return cls(epochs=int(section.epochs), batch_size=int(section.batch_size), seed=int(section.seed),
-                   lr=float(section.lr), schedule=None if schedule is None else str(schedule), **extra)
+                   lr=lr, schedule=None if schedule is None else str(schedule), **extra)
 
     def rates(self) -> list[float] | None:
         """The learning rate of each epoch, or None to leave the compiled one."""
