@@ -127,7 +127,7 @@ class HeadParams(Section):
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.5
     standardize: bool = True  # a Normalization layer with the training features' statistics first
     # auto: the rate whose run scores the lowest validation loss among lr_search.CANDIDATES (train/lr_search.py)
-    lr: LearningRate | Literal[AUTO] = 2e-5  # type: ignore[valid-type]
+    lr: LearningRate | Literal[AUTO] = AUTO  # type: ignore[valid-type]
     epochs: PosInt = 30
     batch_size: PosInt = 20
     seed: NonNegInt = 42
