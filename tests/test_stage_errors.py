@@ -322,7 +322,7 @@ def test_odd_and_broken_images_are_listed_and_counted(tmp_path):
     assert rejected == expected
     lines = user_lines(proc.stderr)
     assert f"warning: {len(expected)} files rejected" in "\n".join(lines)
-    assert lines[-1].startswith("data: 2 classes") and f"; {len(expected)} rejected ->" in lines[-1]
+    assert lines[-1].startswith("note: data: 2 classes") and f"; {len(expected)} rejected ->" in lines[-1]
     summary = json.loads((tmp_path / "data/split/summary.json").read_text())
     assert summary["rejected"] == len(expected) and summary["small_images"] == 1
     listed = {p for s in ("train", "validation", "test") for p in read_manifest(tmp_path / f"data/split/{s}.csv")["path"]}
