@@ -10,6 +10,19 @@ from tlpipe.cli import start
 
 start()  # as a stage does, first: Keras on TensorFlow, TensorFlow's thread pool fixed (tlpipe.threads)
 
+# What starts Ray (the ray_session fixture, the ray engine through dvc, bench/scale.py): one xdist group.
+RAY_FILES = {"test_ray_engine.py", "test_thread_determinism.py"}
+RAY_TESTS = {"test_bench_smoke.py::test_scale"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`-n 2 --dist loadgroup`, pyproject.toml): each file runs whole on one worker,
+    in order, with its module fixtures made once; everything that starts Ray runs on the same worker."""
+    for item in items:
+        name = item.path.name
+        ray = name in RAY_FILES or f"{name}::{item.originalname}" in RAY_TESTS
+        item.add_marker(pytest.mark.xdist_group("ray" if ray else name))
+
 
 @pytest.fixture(scope="session")
 def class_images(tmp_path_factory) -> Path:
