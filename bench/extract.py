@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tlpipe.choices import PRECISIONS
+from tlpipe.config.choices import PRECISIONS
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 

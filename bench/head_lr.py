@@ -26,9 +26,9 @@ def main(argv=None) -> None:
     ap.add_argument("--batch-size", type=int, default=20)
     args = ap.parse_args(argv)
 
-    from tlpipe import threads
+    from tlpipe.runtime import threads
 
-    threads.configure()  # the stages' fixed thread pool, before TensorFlow's first op (tlpipe.threads)
+    threads.configure()  # the stages' fixed thread pool, before TensorFlow's first op (tlpipe.runtime.threads)
     from tlpipe.config import validate_params
     from tlpipe.train import lr_search
     from tlpipe.train.head import head_maker, read_stored_features

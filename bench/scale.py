@@ -5,7 +5,7 @@ One run, the same images for every configuration, each writing its own copy of t
   ray 1 actor    one actor holding every CPU
   ray 1 x 1      one actor holding one CPU
   ray 2 x 1      two actors holding one CPU each
-(Every actor runs TensorFlow with the fixed intra-op pool of tlpipe.threads, whatever CPUs it holds;
+(Every actor runs TensorFlow with the fixed intra-op pool of tlpipe.runtime.threads, whatever CPUs it holds;
 before that pool was fixed, an actor ran one intra-op thread per CPU it held, which is what the
 figures in docs/scale.md measured.)
 Then the decode cost alone (`--decode-only`: just that). Prints images/s per configuration (end to end, and steady: from the first finished shard to the

@@ -30,9 +30,9 @@ def main(argv=None) -> None:
 
     import tempfile
 
-    from tlpipe import threads
+    from tlpipe.runtime import threads
 
-    threads.configure()  # the stages' fixed thread pool, before TensorFlow's first op (tlpipe.threads)
+    threads.configure()  # the stages' fixed thread pool, before TensorFlow's first op (tlpipe.runtime.threads)
     from tlpipe.config import validate_params
     from tlpipe.train.head import read_stored_features, run_train_head
 

@@ -1,4 +1,4 @@
-"""Benchmark: TensorFlow's fixed intra-op pool (tlpipe.threads, what every stage now runs with) against
+"""Benchmark: TensorFlow's fixed intra-op pool (tlpipe.runtime.threads, what every stage now runs with) against
 its default (one thread per core), in speed and in bytes, on real-size photos.
 
 Each configuration runs in a process of its own (the pool's size is fixed when TensorFlow starts),
@@ -59,7 +59,7 @@ def worker(args) -> None:
     import numpy as np
     import tensorflow as tf
 
-    from tlpipe import threads
+    from tlpipe.runtime import threads
 
     if args.threads == "fixed":
         threads.configure()
@@ -124,7 +124,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.worker:
         return worker(args)
-    from tlpipe.threads import INTRA_OP_THREADS
+    from tlpipe.runtime.threads import INTRA_OP_THREADS
 
     with tempfile.TemporaryDirectory() as tmp:
         files = Path(tmp) / "files.json"

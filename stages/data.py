@@ -7,7 +7,7 @@ import argparse
 
 from tlpipe.cli import run_stage
 from tlpipe.config import load_params
-from tlpipe.log import log
+from tlpipe.runtime.log import log
 from tlpipe.data.sources import resolve_source
 from tlpipe.data.manifests import SPLITS
 from tlpipe.data.split import build_dataset

@@ -5,7 +5,7 @@ import argparse
 from tlpipe.cli import run_stage
 from tlpipe import device
 from tlpipe.config import load_params
-from tlpipe.log import log
+from tlpipe.runtime.log import log
 
 TRAIN_METRICS = ("metrics/train_head.json", "metrics/train_head_aug.json", "metrics/finetune.json")
 

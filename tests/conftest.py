@@ -8,7 +8,7 @@ import pytest
 
 from tlpipe.cli import start
 
-start()  # as a stage does, first: Keras on TensorFlow, TensorFlow's thread pool fixed (tlpipe.threads)
+start()  # as a stage does, first: Keras on TensorFlow, TensorFlow's thread pool fixed (tlpipe.runtime.threads)
 
 # What starts Ray (the ray_session fixture, the ray engine through dvc, bench/scale.py): one xdist group.
 RAY_FILES = {"test_ray_engine.py", "test_thread_determinism.py"}

@@ -9,7 +9,7 @@ from PIL import Image
 from tlpipe.features.augment import (apply_transforms, augment_images, augment_settings, image_seeds,
                                     random_transforms)
 from tlpipe.features.augment_preview import preview
-from tlpipe.errors import ConfigError, DataError
+from tlpipe.runtime.errors import ConfigError, DataError
 
 S = 32
 

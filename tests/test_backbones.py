@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 from tlpipe.features import backbones, pretrained
-from tlpipe.errors import ConfigError, WeightsError
+from tlpipe.runtime.errors import ConfigError, WeightsError
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +185,7 @@ def test_registry_default_layer_is_last_layer(name):
 @pytest.mark.parametrize("name", ["vgg16", "vgg19"])
 def test_known_layer_names_are_the_built_bases(name):
     # config checks finetune.unfreeze_from against these lists without building a model.
-    from tlpipe.choices import known_layers
+    from tlpipe.config.choices import known_layers
 
     base = pretrained.build_base(name, "none", 32)
     assert list(known_layers(name)) == [layer.name for layer in base.layers][1:]

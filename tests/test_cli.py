@@ -44,12 +44,12 @@ def test_a_stage_runs_on_tensorflow_whatever_keras_json_says(tmp_path):
     code = ("from tlpipe.cli import run_stage\n"
             "def main(argv):\n"
             "    import keras\n"
-            "    from tlpipe import threads\n"
+            "    from tlpipe.runtime import threads\n"
             "    print(keras.backend.backend(), threads.current())\n"
             "run_stage(main)\n")
     proc = python(code, {"HOME": str(tmp_path), "KERAS_HOME": None, "KERAS_BACKEND": "jax"})
     assert proc.returncode == 0, proc.stderr
-    from tlpipe.threads import INTRA_OP_THREADS
+    from tlpipe.runtime.threads import INTRA_OP_THREADS
 
     assert proc.stdout.split() == ["tensorflow", str(INTRA_OP_THREADS)]  # and the pool fixed on import
 
@@ -70,7 +70,7 @@ def test_keras_already_on_another_backend_is_a_clear_error():
                                           ("debug", ["debug: a detail", "note: a note", "warning: a warning"])])
 def test_the_log_level_comes_from_the_environment(level, shown):
     code = ("from tlpipe.cli import run_stage\n"
-            "from tlpipe.log import log\n"
+            "from tlpipe.runtime.log import log\n"
             "def main(argv):\n"
             "    log.debug('a detail'); log.info('a note'); log.warning('a warning')\n"
             "run_stage(main)\n")
@@ -86,8 +86,8 @@ def test_a_bad_log_level_names_the_variable():
 
 
 def test_progress_bars_only_on_a_terminal_unless_the_environment_says(capsys, monkeypatch):
-    from tlpipe import log
-    from tlpipe.log import progress
+    from tlpipe.runtime import log
+    from tlpipe.runtime.log import progress
 
     monkeypatch.delenv("TLPIPE_PROGRESS", raising=False)
     assert progress(range(3)).disable  # pytest's captured stderr is not a terminal

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tlpipe.config import Params, load_params, validate_params
-from tlpipe.errors import ConfigError
+from tlpipe.runtime.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -155,9 +155,9 @@ def test_random_dicts_either_validate_or_raise_config_error(candidate):
 
 
 def test_every_choice_is_implemented():
-    # choices.py holds the names so validating params never imports TensorFlow; the implementations
+    # config/choices.py holds the names so validating params never imports TensorFlow; the implementations
     # must offer exactly those.
-    from tlpipe.choices import BACKBONES, POOLINGS
+    from tlpipe.config.choices import BACKBONES, POOLINGS
     from tlpipe.features.backbones import ARCHS, POOL_CLASSES
 
     assert list(BACKBONES) == list(ARCHS)
@@ -172,7 +172,7 @@ def test_every_choice_is_implemented():
     ("vgg16", "block4_conv2", "block4_conv1"), ("vgg19", None, "block5_conv1"), ("vgg19", "block3_pool", "block3_conv1"),
 ])
 def test_unfreeze_auto_is_the_last_block_the_base_keeps(name, layer, expected):
-    from tlpipe.choices import unfreeze_layer
+    from tlpipe.config.choices import unfreeze_layer
 
     assert unfreeze_layer(name, layer, "auto") == expected
     p = validate_params({"backbone": {"name": name, "layer": layer}})
@@ -210,7 +210,7 @@ CPUINFO = "processor\t: {n}\nmodel name\t: Some CPU\nflags\t\t: fpu sse2 avx2 av
 @pytest.mark.parametrize("extra, native", [("avx512_bf16", True), ("amx_bf16 amx_tile", True),
                                            ("avx512_vnni", False), ("", False), ("no_avx512_bf16x", False)])
 def test_native_bfloat16_reads_the_cpu_flags(tmp_path, monkeypatch, extra, native):
-    from tlpipe import cpu
+    from tlpipe.runtime import cpu
 
     info = tmp_path / "cpuinfo"
     info.write_text("".join(CPUINFO.format(n=n, extra=extra) for n in range(2)))
@@ -222,7 +222,7 @@ def test_native_bfloat16_reads_the_cpu_flags(tmp_path, monkeypatch, extra, nativ
                                          ("", "this CPU lists neither, so float32 is the fast one here")])
 def test_auto_precision_is_refused_with_what_this_cpu_has(tmp_path, monkeypatch, raw, extra, says):
     # DVC records the param as written: auto would let a bfloat16 machine's outputs pass for float32 ones.
-    from tlpipe import cpu
+    from tlpipe.runtime import cpu
 
     info = tmp_path / "cpuinfo"
     info.write_text(CPUINFO.format(n=0, extra=extra))

@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tlpipe.choices import AUTO, known_layers, probe_layers
+from tlpipe.config.choices import AUTO, known_layers, probe_layers
 from tlpipe.config import validate_params
-from tlpipe.errors import ConfigError
+from tlpipe.runtime.errors import ConfigError
 
 SIZE = 32
 LAYERS = known_layers("vgg16")

@@ -11,7 +11,7 @@ from helpers import REPO, sh, stage_cmd, user_lines, write_params
 
 from tlpipe import device
 from tlpipe.config import validate_params
-from tlpipe.errors import ConfigError
+from tlpipe.runtime.errors import ConfigError
 from tlpipe.features import engine as engines
 
 

@@ -11,7 +11,7 @@ from tlpipe.evaluate import metrics as em
 from tlpipe.evaluate import run as ev
 from tlpipe.evaluate import tables
 from tlpipe.model import saved
-from tlpipe.errors import DataError, ModelFileError
+from tlpipe.runtime.errors import DataError, ModelFileError
 from tlpipe.train.head import run_train_head
 
 # ---------------------------------------------------------------- pure functions

@@ -22,7 +22,7 @@ from helpers import extract_split
 from tlpipe.features import backbones
 
 from tlpipe.features import shards
-from tlpipe.errors import DataError, FeatureFileError
+from tlpipe.runtime.errors import DataError, FeatureFileError
 from tlpipe.features.extract import BaseSpec, Extractor
 from tlpipe.features.featurefile import FORMAT, read_features
 

@@ -9,7 +9,7 @@ from helpers import stored_cats_and_dogs, write_split
 
 from tlpipe.features import viewcache, viewfile
 from tlpipe.config import validate_params
-from tlpipe.errors import ConfigError, FeatureFileError
+from tlpipe.runtime.errors import ConfigError, FeatureFileError
 from tlpipe.model.saved import load_model, model_info
 from tlpipe.train.compile import compile_classifier
 from tlpipe.train.views import CachedViews, epoch_views

@@ -7,7 +7,7 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-from tlpipe.errors import ConfigError, DataError  # noqa: E402
+from tlpipe.runtime.errors import ConfigError, DataError  # noqa: E402
 from tlpipe.report import graph  # noqa: E402
 from tlpipe.report.gradcam import gradcam, overlay, pick_examples  # noqa: E402
 

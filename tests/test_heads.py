@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 
-from tlpipe.errors import ConfigError, FeatureFileError
+from tlpipe.runtime.errors import ConfigError, FeatureFileError
 from tlpipe.model import dense_head
 from tlpipe.model import saved
 from helpers import read_model_info

@@ -14,7 +14,7 @@ from PIL import Image
 
 from imagegen import (image_bytes, write_animated_gif, write_exif_rotated_jpeg, write_image,
                       write_text_as_image, write_truncated_jpeg, write_zero_byte)
-from tlpipe.errors import ImageDecodeError
+from tlpipe.runtime.errors import ImageDecodeError
 from tlpipe.data.images import MAX_SIDE, normalise, normalise_bytes
 
 def stored(source, max_side: int = MAX_SIDE) -> Image.Image:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tlpipe.config import validate_params
-from tlpipe.errors import ConfigError
+from tlpipe.runtime.errors import ConfigError
 from tlpipe.train import lr_search
 from tlpipe.train.head import head_maker, run_train_head
 from tlpipe.train.settings import TrainSettings

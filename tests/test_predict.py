@@ -23,7 +23,7 @@ from tlpipe.features import inputs
 from tlpipe.model import saved  # noqa: E402
 from tlpipe.cli import run_stage  # noqa: E402
 from tlpipe.cli import predict as cmd  # noqa: E402
-from tlpipe.errors import DataError, ModelFileError  # noqa: E402
+from tlpipe.runtime.errors import DataError, ModelFileError  # noqa: E402
 
 CLASSES = ["circle", "square", "stripes"]
 

@@ -10,7 +10,7 @@ import pytest
 
 from helpers import stored_cats_and_dogs, write_split
 from tlpipe.config import validate_params
-from tlpipe.errors import DataError, FeatureFileError
+from tlpipe.runtime.errors import DataError, FeatureFileError
 from tlpipe.features import cut, probe
 from tlpipe.features.extract import BaseSpec
 from tlpipe.features.featurefile import read_features

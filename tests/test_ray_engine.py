@@ -12,7 +12,7 @@ import pytest
 from helpers import extract_split, image_parts
 from imagegen import make_class_folders
 
-from tlpipe.errors import ConfigError, DataError
+from tlpipe.runtime.errors import ConfigError, DataError
 from tlpipe.features import engine as engines
 from tlpipe.features import viewcache
 from tlpipe.features.boundary import boundary_layer

@@ -49,7 +49,7 @@ def test_tables_read_the_scores_and_training_files(tmp_path):
     got = readers.read_training([tmp_path / "train_head.json", tmp_path / "finetune.json"])
     assert got == {"train_head": {"best_epoch": 3.0, "val_accuracy": 0.75}}  # a missing file: no row
     (tmp_path / "bad.json").write_text("[1]")
-    from tlpipe.errors import DataError
+    from tlpipe.runtime.errors import DataError
     with pytest.raises(DataError, match="bad.json: expected a JSON object; rerun the bad stage"):
         readers.read_training([tmp_path / "bad.json"])
     # Epochs are not scores: the later one is not marked best; per-class rows are never marked.
@@ -77,7 +77,7 @@ def test_confusion_counts(tmp_path):
     assert counts.tolist() == [[1, 1, 0], [0, 2, 0], [0, 1, 0]]
     bad = tmp_path / "bad.csv"
     bad.write_text("a,b\n1,2\n")
-    from tlpipe.errors import DataError
+    from tlpipe.runtime.errors import DataError
     with pytest.raises(DataError, match="actual,predicted"):
         confusion_counts(bad, CLASSES)
 
@@ -343,7 +343,7 @@ def test_curves_read_whatever_dvclive_wrote(tmp_path):
 
 
 def test_select_images_and_model_fallback(tmp_path):
-    from tlpipe.errors import DataError, ModelFileError
+    from tlpipe.runtime.errors import DataError, ModelFileError
     from tlpipe.report.build import choose_model, select_images
 
     files, labels = ["f0", "f1", "f2", "f3", "f4"], [0, 0, 0, 1, 1]

@@ -13,7 +13,7 @@ from tlpipe.model import dense_head
 
 from tlpipe.model import saved
 from helpers import read_model_info
-from tlpipe.errors import ModelFileError
+from tlpipe.runtime.errors import ModelFileError
 
 SIZE = 32
 INFO = {"class_names": ["cat", "dog"], "image_size": SIZE, "backbone": "tiny", "weights": "none",

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from tlpipe.errors import ConfigError
+from tlpipe.runtime.errors import ConfigError
 from tlpipe.train import loop as training
 from tlpipe.train.compile import learning_rates
 from test_training import Interrupt, _model, _stored

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from imagegen import make_class_folders, tar_folder, zip_folder
-from tlpipe.errors import DataError
+from tlpipe.runtime.errors import DataError
 from tlpipe.data.sources import cache_dir, resolve_source, unpack
 
 

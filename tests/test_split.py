@@ -15,7 +15,7 @@ import pytest
 
 from imagegen import (image_bytes, make_class_folders, write_image, write_text_as_image,
                       write_truncated_jpeg, write_zero_byte)
-from tlpipe.errors import ConfigError, DataError
+from tlpipe.runtime.errors import ConfigError, DataError
 from tlpipe.data.manifests import SPLITS, read_class_names, read_manifest
 from tlpipe.data.split import Record, assign_splits, build_dataset, scan_source, split_sizes
 

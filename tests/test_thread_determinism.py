@@ -1,5 +1,5 @@
 """Same inputs and params, same bytes, whatever the machine's core count, the engine or the number of
-actors (tlpipe.threads): the features and the view cache of real-size (150 px) textured photos, with
+actors (tlpipe.runtime.threads): the features and the view cache of real-size (150 px) textured photos, with
 the offline VGG16 weights, from `dvc repro` on one CPU (taskset), on Ray, and from this process (two
 CPUs) and a pool of two Ray actors. Small images take other kernel paths, which is why this runs at
 150 px: there, before the thread pool was fixed, one and two threads gave other float16 bytes."""

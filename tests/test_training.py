@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from tlpipe import atomic
-from tlpipe.errors import ConfigError
+from tlpipe.runtime.errors import ConfigError
 from tlpipe.model.dense_head import build_head
 from tlpipe.train import loop as training
 from tlpipe.train.compile import compile_classifier

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 from helpers import REPO, tool_env
 
-from tlpipe.errors import ConfigError
+from tlpipe.runtime.errors import ConfigError
 
 # compute.strategy mirrored against default on two logical CPUs. Measured on this 2-core machine: the
 # losses differ by at most 3e-7 relative (float32 sums of the replicas' halves added in another order),
@@ -95,7 +95,7 @@ def test_importing_tensorflow_after_tlpipe_cli_sets_memory_growth_first(verbose)
     # In a fresh process, as a stage: tlpipe.cli's start(), then whatever imports tensorflow. The hook hands
     # grow_gpu_memory the tensorflow module before its devices exist: a device setting still takes
     # (set_logical_device_configuration raises RuntimeError once they are initialised).
-    code = ("import tlpipe.cli.startup as cli\n"
+    code = ("import tlpipe.runtime.startup as cli\n"
             "cli.start()\n"
             "def split_cpu(tf):\n"
             "    cpu = tf.config.list_physical_devices('CPU')[0]\n"

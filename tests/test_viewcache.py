@@ -13,7 +13,7 @@ from tlpipe.features.boundary import boundary_layer, prefix_model, resolve_unfre
 from tlpipe.features.augment import augment_images, augment_settings, image_seeds
 from tlpipe.features.backbones import preprocess
 from tlpipe.features.pretrained import build_base
-from tlpipe.errors import ConfigError, FeatureFileError
+from tlpipe.runtime.errors import ConfigError, FeatureFileError
 from tlpipe.features.inputs import read_resized
 from tlpipe.train.views import epoch_views
 
@@ -225,7 +225,7 @@ def test_frozen_suffix_features_equal_running_the_suffix(tmp_path, parts):
 
 def test_progress_counts_images_through_the_prefix(tmp_path, base, parts, capsys, monkeypatch):
     """The bar's total is training images x views + plain images, so its ETA is honest."""
-    from tlpipe import log
+    from tlpipe.runtime import log
 
     monkeypatch.setattr(log, "_stderr_is_terminal", lambda: True)  # bars show only on a terminal
     viewcache.build_cache(tmp_path / "v.h5", parts, base=base, spec=spec_for(base, views=3), batch_size=4,

@@ -7,7 +7,7 @@ from PIL import Image
 
 keras = pytest.importorskip("keras")
 
-from tlpipe.errors import ConfigError  # noqa: E402
+from tlpipe.runtime.errors import ConfigError  # noqa: E402
 from tlpipe.report.filters import filter_grid, filter_patterns, save_filter_grids  # noqa: E402
 
 

@@ -9,7 +9,7 @@ stage calls `use` right after reading its params, and each Ray actor before buil
 
 from __future__ import annotations
 
-from tlpipe.errors import ConfigError
+from tlpipe.runtime.errors import ConfigError
 
 
 def use(device: str) -> None:

@@ -11,7 +11,7 @@ import threading
 import urllib.parse
 from pathlib import Path
 
-from tlpipe.errors import DataError
+from tlpipe.runtime.errors import DataError
 from tlpipe.hashes import has_hash
 
 

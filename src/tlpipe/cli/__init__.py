@@ -2,7 +2,7 @@
 and the commands themselves (`predict`, `augment-preview`).
 
 Importing this package changes nothing; `run_stage` (and so `tlpipe <command>`) first calls
-`start()` (cli/startup.py): Keras on TensorFlow, tlpipe's messages on stderr, TensorFlow's thread
+`start()` (runtime/startup.py): Keras on TensorFlow, tlpipe's messages on stderr, TensorFlow's thread
 pool and GPU memory set as soon as TensorFlow is imported.
 """
 
@@ -11,8 +11,8 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
-from tlpipe.cli.startup import grow_gpu_memory, start  # noqa: F401 - the package's API
-from tlpipe.errors import TlpipeError
+from tlpipe.runtime.startup import grow_gpu_memory, start  # noqa: F401 - the package's API
+from tlpipe.runtime.errors import TlpipeError
 
 
 def positive_int(text: str) -> int:

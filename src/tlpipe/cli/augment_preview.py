@@ -25,9 +25,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> Path:
     from tlpipe import device
     from tlpipe.config import load_params
     from tlpipe.data.manifests import first_image
-    from tlpipe.errors import DataError
+    from tlpipe.runtime.errors import DataError
     from tlpipe.features.augment_preview import preview
-    from tlpipe.log import log
+    from tlpipe.runtime.log import log
 
     ap = _parser(prog)
     args = ap.parse_args(argv)

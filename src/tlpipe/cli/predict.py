@@ -17,8 +17,8 @@ from pathlib import Path
 
 from tlpipe import atomic
 from tlpipe.cli import positive_int
-from tlpipe.errors import DataError
-from tlpipe.log import log
+from tlpipe.runtime.errors import DataError
+from tlpipe.runtime.log import log
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:

@@ -24,7 +24,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from tlpipe.errors import ImageDecodeError
+from tlpipe.runtime.errors import ImageDecodeError
 
 MAX_SIDE = 2048
 # Pillow warns above MAX_IMAGE_PIXELS and refuses above twice that. 180 MP lets a 12000x9000

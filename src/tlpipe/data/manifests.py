@@ -8,8 +8,8 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from tlpipe.choices import SPLITS  # noqa: F401 - defined with the other closed sets; read from here too
-from tlpipe.errors import DataError
+from tlpipe.config.choices import SPLITS  # noqa: F401 - defined with the other closed sets; read from here too
+from tlpipe.runtime.errors import DataError
 
 MANIFEST_COLUMNS = ["path", "class_name", "label", "sha256", "file"]
 

@@ -17,9 +17,9 @@ from pathlib import Path, PurePosixPath
 
 from tlpipe import atomic
 from tlpipe.downloads import fetch
-from tlpipe.errors import DataError
+from tlpipe.runtime.errors import DataError
 from tlpipe.hashes import file_sha256
-from tlpipe.log import log
+from tlpipe.runtime.log import log
 
 CONNECT_TIMEOUT = 10.0  # seconds; offline machines should hear "no" quickly
 OFFLINE_HINT = (

@@ -22,12 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tlpipe import atomic
-from tlpipe.choices import check_split
-from tlpipe.errors import ConfigError, DataError, ImageDecodeError
+from tlpipe.config.choices import check_split
+from tlpipe.runtime.errors import ConfigError, DataError, ImageDecodeError
 from tlpipe.data.images import MAX_SIDE, SMALL_SIDE, normalise_bytes, read_file
 from tlpipe.data.manifests import MANIFEST_COLUMNS, SPLITS
 from tlpipe.data.sources import is_hidden
-from tlpipe.log import log, progress
+from tlpipe.runtime.log import log, progress
 
 
 def warn(msg: str) -> None:

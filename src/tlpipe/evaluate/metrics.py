@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tlpipe.errors import DataError
+from tlpipe.runtime.errors import DataError
 from tlpipe.model.outputs import class_probabilities
 
 EPS = 1e-7  # Keras' epsilon: log loss clips probabilities the same way training did

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from tlpipe import atomic
-from tlpipe.errors import ModelFileError
-from tlpipe.log import log, progress
+from tlpipe.runtime.errors import ModelFileError
+from tlpipe.runtime.log import log, progress
 from tlpipe.evaluate.metrics import headline, roc_points, scores
 from tlpipe.evaluate.tables import confusion_rows, prediction_rows, roc_rows
 from tlpipe.model.outputs import class_probabilities

@@ -13,10 +13,10 @@ from typing import Sequence
 import numpy as np
 
 from tlpipe.data.manifests import SPLITS, read_class_names
-from tlpipe.errors import DataError
+from tlpipe.runtime.errors import DataError
 from tlpipe.features import cut, probe
 from tlpipe.features.extract import BaseSpec, Extractor, ComputedSplit, assemble_split, compute_split
-from tlpipe.log import log
+from tlpipe.runtime.log import log
 
 
 def extract_splits(split_dir, images_dir, out_dir, spec: BaseSpec, batch_size: int = 32,

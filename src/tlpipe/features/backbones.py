@@ -13,8 +13,8 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
-from tlpipe.choices import AUTO, POOLINGS
-from tlpipe.errors import ConfigError
+from tlpipe.config.choices import AUTO, POOLINGS
+from tlpipe.runtime.errors import ConfigError
 
 IMAGENET, HED, NONE = "imagenet", "hed-bsds500", "none"
 # backbone.pooling -> the keras.layers class that turns a layer's 4-D output into one vector per image.

@@ -4,13 +4,13 @@ fine-tuning and cached training start after it. Beside backbones.py, and apart f
 so the models that training builds do not depend on how the cache is built or read.
 
 The param's own checks (a layer of the kept base, not the first one in cached mode) are
-config.py's; here are only the facts known once the base is built (architectures config does not
+config's; here are only the facts known once the base is built (architectures config does not
 know by name).
 """
 
 from __future__ import annotations
 
-from tlpipe.errors import ConfigError
+from tlpipe.runtime.errors import ConfigError
 
 
 def layer_order(base) -> list[str]:
@@ -30,7 +30,7 @@ def boundary_layer(base, unfreeze_from: str) -> str:
 def resolve_unfreeze(name: str, base, layer: str | None, unfreeze_from: str) -> str:
     """finetune.unfreeze_from (`auto` or a name) as a layer of `base` (architecture `name`) cut at `layer`:
     auto is the first layer of the last block kept (choices.unfreeze_layer); ConfigError names the keys."""
-    from tlpipe.choices import unfreeze_layer
+    from tlpipe.config.choices import unfreeze_layer
 
     names = layer_order(base)[1:]
     if layer is not None and layer not in names:

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from tlpipe import atomic
-from tlpipe.errors import FeatureFileError
+from tlpipe.runtime.errors import FeatureFileError
 
 CUT_FILE = "cut.json"
 RERUN = "rerun the extract stage (`dvc repro extract`)"

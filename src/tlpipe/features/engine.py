@@ -6,7 +6,7 @@ the frozen model and turns a job into a result dict (the shard's hash and timing
 builds one worker here and runs the jobs in order. The Ray engine runs the same workers as a Ray
 Data actor pool (`map_batches(..., compute=ActorPoolStrategy(size=...))`), one job per call, each
 actor building its worker (and so the model) once: one actor per GPU with `num_gpus=1` where the
-cluster has GPUs, else one per tlpipe.threads.INTRA_OP_THREADS CPUs, each actor's request sized to
+cluster has GPUs, else one per tlpipe.runtime.threads.INTRA_OP_THREADS CPUs, each actor's request sized to
 fit one node (pool_shape); every actor runs TensorFlow with
 that fixed intra-op pool, as the local engine does, so the bytes do not depend on the pool's shape.
 
@@ -23,9 +23,9 @@ import socket
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-from tlpipe.choices import ENGINES
-from tlpipe import errors
-from tlpipe.errors import ConfigError, TlpipeError
+from tlpipe.config.choices import ENGINES
+from tlpipe.runtime import errors
+from tlpipe.runtime.errors import ConfigError, TlpipeError
 from tlpipe.features.shards import run_local
 
 RAY_MISSING = ("compute.engine: ray needs Ray, which is not installed; install it with "
@@ -135,7 +135,7 @@ def pool_shape(engine: Engine, n_jobs: int, resources) -> tuple[int, float, floa
     on one node: Ray places an actor on a single node, so a request sized from the cluster's totals
     (a big CPU-only head node next to GPU nodes) could fit nowhere. With GPUs, the CPUs per actor are
     what every GPU node can give each of its cards."""
-    from tlpipe.threads import INTRA_OP_THREADS
+    from tlpipe.runtime.threads import INTRA_OP_THREADS
 
     nodes = _node_resources(resources)
     cards = [(float(n.get("CPU", 0)), int(n.get("GPU", 0))) for n in nodes] if engine.device == "gpu" else []
@@ -161,7 +161,7 @@ class _Actor:
         import tensorflow as tf
 
         from tlpipe import device
-        from tlpipe import threads as pools
+        from tlpipe.runtime import threads as pools
 
         device.use("gpu" if gpu else "cpu")  # a CPU actor on a GPU node computes what a CPU does
         # Before TensorFlow initialises. The intra-op pool has the size every engine uses (the bytes

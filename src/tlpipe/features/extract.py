@@ -34,7 +34,7 @@ from typing import Sequence
 import numpy as np
 
 from tlpipe.data.manifests import manifest_rows
-from tlpipe.errors import FeatureFileError
+from tlpipe.runtime.errors import FeatureFileError
 from tlpipe.features import featurefile, shards
 from tlpipe.features.featurefile import RERUN
 from tlpipe.hashes import file_sha256
@@ -67,7 +67,7 @@ class Extractor:
     def __init__(self, spec: BaseSpec, precision: str = "float32"):
         import keras
 
-        from tlpipe.choices import AUTO, POOLINGS, probe_layers
+        from tlpipe.config.choices import AUTO, POOLINGS, probe_layers
         from tlpipe.features import backbones, pretrained
 
         self.spec = spec
@@ -242,7 +242,7 @@ def compute_split(manifest_csv, images_dir, out_h5, extractor: Extractor, classe
                   batch_size: int = 32, chunk_rows: int | None = None, engine=None) -> ComputedSplit:
     """Run one split's images through `extractor` into shard files in its work folder (resumable; see
     the module docstring), on `engine` (a features.engine.Engine; None: this process)."""
-    from tlpipe.log import progress
+    from tlpipe.runtime.log import progress
 
     out = Path(out_h5)
     files, labels, paths = manifest_rows(manifest_csv, images_dir, classes)

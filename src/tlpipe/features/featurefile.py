@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from tlpipe import atomic
-from tlpipe.errors import FeatureFileError
+from tlpipe.runtime.errors import FeatureFileError
 from tlpipe.features import shards
 
 FORMAT = 1

@@ -22,7 +22,7 @@ import os
 import re
 from pathlib import Path
 
-from tlpipe.errors import ConfigError, WeightsError
+from tlpipe.runtime.errors import ConfigError, WeightsError
 from tlpipe.features.backbones import HED, IMAGENET, NONE, arch, dtype_policy
 
 # Seconds a single network operation may take while fetching ImageNet weights: an offline machine
@@ -100,14 +100,14 @@ def build_base(name: str, weights: str, image_size: int, precision: str = "float
     """A `keras.applications` base without its top, for `image_size` px square RGB input.
 
     `seed` only matters for `weights: none`: random init is seeded (through Keras' global seed,
-    which this resets) so reruns give the same features. `name` and `weights` as config.py validated
+    which this resets) so reruns give the same features. `name` and `weights` as config validated
     them (hed-bsds500 holds VGG16 layers only: that rule is the config's).
     """
     import keras
 
-    from tlpipe import threads
+    from tlpipe.runtime import threads
 
-    threads.ensure()  # usually TensorFlow's first op follows: fix its thread pool first (tlpipe.threads)
+    threads.ensure()  # usually TensorFlow's first op follows: fix its thread pool first (tlpipe.runtime.threads)
     spec = arch(name)
     if not isinstance(image_size, int) or image_size < spec.min_size:
         raise ConfigError(

@@ -38,7 +38,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from tlpipe import atomic
-from tlpipe.errors import DataError, FeatureFileError
+from tlpipe.runtime.errors import DataError, FeatureFileError
 from tlpipe.hashes import file_sha256
 
 DATA = "data"  # the dataset name inside every shard file
@@ -71,7 +71,7 @@ def fingerprint(data: dict) -> str:
     import keras
     import tensorflow as tf
 
-    from tlpipe.threads import INTRA_OP_THREADS
+    from tlpipe.runtime.threads import INTRA_OP_THREADS
 
     blob = {**data, "versions": [tf.__version__, keras.__version__], "intra_op_threads": INTRA_OP_THREADS}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()

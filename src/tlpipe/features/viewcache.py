@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from tlpipe.data.manifests import SPLITS, manifest_rows, read_class_names
-from tlpipe.errors import ConfigError, FeatureFileError
+from tlpipe.runtime.errors import ConfigError, FeatureFileError
 from tlpipe.features import shards, viewfile
 from tlpipe.features.augment import augment_images, augment_settings, image_seeds
 from tlpipe.features.boundary import boundary_layer, layer_order, prefix_model, resolve_unfreeze
@@ -60,7 +60,7 @@ class CacheSpec:
         from tlpipe.features import backbones, pretrained
 
         unfreeze_from = resolve_unfreeze(backbone.name, base, backbone.layer, unfreeze_from)
-        # config.py refuses this for the architectures it knows by name; the others are known only now.
+        # config refuses this for the architectures it knows by name; the others are known only now.
         if augment.mode == "cached" and unfreeze_from == layer_order(base)[1]:
             raise ConfigError(f"finetune.unfreeze_from: {unfreeze_from!r} is the base's first layer, which leaves "
                               f"the view cache (augment.mode: cached) nothing frozen to store; choose a later "
@@ -150,7 +150,7 @@ def build_cache(out_path, parts: dict, *, base, spec: CacheSpec, batch_size: int
 
 
 def _run(engine, jobs, make_worker, progress: bool, name: str) -> dict:
-    from tlpipe.log import progress as progress_bar
+    from tlpipe.runtime.log import progress as progress_bar
 
     # Counted in images through the prefix, not shards: a training image costs `views` passes.
     with progress_bar(total=sum(j["images"] for j in jobs), desc=f"view cache -> {name}", unit="img",

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from tlpipe import atomic
-from tlpipe.errors import FeatureFileError
+from tlpipe.runtime.errors import FeatureFileError
 from tlpipe.features import shards
 
 FORMAT = 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import keras
 
-from tlpipe.errors import ConfigError
+from tlpipe.runtime.errors import ConfigError
 
 import numpy as np
 

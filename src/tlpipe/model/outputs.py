@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tlpipe.errors import ModelFileError
+from tlpipe.runtime.errors import ModelFileError
 
 
 def class_probabilities(raw: np.ndarray, n_classes: int | None = None) -> np.ndarray:

@@ -17,8 +17,8 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from tlpipe import atomic
-from tlpipe.choices import MODEL_NAMES
-from tlpipe.errors import DataError, ImageDecodeError, ModelFileError
+from tlpipe.config.choices import MODEL_NAMES
+from tlpipe.runtime.errors import DataError, ImageDecodeError, ModelFileError
 from tlpipe.features.imagefile import decode_file
 from tlpipe.model.outputs import class_probabilities, predicted_indices
 
@@ -119,9 +119,9 @@ def predict_files(model, files: Sequence[str | os.PathLike], image_size: int, n_
     """Predictions for `files`, in order. Unreadable files get an error and no probabilities.
 
     `progress`: a bar on stderr (None: only when there is more than one batch; never when stderr is
-    not a terminal, tlpipe.log.progress).
+    not a terminal, tlpipe.runtime.log.progress).
     """
-    from tlpipe.log import progress as bar_of
+    from tlpipe.runtime.log import progress as bar_of
 
     if batch_size < 1:
         raise DataError(f"--batch-size must be a positive integer (got {batch_size})")

@@ -24,8 +24,8 @@ import keras
 from tlpipe import __version__
 
 from tlpipe import atomic
-from tlpipe.errors import FeatureFileError, ModelFileError
-from tlpipe.choices import POOLINGS
+from tlpipe.runtime.errors import FeatureFileError, ModelFileError
+from tlpipe.config.choices import POOLINGS
 from tlpipe.features.backbones import pool_layer
 from tlpipe.model.dense_head import HEAD_LAYERS, head_layers
 
@@ -226,9 +226,9 @@ def save_model(model: keras.Model, path: str | os.PathLike) -> Path:
 
 def load_model(path: str | os.PathLike, compile: bool = False) -> keras.Model:  # noqa: A002 - keras' name
     """Load a tlpipe model; ModelFileError when it is missing, damaged or not a tlpipe model."""
-    from tlpipe import threads
+    from tlpipe.runtime import threads
 
-    threads.ensure()  # before the weights become tensors: the pool's size decides the bits (tlpipe.threads)
+    threads.ensure()  # before the weights become tensors: the pool's size decides the bits (tlpipe.runtime.threads)
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"{path}: model file not found; run the stage that writes it (dvc repro)")

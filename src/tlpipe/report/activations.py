@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tlpipe.log import progress
+from tlpipe.runtime.log import progress
 from tlpipe.report import graph
 from tlpipe.report.plotting import colorize, contrast_stretch, save_png, upscale
 from tlpipe.tiles import tile_grid

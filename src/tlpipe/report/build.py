@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from tlpipe import atomic
-from tlpipe.errors import DataError, ModelFileError
-from tlpipe.log import log
+from tlpipe.runtime.errors import DataError, ModelFileError
+from tlpipe.runtime.log import log
 from tlpipe.report import page as rpt
 from tlpipe.report.confusion import confusion_counts, save_confusion_png
 from tlpipe.report.readers import read_lr_searches, read_metrics, read_per_class, read_training
@@ -190,7 +190,7 @@ def build_report(models_dir, split_dir, images_dir, scores_path, train_metrics, 
     train_metrics: the training stages' metrics files (best epoch, validation accuracy);
     cut_path: features/cut.json (None: no section on the cut).
     """
-    from tlpipe.choices import AUTO
+    from tlpipe.config.choices import AUTO
     from tlpipe.data.manifests import manifest_rows, read_class_names
     from tlpipe.model.saved import load_model, model_info
     from tlpipe.report.activations import save_activation_grids

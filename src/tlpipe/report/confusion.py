@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tlpipe.errors import DataError
+from tlpipe.runtime.errors import DataError
 from tlpipe.report.plotting import new_figure, save_figure
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from tlpipe.errors import DataError
+from tlpipe.runtime.errors import DataError
 from tlpipe.history import best_index
 from tlpipe.report.plotting import new_figure, save_figure
 

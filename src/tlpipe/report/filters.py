@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from tlpipe.errors import ConfigError
-from tlpipe.log import progress
+from tlpipe.runtime.errors import ConfigError
+from tlpipe.runtime.log import progress
 from tlpipe.report import graph
 from tlpipe.report.plotting import save_png, upscale
 from tlpipe.tiles import tile_grid

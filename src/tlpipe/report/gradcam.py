@@ -6,7 +6,7 @@ import pandas as pd
 import tensorflow as tf
 from matplotlib import colormaps
 
-from tlpipe.errors import ConfigError, DataError
+from tlpipe.runtime.errors import ConfigError, DataError
 from tlpipe.model.outputs import class_scores, predicted_indices
 from tlpipe.report import graph
 

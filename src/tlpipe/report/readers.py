@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tlpipe.errors import DataError
+from tlpipe.runtime.errors import DataError
 
 
 def _read_json(path, stage: str):

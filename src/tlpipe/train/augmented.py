@@ -15,9 +15,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from tlpipe.choices import AUGMENT_MODES
-from tlpipe.errors import ConfigError
-from tlpipe.log import log
+from tlpipe.config.choices import AUGMENT_MODES
+from tlpipe.runtime.errors import ConfigError
+from tlpipe.runtime.log import log
 
 
 def cache_expect(backbone, augment, compute, class_names) -> dict:

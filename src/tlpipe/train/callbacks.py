@@ -26,7 +26,7 @@ from pathlib import Path
 import keras
 
 from tlpipe.history import best_index
-from tlpipe.log import log, progress
+from tlpipe.runtime.log import log, progress
 from tlpipe.train import checkpoint
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from tlpipe import atomic
 from tlpipe.history import best_index
-from tlpipe.log import log
+from tlpipe.runtime.log import log
 
 CKPT_FORMAT = 2  # 2: the best epoch's variables ride in the checkpoint (b0, b1, ...)
 
@@ -32,7 +32,7 @@ def checkpoint_dir_for(model_path) -> Path:
 def fingerprint(model, settings, data_fingerprint: dict) -> dict:
     """What must be unchanged for a checkpoint to continue this run (epochs may grow). keep: a
     keep="last" checkpoint lacks the best weights; patience: a smaller one may have stopped earlier."""
-    from tlpipe.threads import INTRA_OP_THREADS
+    from tlpipe.runtime.threads import INTRA_OP_THREADS
 
     shapes = [list(map(int, v.shape)) for v in model.variables]
     patience = settings.patience

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import math
 
-from tlpipe.choices import SCHEDULES
-from tlpipe.errors import ConfigError
+from tlpipe.config.choices import SCHEDULES
+from tlpipe.runtime.errors import ConfigError
 
 
 def learning_rates(lr: float, epochs: int, schedule: str) -> list[float]:

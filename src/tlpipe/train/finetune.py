@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tlpipe.errors import ModelFileError
+from tlpipe.runtime.errors import ModelFileError
 
 
 def run_finetune(*, cache, split_dir, images_dir, model_in, model_out, metrics_out, live_dir, backbone,

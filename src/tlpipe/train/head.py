@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from tlpipe.choices import AUTO
-from tlpipe.errors import FeatureFileError
-from tlpipe.log import log
+from tlpipe.config.choices import AUTO
+from tlpipe.runtime.errors import FeatureFileError
+from tlpipe.runtime.log import log
 from tlpipe.model.saved import FEATURE_KEYS
 from tlpipe.train import lr_search
 

@@ -22,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 
-from tlpipe.errors import ConfigError
+from tlpipe.runtime.errors import ConfigError
 from tlpipe.history import best_index
 from tlpipe.train.settings import TrainSettings
 
@@ -31,11 +31,11 @@ METRICS = ("loss", "accuracy")
 
 def set_determinism(seed: int) -> None:
     """Seed every RNG Keras/TF/NumPy use and make TF kernels deterministic (and their thread pool the
-    fixed size of tlpipe.threads, where TensorFlow has not started yet)."""
+    fixed size of tlpipe.runtime.threads, where TensorFlow has not started yet)."""
     import keras
     import tensorflow as tf
 
-    from tlpipe import threads
+    from tlpipe.runtime import threads
 
     threads.ensure()
     keras.utils.set_random_seed(int(seed))

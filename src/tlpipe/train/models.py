@@ -4,7 +4,7 @@ with its base unfrozen from a layer on (finetune), the part of a model after the
 
 from __future__ import annotations
 
-from tlpipe.errors import ConfigError, FeatureFileError, ModelFileError
+from tlpipe.runtime.errors import ConfigError, FeatureFileError, ModelFileError
 
 
 def cached_training_model(full, boundary: str):

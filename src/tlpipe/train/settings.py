@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tlpipe.choices import AUTO, TRAIN_KEEPS
-from tlpipe.errors import ConfigError
+from tlpipe.config.choices import AUTO, TRAIN_KEEPS
+from tlpipe.runtime.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import functools
 
-from tlpipe.choices import STRATEGIES
-from tlpipe.errors import ConfigError
-from tlpipe.log import log
+from tlpipe.config.choices import STRATEGIES
+from tlpipe.runtime.errors import ConfigError
+from tlpipe.runtime.log import log
 
 
 def training_strategy(name: str, batch_size: int | None = None):

@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 
-from tlpipe.log import log
+from tlpipe.runtime.log import log
 from tlpipe.train.trainingdata import Closing
 
 

@@ -4,8 +4,8 @@ never on import: a notebook importing tlpipe keeps its own stderr, logging and i
 - Keras on TensorFlow: KERAS_BACKEND=tensorflow before keras is imported, whatever ~/.keras/keras.json
   says (tlpipe's layers, kernels and stored bytes are TensorFlow's); a keras already running another
   backend is a clear error.
-- tlpipe's messages on stderr at TLPIPE_LOG_LEVEL (tlpipe.log).
-- TensorFlow, when something imports it: its intra-op pool fixed at tlpipe.threads.INTRA_OP_THREADS
+- tlpipe's messages on stderr at TLPIPE_LOG_LEVEL (tlpipe.runtime.log).
+- TensorFlow, when something imports it: its intra-op pool fixed at tlpipe.runtime.threads.INTRA_OP_THREADS
   (so no stored number depends on the core count), memory growth on for every GPU it sees
   (TensorFlow otherwise reserves nearly all of each card's memory), and its start-up lines (oneDNN
   notes, CUDA stubs, "failed call to cuInit" on a machine without a GPU) kept from the user, who
@@ -21,16 +21,16 @@ import os
 import sys
 import tempfile
 
-from tlpipe import threads
-from tlpipe.errors import ConfigError
-from tlpipe.log import log
-from tlpipe.log import setup as setup_logging
+from tlpipe.runtime import threads
+from tlpipe.runtime.errors import ConfigError
+from tlpipe.runtime.log import log
+from tlpipe.runtime.log import setup as setup_logging
 
 BACKEND = "tensorflow"
 
 
 class _TensorFlowImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Runs `import tensorflow`, then fixes its thread pool (tlpipe.threads) and `grow_gpu_memory`, before
+    """Runs `import tensorflow`, then fixes its thread pool (tlpipe.runtime.threads) and `grow_gpu_memory`, before
     TensorFlow's first op.
 
     quiet: file descriptor 2 points at a temp file meanwhile. TensorFlow's C++ libraries log while

@@ -19,7 +19,7 @@ fingerprints, like the TensorFlow version.
 
 from __future__ import annotations
 
-from tlpipe.log import log
+from tlpipe.runtime.log import log
 
 INTRA_OP_THREADS = 4
 
@@ -35,7 +35,7 @@ def configure() -> None:
         raise RuntimeError(
             f"TensorFlow already runs with {current() or 'its default number of'} intra-op threads; tlpipe "
             f"computes with {INTRA_OP_THREADS} on every machine (so results do not depend on the core "
-            f"count): call tlpipe.threads.configure() before TensorFlow's first op") from None
+            f"count): call tlpipe.runtime.threads.configure() before TensorFlow's first op") from None
 
 
 def current() -> int:

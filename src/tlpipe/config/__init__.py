@@ -16,14 +16,14 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tlpipe.choices import (AUGMENT_MODES, AUTO, BACKBONES, ENGINES, FILL_MODES, FINETUNE_FROM, MODEL_NAMES,
+from tlpipe.config.choices import (AUGMENT_MODES, AUTO, BACKBONES, ENGINES, FILL_MODES, FINETUNE_FROM, MODEL_NAMES,
                             POOLING_CHOICES, PRECISIONS, DEVICES, SCHEDULES, STRATEGIES, TRAIN_KEEPS, UNFREEZE_AUTO,
                             check_split, known_layers, probe_layers, unfreeze_layer)
-from tlpipe.configmessages import error_lines
-from tlpipe.cpu import BF16_CPU_FLAGS, native_bfloat16
-from tlpipe.errors import ConfigError
-from tlpipe.paramrecord import RECORD_ENV, Recorded, Recorder, leaf_keys, model_of
-from tlpipe.yamlfloat import load_yaml
+from tlpipe.config.messages import error_lines
+from tlpipe.runtime.cpu import BF16_CPU_FLAGS, native_bfloat16
+from tlpipe.runtime.errors import ConfigError
+from tlpipe.config.paramrecord import RECORD_ENV, Recorded, Recorder, leaf_keys, model_of
+from tlpipe.config.yamlfloat import load_yaml
 
 PARAMS_FILE = "params.yaml"
 

@@ -1,6 +1,6 @@
 """tlpipe's messages: one logger, one level, one look, and progress bars only where someone watches.
 
-    from tlpipe.log import log
+    from tlpipe.runtime.log import log
     log.info("...")      # prints "note: ..." on stderr
     log.warning("...")   # prints "warning: ..."
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from tlpipe.errors import ConfigError
+from tlpipe.runtime.errors import ConfigError
 
 LEVEL_ENV = "TLPIPE_LOG_LEVEL"
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
