@@ -179,7 +179,7 @@ def main(argv=None) -> None:
         f"({build / (online['head_aug_epoch_s'] - cached['head_aug_epoch_s']):.2f} epochs of head_aug alone)",
     ]
     if args.accuracy:
-        plain = run_mode(args, work, split, "cached", "head", views=1, finetune=False,
+        run_mode(args, work, split, "cached", "head", views=1, finetune=False,  # the plain head: work/head
                          augment={k: 0.0 for k in ("rotation_range", "width_shift_range", "height_shift_range",
                                                    "shear_range", "zoom_range")} | {"horizontal_flip": False})
         from tlpipe.data.manifests import manifest_rows, read_class_names
