@@ -187,6 +187,18 @@ def test_changing_finetune_lr_reruns_finetune_and_evaluate_never_the_cache(repo)
     dvc(repo, "repro")
 
 
+def test_evaluating_fewer_models_reruns_evaluate_alone_and_writes_only_theirs(repo):
+    repo, _, _ = repo
+    set_params(repo, {"evaluate": {"models": ["head"]}})
+    ran = set(stages_run(dvc(repo, "repro")))  # DVC fails a stage whose declared output is missing
+    assert "evaluate" in ran and not ran & {"train_head", "train_head_aug", "finetune"}, ran
+    assert sorted(p.name for p in (repo / "plots" / "confusion").iterdir()) == ["head.csv"]
+    assert set(json.loads((repo / "metrics" / "evaluate.json").read_text())) == {"head"}
+    sh(["git", "checkout", "params.yaml"], repo)
+    dvc(repo, "repro")
+    assert len(list((repo / "plots" / "confusion").iterdir())) == 3
+
+
 def test_experiment_is_listed_with_its_metrics(repo):
     repo, _, _ = repo
     sh(["git", "add", "-A"], repo)
