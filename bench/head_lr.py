@@ -45,7 +45,7 @@ def main(argv=None) -> None:
             head = validate_params({"head": {"epochs": epochs, "batch_size": args.batch_size}}).head
             run = TrainSettings.from_params(head)
             t0 = time.perf_counter()
-            rows = lr_search.sweep(head_maker(data, k, head, run.seed), data, run, lrs)
+            rows, _ = lr_search.sweep(head_maker(data, k, head, run.seed), data, run, lrs)
             took = time.perf_counter() - t0
             chosen = lr_search.choose(rows)
             print(f"epochs {epochs} ({epochs * -(-len(yt) // args.batch_size)} steps), sweep {took:.0f} s, "

@@ -49,14 +49,17 @@ def test_sweep_trains_each_rate_as_the_stage_would_and_reports_its_best_epoch():
     data = StoredFeatures(_separable(40), _separable(20, seed=1))
     head = SimpleNamespace(units=8, dropout=0.0, standardize=True)
     run = TrainSettings(epochs=3, batch_size=8, seed=1)
-    rows = lr_search.sweep(head_maker(data, 2, head, run.seed), data, run, candidates=(1e-5, 1e-2))
+    rows, (lr, model, result) = lr_search.sweep(head_maker(data, 2, head, run.seed), data, run, candidates=(1e-5, 1e-2))
     assert [r["lr"] for r in rows] == [1e-5, 1e-2]
     assert all(1 <= r["best_epoch"] <= 3 and 0 <= r["val_accuracy"] <= 1 for r in rows)
     # Three epochs at 1e-5 barely move a head; at 1e-2 it separates these classes.
     assert rows[1]["val_loss"] < rows[0]["val_loss"]
-    assert lr_search.choose(rows) == 1e-2
+    assert lr_search.choose(rows) == lr == 1e-2
+    # The chosen rate's run comes back, its model holding the kept (best) epoch.
+    assert result["best_epoch"] == rows[1]["best_epoch"] and float(model.optimizer.learning_rate) == 1e-2
+    assert result["history"][result["best_epoch"] - 1]["val_loss"] == rows[1]["val_loss"]
     # Deterministic: the same sweep twice gives the same rows.
-    assert lr_search.sweep(head_maker(data, 2, head, run.seed), data, run, candidates=(1e-5, 1e-2)) == rows
+    assert lr_search.sweep(head_maker(data, 2, head, run.seed), data, run, candidates=(1e-5, 1e-2))[0] == rows
 
 
 @pytest.fixture(scope="module")
@@ -73,10 +76,18 @@ def test_train_head_with_auto_trains_at_the_chosen_rate_and_says_so_in_its_metri
     search = on_disk["lr_search"]
     assert [r["lr"] for r in search] == [1e-5, 1e-3]
     assert on_disk["lr_chosen"] == result["lr"] == lr_search.choose(search)
-    # The saved run is the chosen rate's: an explicit run at that rate gives the same history.
+    # The saved run is the chosen rate's: an explicit run at that rate gives the same history, the same
+    # dvclive metrics and the same model.
     explicit = validate_params({"head": {"lr": on_disk["lr_chosen"], "epochs": 2, "batch_size": 4, "units": 8}}).head
     again = run_train_head(project / "features", tmp_path / "h2.keras", tmp_path / "m2.json", tmp_path / "l2", explicit)
     assert again["history"] == result["history"]
+    for name in ("train/loss", "val/accuracy"):
+        tsv = [(d / "plots" / "metrics" / f"{name}.tsv").read_text().splitlines() for d in (tmp_path / "live", tmp_path / "l2")]
+        assert [r.split("\t")[1:] for r in tsv[0]] == [r.split("\t")[1:] for r in tsv[1]]  # all but the timestamp
+    from tlpipe.model.saved import load_model
+
+    weights = [load_model(tmp_path / f).get_weights() for f in ("head.keras", "h2.keras")]
+    assert all(np.array_equal(a, b) for a, b in zip(*weights)) and len(weights[0]) == len(weights[1])
     assert set(json.loads((tmp_path / "m2.json").read_text())["h2"]) == {"best_epoch", "val_accuracy"}
 
 

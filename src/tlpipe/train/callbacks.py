@@ -25,21 +25,16 @@ from pathlib import Path
 
 import keras
 
-from tlpipe.history import best_index
+from tlpipe.history import best_epoch
 from tlpipe.runtime.log import log, progress
 from tlpipe.train import checkpoint
-
-
-def best_epoch_of(history: list[dict]) -> int | None:
-    """The best epoch (1-based): lowest val loss, earliest on ties, a NaN never; None before the first."""
-    return best_index([row["val_loss"] for row in history]) + 1 if history else None
 
 
 def should_stop(history: list[dict], patience: int | None) -> bool:
     """Early stopping: `patience` epochs in a row have passed without a new best (None: never)."""
     if not patience or not history:
         return False
-    return len(history) - best_epoch_of(history) >= int(patience)
+    return len(history) - best_epoch(history) >= int(patience)
 
 
 class LearningRates(keras.callbacks.Callback):
@@ -64,11 +59,11 @@ class KeepBest(keras.callbacks.Callback):
         self.best = None
 
     def on_epoch_end(self, epoch, logs=None):
-        if best_epoch_of(self.history) == epoch + 1:
+        if best_epoch(self.history) == epoch + 1:
             self.best = checkpoint.snapshot(self.model)
 
     def on_train_end(self, logs=None):
-        kept = best_epoch_of(self.history)
+        kept = best_epoch(self.history)
         if kept is not None and kept != len(self.history):
             for v, a in zip(self.model.variables, self.best):
                 v.assign(a)
@@ -87,7 +82,7 @@ class Patience(keras.callbacks.Callback):
         if len(self.history) < self.epochs and should_stop(self.history, self.patience):
             self.model.stop_training = True
             log.info(f"early stop after epoch {len(self.history)}: no lower val_loss in {self.patience} epochs "
-                     f"(best epoch {best_epoch_of(self.history)})")
+                     f"(best epoch {best_epoch(self.history)})")
 
     def on_train_begin(self, logs=None):
         self._check()
@@ -163,6 +158,13 @@ class DvcLive(keras.callbacks.Callback):
     def close(self):
         if self.live is not None:
             self.live.end()
+
+
+def write_live(live_dir, history: list[dict]) -> None:
+    """dvclive's files for a run already trained (head.lr: auto keeps a sweep's run), as fit writes them."""
+    live = DvcLive(live_dir, history)
+    live.on_train_begin()  # logs every row of the history, as for a resumed run
+    live.close()
 
 
 class EpochBar(keras.callbacks.Callback):

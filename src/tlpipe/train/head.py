@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from tlpipe.config.choices import AUTO
 from tlpipe.runtime.errors import FeatureFileError
 from tlpipe.runtime.log import log
 from tlpipe.model.saved import FEATURE_KEYS
@@ -103,10 +102,12 @@ def run_train_head(features_dir, model_out, metrics_out, live_dir, head, run=Non
     settings.TrainSettings of head and params.train (None: head's with train's defaults);
     `backbone`: params.backbone, which the feature files must match (None: not checked); `strategy`:
     compute.strategy (train.strategy). Writes `model_out` and the metrics file (loop.metrics_of);
-    returns fit's summary with the per-epoch history.
+    returns fit's summary with the per-epoch history. With head.lr auto the model and history are the
+    chosen rate's sweep run (lr_search), which has no checkpoint and calls no `on_epoch_end`.
     """
     from tlpipe.model.saved import assemble, save_model
     from tlpipe.atomic import write_json
+    from tlpipe.train.callbacks import write_live
     from tlpipe.train.checkpoint import checkpoint_dir_for
     from tlpipe.train.loop import fit, metrics_of
     from tlpipe.train.settings import TrainSettings
@@ -120,14 +121,16 @@ def run_train_head(features_dir, model_out, metrics_out, live_dir, head, run=Non
     make = head_maker(data, len(attrs["class_names"]), head, run.seed)
     with training_strategy(strategy, run.batch_size).scope():
         search = None
-        if head.lr == AUTO:
+        if run.lr is None:  # head.lr: auto (no checkpoint: a killed run sweeps again, a few minutes)
             log.info(f"head.lr auto: training the head at {len(lr_search.CANDIDATES)} rates on the stored features")
-            search = lr_search.sweep(make, data, run)
-            run = replace(run, lr=lr_search.choose(search))
-            log.info(f"head.lr auto: {run.lr:g} (lowest validation loss)")
-        model = make(run.lr)
-        result = fit(model, data, run, live_dir=live_dir, checkpoint_dir=checkpoint_dir_for(model_out),
-                     on_epoch_end=on_epoch_end)
+            search, (lr, model, result) = lr_search.sweep(make, data, run)
+            run = replace(run, lr=lr)
+            write_live(live_dir, result["history"])
+            log.info(f"head.lr auto: {lr:g} (lowest validation loss), its run kept")
+        else:
+            model = make(run.lr)
+            result = fit(model, data, run, live_dir=live_dir, checkpoint_dir=checkpoint_dir_for(model_out),
+                         on_epoch_end=on_epoch_end)
 
     info = {**attrs, "trainable_from": None}
     save_model(assemble(base_for(attrs), attrs["layer"], attrs["pooling"], model, info, name="head"), model_out)

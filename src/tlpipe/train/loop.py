@@ -10,7 +10,7 @@ The rest is policy, one keras.callbacks.Callback each (tlpipe.train.callbacks), 
 TrainSettings (tlpipe.train.settings): Checkpoint (each epoch to the checkpoint folder; train.resume
 continues the last finished one, bit for bit: tlpipe.train.checkpoint), KeepBest (train.keep: best
 ends with the variables of the epoch of lowest validation loss, the earliest on ties, a NaN never:
-tlpipe.history.best_index), Patience (train.patience), LearningRates (the schedule), DvcLive (the
+tlpipe.history.best_epoch), Patience (train.patience), LearningRates (the schedule), DvcLive (the
 curves, step = epoch from 1), EpochBar, and the caller's on_epoch_end hook.
 """
 
@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 
 from tlpipe.runtime.errors import ConfigError
-from tlpipe.history import best_index
+from tlpipe.history import best_epoch
 from tlpipe.train.settings import TrainSettings
 
 METRICS = ("loss", "accuracy")
@@ -63,11 +63,11 @@ def summarize(history: list[dict]) -> dict:
     """Final metrics: epochs run, the best epoch (lowest val loss, earliest on ties) and the last one."""
     if not history:
         return {"epochs": 0}
-    best_i = best_index([row["val_loss"] for row in history])
+    best = best_epoch(history)
     return {
         "epochs": len(history),
-        "best_epoch": best_i + 1,
-        "best": dict(history[best_i]),
+        "best_epoch": best,
+        "best": dict(history[best - 1]),
         "last": dict(history[-1]),
     }
 
@@ -76,7 +76,7 @@ def fit(model, data, settings: TrainSettings | None = None, *, live_dir, checkpo
         on_epoch_end: Callable[[int, dict], None] | None = None, keep_checkpoint: bool = False,
         verbose: bool = True, **fields) -> dict:
     """Train a compiled model on `data` (a tlpipe.train.trainingdata.TrainingData) as `settings` say;
-    log per-epoch metrics to dvclive at `live_dir`.
+    log per-epoch metrics to dvclive at `live_dir` (None: not logged; head.lr: auto's trial runs).
 
     settings: a TrainSettings; `fields` (TrainSettings' own: epochs=, batch_size=, seed=, keep=, ...)
     replace its fields, or make one without it (tests, benches).
@@ -111,7 +111,8 @@ def fit(model, data, settings: TrainSettings | None = None, *, live_dir, checkpo
     rates = settings.rates()
     if rates is not None:
         policies.append(cb.LearningRates(rates))
-    policies.append(cb.DvcLive(live_dir, history))
+    if live_dir is not None:
+        policies.append(cb.DvcLive(live_dir, history))
     if verbose:
         policies.append(cb.EpochBar(settings.epochs, history))
     if on_epoch_end is not None:
