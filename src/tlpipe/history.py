@@ -19,3 +19,8 @@ def best_index(val_losses: Sequence[float]) -> int | None:
         return (not math.isfinite(v), v if math.isfinite(v) else 0.0, i)
 
     return min(range(len(val_losses)), key=key)
+
+
+def best_epoch(history: Sequence[dict]) -> int | None:
+    """The best epoch (1-based) of a training history (rows with `val_loss`); None for no epochs."""
+    return best_index([row["val_loss"] for row in history]) + 1 if history else None

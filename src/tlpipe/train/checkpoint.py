@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 
 from tlpipe import atomic
-from tlpipe.history import best_index
+from tlpipe.history import best_epoch
 from tlpipe.runtime.log import log
 
 CKPT_FORMAT = 2  # 2: the best epoch's variables ride in the checkpoint (b0, b1, ...)
@@ -47,10 +47,6 @@ def snapshot(model) -> list[np.ndarray]:
     return [np.array(v.numpy(), copy=True) for v in model.variables]
 
 
-def _best_epoch(history: list[dict]) -> int | None:
-    return best_index([row["val_loss"] for row in history]) + 1 if history else None
-
-
 def _atomic_write_bytes(path: Path, write: Callable) -> None:
     with atomic.target(path, fsync=True) as tmp, open(tmp, "wb") as fh:
         write(fh)
@@ -66,7 +62,7 @@ def save_checkpoint(checkpoint_dir: Path, model, epoch: int, history: list[dict]
     name = f"epoch-{epoch:04d}.npz"
     arrays = {f"m{i}": np.asarray(v.numpy()) for i, v in enumerate(model.variables)}
     arrays.update({f"o{i}": np.asarray(v.numpy()) for i, v in enumerate(model.optimizer.variables)})
-    if best is not None and _best_epoch(history) != epoch:
+    if best is not None and best_epoch(history) != epoch:
         arrays.update({f"b{i}": a for i, a in enumerate(best)})
     _atomic_write_bytes(checkpoint_dir / name, lambda fh: np.savez(fh, **arrays))
     state = {"epoch": epoch, "file": name, "history": history, "fingerprint": fingerprint}
