@@ -36,6 +36,20 @@ def make_split(source: Path, out: Path, train_n: int, val_n: int, test_n: int) -
     return split
 
 
+def extract_split(manifest_csv, images_dir, out_h5, extractor, classes, batch_size: int, chunk_rows=None,
+                  engine=None) -> Path:
+    """One split's feature file by the extract stage's own steps (features.extract's compute_split and
+    assemble_split, which the stage runs for every split at once), its work folder removed."""
+    import shutil
+
+    from tlpipe.features.extract import assemble_split, compute_split
+
+    done = compute_split(manifest_csv, images_dir, out_h5, extractor, classes, batch_size, chunk_rows, engine)
+    assemble_split(done, extractor.dim, extractor.attrs(classes))
+    shutil.rmtree(done.work)
+    return done.out
+
+
 def paired_difference(a, b, rounds: int = 10000, seed: int = 0) -> tuple[float, float, float]:
     """Accuracy of a minus accuracy of b on the same test images, with a 95% paired bootstrap interval
     (resampling images, so what both models get right or wrong together does not count as noise)."""
@@ -47,14 +61,19 @@ def paired_difference(a, b, rounds: int = 10000, seed: int = 0) -> tuple[float, 
     return float(d.mean()), float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))
 
 
-def add_model_args(ap) -> None:
-    """The arguments params_for reads besides views and epochs."""
+def add_base_args(ap) -> None:
+    """The base and the cut: image size, weights, feature layer, pooling."""
     ap.add_argument("--size", type=int, default=150)
     ap.add_argument("--weights", default="hed-bsds500")
     ap.add_argument("--layer", default="block4_pool",
                     help="backbone.layer, named (the benches build no probe; block4_pool: what the probe picks for "
                          "hed-bsds500 on the shared photos, docs/results.md)")
     ap.add_argument("--pooling", default="avg", choices=("flatten", "avg", "max"))
+
+
+def add_model_args(ap) -> None:
+    """The arguments params_for reads besides views and epochs."""
+    add_base_args(ap)
     ap.add_argument("--precision", default="float32")
     ap.add_argument("--head-lr", type=float, default=2e-5)
     ap.add_argument("--finetune-lr", type=float, default=1e-5)

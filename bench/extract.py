@@ -15,13 +15,16 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 from tlpipe.config.choices import PRECISIONS
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import extract_split  # noqa: E402  (bench/common.py)
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -62,7 +65,7 @@ def main(argv=None) -> None:
     import pandas as pd
     import tensorflow as tf
 
-    from tlpipe.features.extract import BaseSpec, Extractor, assemble_split, compute_split
+    from tlpipe.features.extract import BaseSpec, Extractor
     from tlpipe.features.inputs import image_dataset
 
     files = sample_files(args.source, args.n)
@@ -90,9 +93,7 @@ def main(argv=None) -> None:
         out = tmp / "bench.h5"
         out.unlink(missing_ok=True)
         t0, c0 = time.perf_counter(), time.process_time()
-        work = compute_split(manifest, args.source, out, extractor, ["x"], args.batch_size)
-        assemble_split(work, extractor.dim, extractor.attrs(["x"]))
-        shutil.rmtree(work.work)
+        extract_split(manifest, args.source, out, extractor, ["x"], args.batch_size)
         return time.perf_counter() - t0, time.process_time() - c0
 
     # Interleaved rounds, best of each: on a shared machine, other load only ever slows a pass down.

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -30,7 +29,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import DEFAULT_SOURCE, make_split, paired_difference  # noqa: E402  (bench/common.py)
+from common import DEFAULT_SOURCE, add_base_args, extract_split, make_split, paired_difference  # noqa: E402  (bench/common.py)
 
 
 def extract(split: Path, source: Path, work: Path, spec, precisions, batch_size: int) -> dict:
@@ -40,7 +39,7 @@ def extract(split: Path, source: Path, work: Path, spec, precisions, batch_size:
     import numpy as np
 
     from tlpipe.data.manifests import SPLITS, read_class_names
-    from tlpipe.features.extract import Extractor, assemble_split, compute_split
+    from tlpipe.features.extract import Extractor
 
     classes = read_class_names(split / "classes.json")
     extractors = {p: Extractor(spec, p) for p in precisions}
@@ -50,10 +49,8 @@ def extract(split: Path, source: Path, work: Path, spec, precisions, batch_size:
     for name in SPLITS:
         for precision, extractor in extractors.items():
             t0 = time.perf_counter()
-            done = compute_split(split / f"{name}.csv", source, work / precision / f"{name}.h5", extractor, classes,
-                                 batch_size)
-            assemble_split(done, extractor.dim, extractor.attrs(classes))
-            shutil.rmtree(done.work)
+            extract_split(split / f"{name}.csv", source, work / precision / f"{name}.h5", extractor, classes,
+                          batch_size)
             seconds[precision] += time.perf_counter() - t0
     return seconds
 
@@ -98,12 +95,7 @@ def main(argv=None) -> None:
     ap.add_argument("--train-per-class", type=int, default=200)
     ap.add_argument("--val-per-class", type=int, default=50)
     ap.add_argument("--test-per-class", type=int, default=150)
-    ap.add_argument("--size", type=int, default=150)
-    ap.add_argument("--weights", default="hed-bsds500")
-    # A named cut (auto is chosen by the extract stage's probe, not by compute_split): the one the probe
-    # picks on the shared photos with the offline weights.
-    ap.add_argument("--layer", default="block4_pool", help="feature layer (null: the base's last, block5_pool)")
-    ap.add_argument("--pooling", default="avg", choices=("flatten", "avg", "max"))
+    add_base_args(ap)
     ap.add_argument("--epochs", type=int, default=30, help="head epochs (params.yaml default: 30)")
     ap.add_argument("--head-lr", type=float, default=2e-5)
     ap.add_argument("--batch-size", type=int, default=32)

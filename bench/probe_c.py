@@ -4,8 +4,8 @@ The probe behind `backbone.layer: auto` fits a logistic regression of strength C
 features of every candidate cut (block3/4/5_pool x flatten/avg/max). This script takes a split of
 real photos (training images from train/, validation images from validation/, disjoint), runs the
 VGG16 base once over them keeping the three candidate layers' activations, and scores every
-candidate at each C with the pipeline's own probe code (tlpipe.features.probe.pool and .score, with
-probe.C set to each value in turn). Validation only: no test image is read.
+candidate at each C with the pipeline's own probe code (tlpipe.features.probe.pool and .score, given
+each C in turn). Validation only: no test image is read.
 
 Prints a Markdown table (validation accuracy and log-loss per candidate and C), then, per C, how
 many candidates it gives the lowest validation log-loss and the best (or equal-best) validation
@@ -88,10 +88,8 @@ def main(argv=None) -> None:
         for pooling in POOLINGS:
             xt, xv = probe.pool(acts["train"][layer], pooling), probe.pool(acts["validation"][layer], pooling)
             for c in cs:
-                probe.C = c
                 rows.append({"layer": layer, "pooling": pooling, "dim": xt.shape[1], "C": c,
-                             **probe.score(xt, labels["train"], xv, labels["validation"])})
-    probe.C = pipeline_c
+                             **probe.score(xt, labels["train"], xv, labels["validation"], c=c)})
     print("| layer | pooling | dim | " + " | ".join(f"val acc (C={c:g}) | val log-loss (C={c:g})" for c in cs) + " |")
     print("|---|---|---|" + "---|---|" * len(cs))
     lowest_loss, best_acc = dict.fromkeys(cs, 0), dict.fromkeys(cs, 0)

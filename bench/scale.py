@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -31,7 +30,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import DEFAULT_SOURCE, make_split  # noqa: E402
+from common import DEFAULT_SOURCE, extract_split, make_split  # noqa: E402
 
 
 def tree_hash(table: Path) -> str:
@@ -88,7 +87,7 @@ def main(argv=None) -> None:
     import ray
 
     from tlpipe.features.engine import Engine
-    from tlpipe.features.extract import BaseSpec, Extractor, assemble_split, compute_split
+    from tlpipe.features.extract import BaseSpec, Extractor
 
     class Recording(Engine):
         """An engine that keeps each shard's result (timings) and when it arrived."""
@@ -125,10 +124,8 @@ def main(argv=None) -> None:
         t0 = time.perf_counter()
         # The extract stage's steps for one split (Ray's actors build their own model from the spec).
         extractor = Extractor(spec)
-        done = compute_split(split / "train.csv", args.source, out, extractor, classes, args.batch_size,
-                             chunk_rows=args.rows_per_shard, engine=engine)
-        assemble_split(done, extractor.dim, extractor.attrs(classes))
-        shutil.rmtree(done.work)
+        extract_split(split / "train.csv", args.source, out, extractor, classes, args.batch_size,
+                      chunk_rows=args.rows_per_shard, engine=engine)
         wall = time.perf_counter() - t0
         first, last = engine.arrivals[0], engine.arrivals[-1]
         steady = (args.n - args.rows_per_shard) / (last - first) if last > first else float("nan")

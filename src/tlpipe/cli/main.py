@@ -7,28 +7,18 @@ Usage errors (no command, an unknown one, a command's bad arguments) print usage
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from tlpipe import __version__
 from tlpipe.cli import run_stage
 
 
-def _predict(argv: list[str], prog: str):
-    from tlpipe.cli.predict import main
-
-    return main(argv, prog=prog)
-
-
-def _augment_preview(argv: list[str], prog: str):
-    from tlpipe.cli.augment_preview import main
-
-    return main(argv, prog=prog)
-
-
-# name: (run, help); a command's own parser reads its arguments, so `tlpipe --help` stays quick.
+# name: (its module in tlpipe.cli, help); imported only when chosen, and the command's own parser reads
+# its arguments, so `tlpipe --help` stays quick.
 COMMANDS = {
-    "augment-preview": (_augment_preview, "write a PNG grid of an image and augmented versions"),
-    "predict": (_predict, "classify image files and folders with a saved model"),
+    "augment-preview": ("augment_preview", "write a PNG grid of an image and augmented versions"),
+    "predict": ("predict", "classify image files and folders with a saved model"),
 }
 
 
@@ -48,5 +38,5 @@ def main(argv: list[str] | None = None) -> None:
     # would hand an option right after the name, `predict --model m`, back to this parser).
     at = next((i for i, a in enumerate(argv) if not a.startswith("-")), len(argv))
     args = parser().parse_args(argv[:at + 1])
-    run, _ = COMMANDS[args.command]
-    run_stage(lambda rest: run(rest, f"tlpipe {args.command}"), argv[at + 1:])
+    command = importlib.import_module(f"tlpipe.cli.{COMMANDS[args.command][0]}")
+    run_stage(lambda rest: command.main(rest, prog=f"tlpipe {args.command}"), argv[at + 1:])

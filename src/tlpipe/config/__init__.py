@@ -3,8 +3,9 @@
 Every stage reads its section through `load_params()`. Unknown keys, wrong types and out-of-range
 values stop the stage with a message that names the key (`head.lr8`) and what was expected, so a
 typo in `dvc exp run -S ...` never silently falls back to a default. Around it, each in its own module:
-the closed sets and shared rules (choices), the error lines (configmessages), the YAML reading
-(yamlfloat), the CPU's bfloat16 support (cpu) and the test-only read recording (paramrecord).
+the closed sets and shared rules (choices), the error lines (messages), the YAML reading
+(yamlfloat) and the test-only read recording (paramrecord); the CPU's bfloat16 support is
+tlpipe.runtime.cpu's.
 """
 
 from __future__ import annotations
@@ -285,9 +286,9 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
 
 
 
-def param_leaves(section: type[BaseModel] = Params, prefix: str = "") -> list[str]:
-    """Every leaf key under a section (default: all of params.yaml), dotted (`finetune.from`, `data.split`)."""
-    return leaf_keys(section, prefix)
+def param_leaves() -> list[str]:
+    """Every leaf key of params.yaml, dotted (`finetune.from`, `data.split`)."""
+    return leaf_keys(Params)
 
 
 def what_params(params) -> dict:

@@ -30,14 +30,6 @@ from tlpipe.data.sources import is_hidden
 from tlpipe.runtime.log import log, progress
 
 
-def warn(msg: str) -> None:
-    log.warning(msg)
-
-
-def note(msg: str) -> None:
-    log.info(msg)
-
-
 # ---------------------------------------------------------------- scanning
 
 
@@ -145,7 +137,7 @@ def scan_source(root: Path) -> Scan:
             candidates.extend(found)
     for class_name, folders in sorted(empty.items()):
         if class_name not in classes:
-            warn(f"class folder {', '.join(folders)} in {root} holds no files; ignoring that class.")
+            log.warning(f"class folder {', '.join(folders)} in {root} holds no files; ignoring that class.")
     return Scan(layout, candidates, sorted(rejected), sorted(classes))
 
 
@@ -322,7 +314,7 @@ def build_dataset(root: Path, images_dir: Path, out_dir: Path, split, seed: int,
     scan = scan_source(root)
     if scan.layout == "pooled":
         present = sorted({c.path.split("/", 1)[0] for c in scan.candidates})
-        note(f"{root} has {', '.join(f'{s}/' for s in present)} but not all of train/ validation/ test/: "
+        log.info(f"{root} has {', '.join(f'{s}/' for s in present)} but not all of train/ validation/ test/: "
              f"pooling them per class and splitting by data.split.")
     if len(scan.classes) < 2:
         found = f"only class {scan.classes[0]!r}" if scan.classes else "no class folders with files"
@@ -332,13 +324,13 @@ def build_dataset(root: Path, images_dir: Path, out_dir: Path, split, seed: int,
         records, rejected = decode_candidates(scan.candidates, store, max_side, workers)
         records, noisy = drop_label_noise(records)
         if noisy:
-            warn(f"{len(noisy)} files hold the same image as a file of another class; left out as label noise "
+            log.warning(f"{len(noisy)} files hold the same image as a file of another class; left out as label noise "
                  f"(listed in {out_dir / 'rejected.csv'}).")
         rejected = sorted(scan.rejected + rejected + noisy)
         classes = sorted({r.class_name for r in records})
         for class_name in scan.classes:
             if class_name not in classes:
-                warn(f"class {class_name!r} has no usable images (all rejected); ignoring that class.")
+                log.warning(f"class {class_name!r} has no usable images (all rejected); ignoring that class.")
         if len(classes) < 2:
             raise DataError(f"{root}: only {len(classes)} class(es) with usable images; need at least 2.")
 
@@ -346,7 +338,7 @@ def build_dataset(root: Path, images_dir: Path, out_dir: Path, split, seed: int,
             assignment = {r.path: r.given_split for r in records}
             straddle = [sha for sha, splits in _splits_by_sha(records).items() if len(splits) > 1]
             if straddle:
-                warn(f"{len(straddle)} images appear in more than one of the given split folders "
+                log.warning(f"{len(straddle)} images appear in more than one of the given split folders "
                      f"(the same bytes in e.g. train/ and test/): results may be optimistic.")
         else:
             assignment = assign_splits(records, split, seed)
@@ -376,9 +368,9 @@ def build_dataset(root: Path, images_dir: Path, out_dir: Path, split, seed: int,
     if rejected:
         reasons = Counter(reason for _, reason in rejected)
         top = ", ".join(f"{n} {r}" for r, n in sorted(reasons.items(), key=lambda x: (-x[1], x[0]))[:4])
-        warn(f"{len(rejected)} files rejected ({top}); see {out_dir / 'rejected.csv'}.")
+        log.warning(f"{len(rejected)} files rejected ({top}); see {out_dir / 'rejected.csv'}.")
     if small:
-        note(f"{small} images are smaller than {SMALL_SIDE} px on a side (kept; later stages resize them up).")
+        log.info(f"{small} images are smaller than {SMALL_SIDE} px on a side (kept; later stages resize them up).")
     return summary
 
 

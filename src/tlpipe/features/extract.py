@@ -112,9 +112,10 @@ class Extractor:
     def attrs(self, class_names: Sequence[str], layer: str | None = None, pooling: str | None = None) -> dict:
         """The attributes of a feature file, in the order they are written (`layer`, `pooling`: the
         probe's choice when probing)."""
-        return featurefile.file_attrs(self.spec.name, self.spec.weights, self.weights_sha256, layer or self.layer,
-                                      pooling or self.spec.pooling, self.spec.image_size, self.preprocessing,
-                                      class_names)
+        return featurefile.file_attrs(
+            backbone=self.spec.name, weights=self.spec.weights, weights_sha256=self.weights_sha256,
+            layer=layer or self.layer, pooling=pooling or self.spec.pooling, image_size=self.spec.image_size,
+            preprocessing=self.preprocessing, class_names=class_names)
 
     def __call__(self, batch) -> np.ndarray:
         import tensorflow as tf

@@ -29,8 +29,8 @@ EXPECT_KEYS = ("backbone", "weights", "layer", "pooling", "image_size", "class_n
 RERUN = "rerun the extract stage (`dvc repro extract`)"
 
 
-def file_attrs(backbone: str, weights: str, weights_sha256: str | None, layer: str, pooling: str, image_size: int,
-          preprocessing: str, class_names: Sequence[str]) -> dict:
+def file_attrs(*, backbone: str, weights: str, weights_sha256: str | None, layer: str, pooling: str,
+               image_size: int, preprocessing: str, class_names: Sequence[str]) -> dict:
     """The attributes of a feature file, in the order they are written (`shards_sha256` follows)."""
     return {
         "backbone": backbone,

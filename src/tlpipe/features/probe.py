@@ -37,8 +37,8 @@ def spaced_rows(n: int, most: int) -> np.ndarray:
     return np.arange(n) if n <= most else np.linspace(0, n - 1, most).round().astype(np.int64)
 
 
-def score(x_train, y_train, x_val, y_val) -> dict:
-    """Fit the probe on train, score it on validation: {"val_accuracy", "val_loss"}."""
+def score(x_train, y_train, x_val, y_val, c: float = C) -> dict:
+    """Fit the probe (strength `c`) on train, score it on validation: {"val_accuracy", "val_loss"}."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import log_loss
     from sklearn.pipeline import make_pipeline
@@ -48,7 +48,7 @@ def score(x_train, y_train, x_val, y_val) -> dict:
 
     from sklearn.exceptions import ConvergenceWarning
 
-    probe = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=MAX_ITER))
+    probe = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=MAX_ITER))
     with warnings.catch_warnings():
         # A probe stopped at MAX_ITER still ranks the candidates; the warning would only alarm users.
         warnings.simplefilter("ignore", ConvergenceWarning)
