@@ -56,7 +56,7 @@ def test_sweep_trains_each_rate_as_the_stage_would_and_reports_its_best_epoch():
     assert rows[1]["val_loss"] < rows[0]["val_loss"]
     assert lr_search.choose(rows) == lr == 1e-2
     # The chosen rate's run comes back, its model holding the kept (best) epoch.
-    assert result["best_epoch"] == rows[1]["best_epoch"] and float(model.optimizer.learning_rate) == 1e-2
+    assert result["best_epoch"] == rows[1]["best_epoch"] and np.isclose(float(model.optimizer.learning_rate), 1e-2)
     assert result["history"][result["best_epoch"] - 1]["val_loss"] == rows[1]["val_loss"]
     # Deterministic: the same sweep twice gives the same rows.
     assert lr_search.sweep(head_maker(data, 2, head, run.seed), data, run, candidates=(1e-5, 1e-2))[0] == rows
