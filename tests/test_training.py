@@ -288,12 +288,14 @@ def test_patience_stops_after_that_many_epochs_without_a_new_best(tmp_path):
     assert never["epochs"] == 8
 
 
-def test_keep_and_patience_are_checked(tmp_path):
+def test_keep_and_patience_are_checked_with_params_yaml():
+    from tlpipe.config import validate_params
+
     with pytest.raises(ConfigError, match="train.keep"):
-        _fit(tmp_path, "k", keep="first")
+        validate_params({"train": {"keep": "first"}})
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ConfigError, match="train.patience"):
-            _fit(tmp_path, "p", patience=bad)
+            validate_params({"train": {"patience": bad}})
 
 
 @pytest.mark.parametrize("patience, stop_after", [(None, 1), (None, 4), (3, 4), (3, 5)])

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tlpipe.config.choices import AUTO, TRAIN_KEEPS
-from tlpipe.runtime.errors import ConfigError
+from tlpipe.config.choices import AUTO
 
 
 @dataclass(frozen=True)
@@ -35,15 +34,8 @@ class TrainSettings:
     fingerprint: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if isinstance(self.epochs, bool) or int(self.epochs) < 1:
-            raise ConfigError(f"epochs must be a positive integer, got {self.epochs}")
-        if isinstance(self.batch_size, bool) or int(self.batch_size) < 1:
-            raise ConfigError(f"batch_size must be a positive integer, got {self.batch_size}")
-        if self.keep not in TRAIN_KEEPS:
-            raise ConfigError(f"train.keep: must be one of {', '.join(TRAIN_KEEPS)}, got {self.keep!r}")
-        p = self.patience
-        if p is not None and (isinstance(p, bool) or int(p) != p or int(p) < 1):
-            raise ConfigError(f"train.patience: must be a positive integer or null, got {p!r}")
+        # epochs, batch_size, keep and patience were validated with params.yaml (config); explicit
+        # per-epoch rates come only from code (tests, benches), so only they are checked here.
         if self.learning_rates is not None and len(self.learning_rates) != int(self.epochs):
             raise ValueError(f"learning_rates: {len(self.learning_rates)} rates for {self.epochs} epochs")
 
