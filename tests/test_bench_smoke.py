@@ -81,6 +81,9 @@ def test_probe_then_standardize(source, tmp_path):
     assert out.count("| 0.001 | 1 |") == 2  # standardize no and yes, one epoch each
     out = run_bench("head_lr.py", "--features", tmp_path / "features", "--lrs", "1e-4,1e-2", "--epochs", 1)
     assert "auto chooses" in out and out.count("| 1 | ") == 2  # two rates, one epoch each
+    out = run_bench("variance_shrink.py", "--features", tmp_path / "features", "--shrinks", "0,0.1", "--lrs", "1e-3",
+                    "--epochs", 1)
+    assert out.count("auto keeps 0.001") == 2 and "(the pipeline's)" in out
 
 
 def test_probe_c(source):

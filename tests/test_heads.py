@@ -71,6 +71,28 @@ def test_bad_head_arguments(kw, match):
         dense_head.build_head(**args)
 
 
+def test_feature_stats_keep_a_rarely_firing_feature_from_exploding():
+    rng = np.random.default_rng(0)
+    n = 60
+    dense = rng.gamma(2.0, 1.0, size=(n, 50))  # ReLU-like features spread over the training images
+    rare = np.zeros((n, 1))
+    rare[0] = 0.05  # fires, weakly, on one training image
+    dead = np.zeros((n, 1))  # never fires in training
+    mean, var = (np.asarray(v, np.float64) for v in dense_head.feature_stats(np.hstack([dense, rare, dead])))
+    # A new image where the rare feature fires as strongly as a typical one: a z-score like the others'.
+    typical = dense.mean()
+    z_rare = (typical - mean[50]) / np.sqrt(var[50])
+    assert abs(z_rare) < 3 * np.sqrt(1 / dense_head.VARIANCE_SHRINK)
+    assert np.isfinite((typical - mean[51]) / np.sqrt(var[51]))
+    # The well-spread features keep nearly their own variance.
+    own = dense.var(axis=0)
+    assert np.allclose(var[:50], own + dense_head.VARIANCE_SHRINK * np.hstack([own, [rare.var(), 0.0]]).mean(),
+                       rtol=1e-5)
+    assert np.all(var[:50] / own < 1 + 2 * dense_head.VARIANCE_SHRINK)
+    # Every feature constant: unit variances.
+    assert dense_head.feature_stats(np.ones((5, 3)))[1] == [1.0, 1.0, 1.0]
+
+
 def test_check_attrs_agree_names_the_key():
     a = {k: 1 for k in saved.FEATURE_KEYS}
     assert check_attrs_agree({"t.h5": a, "v.h5": dict(a)}) == a

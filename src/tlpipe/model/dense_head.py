@@ -12,6 +12,9 @@ import numpy as np
 HEAD_LAYERS = ("head_dense", "head_dropout", "head_out")
 # head.standardize: a Normalization layer before head_dense, its statistics fixed in its config.
 HEAD_NORM = "head_norm"
+# Each feature's variance is shrunk toward the features' mean variance by this fraction of it (see
+# feature_stats); chosen on validation (docs/results.md, "Standardising small sets").
+VARIANCE_SHRINK = 0.1
 
 
 def head_layers(model) -> tuple[str, ...]:
@@ -20,13 +23,19 @@ def head_layers(model) -> tuple[str, ...]:
     return ((HEAD_NORM,) if HEAD_NORM in names else ()) + HEAD_LAYERS
 
 
-def feature_stats(x) -> tuple[list[float], list[float]]:
+def feature_stats(x, shrink: float = VARIANCE_SHRINK) -> tuple[list[float], list[float]]:
     """(mean, variance) per feature of the training features `x` (N x D), summed in float64 so they do not
-    depend on how the rows are split. A feature constant in training (a dead ReLU) gets variance 1, not ~0:
-    Keras would divide by its epsilon, and any value it takes on a new image would explode."""
+    depend on how the rows are split.
+
+    Each variance is the feature's own plus `shrink` times the mean over features. A feature that
+    varies on only one or two training images (a ReLU that rarely fires) has a tiny variance of its own;
+    divided by it, the feature's value on a new image becomes a z-score in the hundreds, and a head on
+    thousands of such features (flatten features of a few dozen photos) starts with validation losses of
+    5 to 100. Features well spread in training barely change. Where every feature is constant, 1."""
     x = np.asarray(x)
     mean = x.mean(axis=0, dtype=np.float64)
     var = x.var(axis=0, dtype=np.float64)
+    var = var + float(shrink) * var.mean()
     var[var <= 1e-12] = 1.0
     return mean.astype(np.float32).tolist(), var.astype(np.float32).tolist()
 

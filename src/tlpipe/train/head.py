@@ -80,12 +80,13 @@ def read_stored_features(features_dir, backbone=None):
     return StoredFeatures((xt, yt), (xv, yv)), attrs
 
 
-def head_maker(data, n_classes: int, head, seed: int):
-    """lr -> a new compiled head for `data` (params.head's units, dropout, standardize), seeded alike."""
-    from tlpipe.model.dense_head import build_head, feature_stats
+def head_maker(data, n_classes: int, head, seed: int, shrink: float | None = None):
+    """lr -> a new compiled head for `data` (params.head's units, dropout, standardize), seeded alike.
+    `shrink`: the variance shrink of the standardisation (None: dense_head.VARIANCE_SHRINK; benches)."""
+    from tlpipe.model.dense_head import VARIANCE_SHRINK, build_head, feature_stats
     from tlpipe.train.compile import compile_classifier
 
-    stats = feature_stats(data.train[0]) if head.standardize else None
+    stats = feature_stats(data.train[0], VARIANCE_SHRINK if shrink is None else shrink) if head.standardize else None
 
     def make(lr):
         return compile_classifier(build_head(data.train[0].shape[1], n_classes, head.units, head.dropout,
