@@ -141,10 +141,8 @@ def test_resume_with_checkpoint_of_other_settings_starts_again(tmp_path, capsys)
     assert [r["epoch"] for r in res["history"]] == [1, 2]
 
 
-def test_bad_arguments(tmp_path):
+def test_an_uncompiled_model_is_refused(tmp_path):
     data = StoredFeatures(_data(10), _data(10))
-    with pytest.raises(ConfigError, match="epochs"):
-        training.fit(_model(), data, epochs=0, batch_size=4, seed=1, live_dir=tmp_path)
     with pytest.raises(ConfigError, match="compiled"):
         training.fit(build_head(12, 2), data, epochs=1, batch_size=4, seed=1, live_dir=tmp_path)
 
