@@ -35,6 +35,9 @@ def sweep(make_model, data, run, candidates=None) -> tuple[list[dict], tuple]:
         rows.append({"lr": float(lr), "best_epoch": int(best), "val_loss": float(row["val_loss"]),
                      "val_accuracy": float(row["val_accuracy"])})
         trained[float(lr)] = (model, result)
+        if any(math.isfinite(r["val_loss"]) for r in rows):  # keep only the leader's model in memory
+            leader = choose(rows)
+            trained = {leader: trained[leader]}
     lr = choose(rows)
     return rows, (lr, *trained[lr])
 
