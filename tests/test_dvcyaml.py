@@ -138,22 +138,24 @@ def src_files_listed(deps: list[str]) -> set[Path]:
         path = REPO / dep
         if not path.is_relative_to(SRC):
             continue
-        if path.is_dir():  # a docstring-only __init__.py runs nothing: a folder may hold one
-            files |= {p for p in path.rglob("*.py")
-                      if "__pycache__" not in p.parts and not (p.name == "__init__.py" and not runs_code(p))}
+        if path.is_dir():
+            files |= modules_in(path)
         else:
             files.add(path)
     return files
 
 
+def modules_in(folder: Path) -> set[Path]:
+    """The .py files a listed folder stands for; a docstring-only __init__.py runs nothing, so a folder
+    may hold one."""
+    return {p for p in folder.rglob("*.py")
+            if "__pycache__" not in p.parts and not (p.name == "__init__.py" and not runs_code(p))}
+
+
 def as_deps(used: set[Path]) -> list[str]:
     """The deps lines for these files: a package folder where the stage runs every module in it."""
-    def runs(p: Path) -> bool:
-        return p.name != "__init__.py" or runs_code(p)
-
     folders = sorted({p.parent for p in used if p.is_relative_to(SRC) and p.parent != SRC / PACKAGE})
-    whole = [d for d in folders
-             if {p for p in d.rglob("*.py") if "__pycache__" not in p.parts and runs(p)} <= used]
+    whole = [d for d in folders if modules_in(d) <= used]
     top = [d for d in whole if not any(d != o and d.is_relative_to(o) for o in whole)]
     rest = [p for p in used if not any(p.is_relative_to(d) for d in top)]
     return sorted(p.relative_to(REPO).as_posix() for p in top + rest)
