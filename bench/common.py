@@ -50,6 +50,14 @@ def extract_split(manifest_csv, images_dir, out_h5, extractor, classes, batch_si
     return done.out
 
 
+def print_sweep(rows: list[dict], chosen: float) -> None:
+    """head.lr auto's sweep (tlpipe.train.lr_search) as a Markdown table, the chosen rate marked."""
+    print("| lr | best epoch | val loss | val acc |\n|---|---|---|---|")
+    for r in rows:
+        mark = " ←" if r["lr"] == chosen else ""
+        print(f"| {r['lr']:g}{mark} | {r['best_epoch']} | {r['val_loss']:.3f} | {r['val_accuracy']:.1%} |", flush=True)
+
+
 def paired_difference(a, b, rounds: int = 10000, seed: int = 0) -> tuple[float, float, float]:
     """Accuracy of a minus accuracy of b on the same test images, with a 95% paired bootstrap interval
     (resampling images, so what both models get right or wrong together does not count as noise)."""

@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).parent))
+
+from common import print_sweep  # noqa: E402  (bench/common.py)
 
 
 def main(argv=None) -> None:
@@ -45,16 +49,11 @@ def main(argv=None) -> None:
             head = validate_params({"head": {"epochs": epochs, "batch_size": args.batch_size}}).head
             run = TrainSettings.from_params(head)
             t0 = time.perf_counter()
-            rows, _ = lr_search.sweep(head_maker(data, k, head, run.seed), data, run, lrs)
+            rows, (chosen, _, _) = lr_search.sweep(head_maker(data, k, head, run.seed), data, run, lrs)
             took = time.perf_counter() - t0
-            chosen = lr_search.choose(rows)
             print(f"epochs {epochs} ({epochs * -(-len(yt) // args.batch_size)} steps), sweep {took:.0f} s, "
                   f"auto chooses {chosen:g}")
-            print("| lr | best epoch | val loss | val acc |\n|---|---|---|---|")
-            for r in rows:
-                mark = " ←" if r["lr"] == chosen else ""
-                print(f"| {r['lr']:g}{mark} | {r['best_epoch']} | {r['val_loss']:.3f} | {r['val_accuracy']:.1%} |",
-                      flush=True)
+            print_sweep(rows, chosen)
 
 
 if __name__ == "__main__":

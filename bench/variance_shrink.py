@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).parent))
+
+from common import print_sweep  # noqa: E402  (bench/common.py)
 
 
 def main(argv=None) -> None:
@@ -54,10 +58,7 @@ def main(argv=None) -> None:
         mark = " (the pipeline's)" if shrink == dense_head.VARIANCE_SHRINK else ""
         print(f"\nshrink {shrink:g}{mark}: validation |z| max {z.max():.0f}, 99.9th percentile "
               f"{np.quantile(z, 0.999):.1f}; sweep {time.perf_counter() - t0:.0f} s, auto keeps {chosen:g}")
-        print("| lr | best epoch | val loss | val acc |\n|---|---|---|---|")
-        for r in rows:
-            print(f"| {r['lr']:g}{' ←' if r['lr'] == chosen else ''} | {r['best_epoch']} | {r['val_loss']:.3f} "
-                  f"| {r['val_accuracy']:.1%} |", flush=True)
+        print_sweep(rows, chosen)
 
 
 if __name__ == "__main__":
