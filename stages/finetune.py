@@ -18,6 +18,9 @@ def main(argv=None):
     ap.add_argument("--images", default="data/images", help="the image store the manifests point into")
     ap.add_argument("--model-in", default=None,
                     help="model to start from (default: models/<finetune.from>.keras)")
+    ap.add_argument("--start-metrics", default=None,
+                    help="the start model's training metrics, for finetune.lr: auto "
+                         "(default: metrics/train_<finetune.from>.json)")
     ap.add_argument("--model", default="models/finetuned.keras", help="full model to write")
     ap.add_argument("--metrics", default="metrics/finetune.json", help="final metrics to write")
     ap.add_argument("--live", default="dvclive/finetune", help="dvclive folder for the curves")
@@ -32,6 +35,7 @@ def main(argv=None):
 
     run_finetune(cache=args.cache, split_dir=args.split_dir, images_dir=args.images,
                  model_in=args.model_in or f"models/{p.finetune.from_}.keras", model_out=args.model,
+                 start_metrics=args.start_metrics or f"metrics/train_{p.finetune.from_}.json",
                  metrics_out=args.metrics, live_dir=args.live, backbone=with_cut(p.backbone, args.cut), compute=p.compute,
                  augment=p.augment, finetune=p.finetune, run=TrainSettings.from_params(p.finetune, p.train))
 

@@ -86,7 +86,8 @@ def test_head_aug_cached_trains_only_the_head(cached_run):
     assert [row["epoch"] for row in history] == [1, 2]
     best = min(history, key=lambda row: row["val_loss"])
     assert json.loads((tmp / "m_a.json").read_text()) == {"head_aug_a": {
-        "best_epoch": best["epoch"], "val_accuracy": pytest.approx(best["val_accuracy"], abs=1e-6)}}
+        "best_epoch": best["epoch"], "val_accuracy": pytest.approx(best["val_accuracy"], abs=1e-6),
+        "lr": 1e-3, "epochs": 2}}
     val_loss = (tmp / "live_a" / "plots" / "metrics" / "val" / "loss.tsv").read_text().splitlines()
     assert [float(line.split("\t")[1]) for line in val_loss[1:]] == pytest.approx(
         [row["val_loss"] for row in history], abs=1e-6)
@@ -122,7 +123,7 @@ def test_finetune_cached_trains_block5_only(cached_run):
     result = fine(tmp, p, split, images, tmp / "head_aug_a.keras")
     model = load_model(tmp / "finetuned_f.keras")
     assert model_info(model)["trainable_from"] == "block5_conv1"
-    assert set(json.loads((tmp / "mf_f.json").read_text())["finetuned_f"]) == {"best_epoch", "val_accuracy"}
+    assert set(json.loads((tmp / "mf_f.json").read_text())["finetuned_f"]) == {"best_epoch", "val_accuracy", "lr", "epochs"}
     assert len(result["history"]) == p.finetune.epochs
     after = base_weights(model)
     for name in after:
@@ -280,3 +281,60 @@ def test_bfloat16_cache_head_aug_and_cosine_finetune(tmp_path):
     assert len(result["history"]) == 2 and all(np.isfinite(r["val_loss"]) for r in result["history"])
     x = np.random.default_rng(0).uniform(0, 255, (2, SIZE, SIZE, 3)).astype("float32")
     assert np.all(np.isfinite(np.asarray(model.predict(x, verbose=0), np.float32)))
+
+
+def test_head_aug_lr_auto_keeps_the_sweeps_run_and_says_so(cached_run, monkeypatch):
+    """head_aug.lr: auto trains the head at each candidate on the views' pooled features and saves the
+    chosen rate's run: the same weights as an explicit run at that rate; the metrics name the rate."""
+    from tlpipe.train import lr_search
+
+    tmp, p, split, images, _ = cached_run
+    monkeypatch.setattr(lr_search, "CANDIDATES", (1e-5, 1e-2))
+    auto = validate_params({**p.model_dump(by_alias=True), "head_aug": {**p.head_aug.model_dump(), "lr": "auto"}})
+    result = head_aug(tmp, auto, split, images, tag="auto")
+    metrics = json.loads((tmp / "m_auto.json").read_text())["head_aug_auto"]
+    assert [r["lr"] for r in metrics["lr_search"]] == [1e-5, 1e-2]
+    assert metrics["lr"] == lr_search.choose(metrics["lr_search"])
+    explicit = validate_params({**p.model_dump(by_alias=True), "head_aug": {**p.head_aug.model_dump(), "lr": metrics["lr"]}})
+    again = head_aug(tmp, explicit, split, images, tag="explicit")
+    assert again["history"] == result["history"]
+    a, b = (load_model(tmp / f"head_aug_{t}.keras").get_weights() for t in ("auto", "explicit"))
+    assert len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
+    online = validate_params({**auto.model_dump(by_alias=True), "augment": {**auto.augment.model_dump(), "mode": "online"}})
+    with pytest.raises(ConfigError, match="head_aug.lr: auto needs augment.mode: cached"):
+        head_aug(tmp, online, split, images, tag="online")
+
+
+def test_finetune_auto_rate_and_epochs_come_from_the_start_model_and_the_data(cached_run):
+    """finetune.lr: auto is LR_FRACTION of the rate in the start model's metrics; finetune.epochs: auto
+    the epochs of the step budget for the training images; both written to the metrics."""
+    from tlpipe.train import finetune
+
+    tmp, p, split, images, _ = cached_run
+    auto = validate_params({**p.model_dump(by_alias=True),
+                            "finetune": {**p.finetune.model_dump(by_alias=True), "lr": "auto", "epochs": "auto"}})
+    start = tmp / "start.json"
+    start.write_text(json.dumps({"head_aug_a": {"best_epoch": 1, "val_accuracy": 0.5, "lr": 1e-3, "epochs": 2}}))
+    keras.backend.clear_session()
+    kw = dict(cache=tmp / "views.h5", split_dir=split, images_dir=images, model_in=tmp / "head_aug_a.keras",
+              live_dir=tmp / "live_fa", backbone=auto.backbone, compute=auto.compute, augment=auto.augment,
+              finetune=auto.finetune)
+    from unittest import mock
+
+    with mock.patch.object(finetune, "STEPS", 5):  # 8 images in batches of 4: 2 steps an epoch, 3 epochs
+        result = run_finetune(**kw, model_out=tmp / "fa.keras", metrics_out=tmp / "mfa.json",
+                              run=TrainSettings.from_params(auto.finetune), start_metrics=start)
+    assert len(result["history"]) == 3
+    got = json.loads((tmp / "mfa.json").read_text())["fa"]
+    assert got["lr"] == pytest.approx(finetune.LR_FRACTION * 1e-3) and got["epochs"] == 3
+    with pytest.raises(ConfigError, match="missing.json"):
+        run_finetune(**kw, model_out=tmp / "fb.keras", metrics_out=tmp / "mfb.json",
+                     run=TrainSettings.from_params(auto.finetune), start_metrics=tmp / "missing.json")
+    assert not (tmp / "fb.keras").exists() and not (tmp / "mfb.json").exists()
+
+
+@pytest.mark.parametrize("n, batch, epochs", [(1500, 20, 8), (685, 20, 18), (200, 20, 30), (8, 4, 30), (100000, 20, 1)])
+def test_auto_epochs_is_a_step_budget_capped(n, batch, epochs):
+    from tlpipe.train.finetune import auto_epochs
+
+    assert auto_epochs(n, batch) == epochs

@@ -11,6 +11,7 @@ from tlpipe.runtime.errors import ConfigError
 from tlpipe.model.dense_head import build_head
 from tlpipe.train import loop as training
 from tlpipe.train.compile import compile_classifier
+from tlpipe.train.settings import TrainSettings
 from tlpipe.train.trainingdata import StoredFeatures
 
 
@@ -166,8 +167,12 @@ def test_metrics_of_is_the_best_epoch_under_the_model_name():
     under the model file's name."""
     rows = [{"epoch": 1, "val_loss": 0.9, "val_accuracy": 0.5}, {"epoch": 2, "val_loss": 0.4, "val_accuracy": 0.75},
             {"epoch": 3, "val_loss": 0.4, "val_accuracy": 0.8}, {"epoch": 4, "val_loss": 0.6, "val_accuracy": 0.9}]
-    assert training.metrics_of(training.summarize(rows), "models/head_aug.keras") == {
-        "head_aug": {"best_epoch": 2, "val_accuracy": 0.75}}
+    run = TrainSettings(epochs=4, batch_size=2, seed=0, lr=1e-4)
+    assert training.metrics_of(training.summarize(rows), "models/head_aug.keras", run) == {
+        "head_aug": {"best_epoch": 2, "val_accuracy": 0.75, "lr": 1e-4, "epochs": 4}}
+    sweep = [{"lr": 1e-4, "best_epoch": 2, "val_loss": 0.4, "val_accuracy": 0.75}]
+    assert training.metrics_of(training.summarize(rows), "models/head_aug.keras", run, sweep)["head_aug"][
+        "lr_search"] == sweep
 
 
 class Recording:

@@ -148,7 +148,10 @@ class AugmentParams(Section):
 
 
 class TrainRunParams(Section):
-    lr: LearningRate = 2e-5
+    # auto (head_aug): the rate of lowest validation loss among lr_search.CANDIDATES, trained on the cached
+    # views' pooled features (train/head_aug.py); auto (finetune): a fixed fraction of the rate the start
+    # model trained at (train/finetune.py)
+    lr: LearningRate | Literal[AUTO] = AUTO  # type: ignore[valid-type]
     schedule: Literal[SCHEDULES] = "constant"  # type: ignore[valid-type]
     epochs: PosInt = 30
     batch_size: PosInt = 20
@@ -159,8 +162,8 @@ class FinetuneParams(TrainRunParams):
     from_: Literal[FINETUNE_FROM] = Field("head_aug", alias="from")  # type: ignore[valid-type]
     # auto: the last conv block kept in the base (choices.unfreeze_layer), or a layer name up to backbone.layer.
     unfreeze_from: str = UNFREEZE_AUTO
-    lr: LearningRate = 1e-5
-    epochs: PosInt = 20
+    # auto: as many epochs as make about finetune.STEPS optimizer steps (train/finetune.py)
+    epochs: PosInt | Literal[AUTO] = AUTO  # type: ignore[valid-type]
 
 
 class TrainParams(Section):

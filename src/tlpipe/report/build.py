@@ -117,7 +117,9 @@ def _curves_section(live_dir, train_metrics, img: Path) -> rpt.Section:
     table = rpt.metrics_table(read_training(train_metrics), first="stage",
                               empty="No training metrics files.")
     intro = ("Per training stage: the best epoch (lowest validation loss, the one saved with "
-             "train.keep: best) and its validation accuracy; then each epoch's figures, the best "
+             "train.keep: best) and its validation accuracy, and the learning rate (lr) and epochs it "
+             "trained with, as set or as resolved from auto (finetune: lr a fixed fraction of its start model's rate, "
+             "epochs from a budget of optimizer steps); then each epoch's figures, the best "
              "epoch dashed. A validation curve that turns up while the training one keeps falling is overfitting.")
     for stage, rows in read_lr_searches(train_metrics).items():
         # head.lr: auto: the stage trained the head at each rate; the lowest validation loss won.

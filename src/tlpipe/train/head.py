@@ -135,9 +135,7 @@ def run_train_head(features_dir, model_out, metrics_out, live_dir, head, run=Non
 
     info = {**attrs, "trainable_from": None}
     save_model(assemble(base_for(attrs), attrs["layer"], attrs["pooling"], model, info, name="head"), model_out)
-    metrics = metrics_of(result, model_out)
-    if search:  # the rate auto chose, for `dvc exp show`, and the sweep (a list: `dvc metrics` skips it)
-        metrics[Path(model_out).stem].update(lr_chosen=float(run.lr), lr_search=search)
+    metrics = metrics_of(result, model_out, run, search)
     write_json(metrics_out, metrics)
     result["lr"] = float(run.lr)
     return result

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
+
+from tlpipe.runtime.errors import ConfigError
+from tlpipe.runtime.log import log
 
 
 def run_head_aug(*, cache, split_dir, images_dir, model_out, metrics_out, live_dir, backbone, compute,
@@ -12,7 +16,12 @@ def run_head_aug(*, cache, split_dir, images_dir, model_out, metrics_out, live_d
     standardize); `run`: the settings.TrainSettings of params.head_aug and params.train.
     `train_features`: the training split's stored features (features/train.h5), whose statistics the
     head standardises with when head.standardize (plain images at the same cut: the views' own
-    statistics would need a pass over every view, and online mode has none stored)."""
+    statistics would need a pass over every view, and online mode has none stored).
+
+    head_aug.lr: auto (run.lr None) trains the head at each rate of lr_search.CANDIDATES on the views'
+    pooled features, as train_head does on the stored ones: with the base frozen, the views go through
+    it once (FrozenSuffix) and each run costs about a second an epoch. It needs augment.mode: cached
+    (online, every run would push every image through the whole base)."""
     from tlpipe.data.manifests import read_class_names
     from tlpipe.train.augmented import cache_expect, choose_data, fit_and_save
     from tlpipe.atomic import write_json
@@ -20,6 +29,9 @@ def run_head_aug(*, cache, split_dir, images_dir, model_out, metrics_out, live_d
     from tlpipe.train.models import new_model
     from tlpipe.train.strategy import training_strategy
 
+    if run.lr is None and augment.mode != "cached":
+        raise ConfigError(f"head_aug.lr: auto needs augment.mode: cached (got {augment.mode!r}): online, "
+                          f"each candidate rate would run the whole base over every image; set a rate")
     classes = read_class_names(Path(split_dir) / "classes.json")
     stats = None
     if head.standardize:
@@ -29,12 +41,42 @@ def run_head_aug(*, cache, split_dir, images_dir, model_out, metrics_out, live_d
         x = read_features(train_features, expect={"layer": backbone.layer, "pooling": backbone.pooling,
                                                   "class_names": list(classes)})[0]
         stats = feature_stats(x)
+
+    def fresh():
+        return new_model(backbone, compute.precision, head.units, head.dropout, run.seed, classes, stats=stats)
+
+    search = None
     with training_strategy(compute.strategy, run.batch_size).scope():  # models built, compiled, fit in it
-        full = new_model(backbone, compute.precision, head.units, head.dropout, run.seed, classes, stats=stats)
+        full = fresh()
         model, data = choose_data(full, augment, run.seed, cache=cache, split_dir=split_dir,
                                   images_dir=images_dir, expect=cache_expect(backbone, augment, compute, classes))
         with data:
-            result = fit_and_save(full, model, data, run, live_dir=live_dir, model_path=model_out,
-                                  on_epoch_end=on_epoch_end)
-    write_json(metrics_out, metrics_of(result, model_out))
+            if run.lr is None:
+                search, run, result = _sweep(full, data, run, fresh, len(classes), live_dir, model_out)
+            else:
+                result = fit_and_save(full, model, data, run, live_dir=live_dir, model_path=model_out,
+                                      on_epoch_end=on_epoch_end)
+    write_json(metrics_out, metrics_of(result, model_out, run, search))
     return result
+
+
+def _sweep(full, data, run, fresh, n_classes: int, live_dir, model_out):
+    """head_aug.lr: auto. Each candidate trains the head of a fresh model (same seed, so the same start)
+    on `data`; the chosen run's weights go into `full`'s head, which is saved. -> (sweep rows, run with
+    the chosen rate, the chosen run's fit result)."""
+    from tlpipe.model.saved import head_submodel, save_model
+    from tlpipe.train import lr_search
+    from tlpipe.train.callbacks import write_live
+    from tlpipe.train.compile import compile_classifier
+    from tlpipe.train.models import detached
+
+    def make(lr):
+        return compile_classifier(head_submodel(fresh()), n_classes, lr)
+
+    log.info(f"head_aug.lr auto: training the head at {len(lr_search.CANDIDATES)} rates on the views' features")
+    rows, (lr, model, result) = lr_search.sweep(make, data, run)
+    head_submodel(full).set_weights(model.get_weights())
+    write_live(live_dir, result["history"])
+    log.info(f"head_aug.lr auto: {lr:g} (lowest validation loss), its run kept")
+    save_model(detached(full), model_out)
+    return rows, replace(run, lr=lr), result

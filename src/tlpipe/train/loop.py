@@ -152,11 +152,18 @@ def fit(model, data, settings: TrainSettings | None = None, *, live_dir, checkpo
     return result
 
 
-def metrics_of(summary: dict, model_path) -> dict:
+def metrics_of(summary: dict, model_path, run: TrainSettings, lr_search: list[dict] | None = None) -> dict:
     """What a training stage's metrics file holds: the best epoch (lowest val loss) and its val accuracy,
     under the model's name (the model file's stem, as in evaluate.json), so that `dvc exp show` names the
     columns head.best_epoch, finetuned.val_accuracy... rather than by file path. With train.keep: best
     (the default) the saved model is that epoch's, so these figures describe it; with keep: last it is
-    the last epoch's. The per-epoch history is in dvclive's files."""
-    return {Path(model_path).stem: {"best_epoch": int(summary["best_epoch"]),
-                                    "val_accuracy": float(summary["best"]["val_accuracy"])}}
+    the last epoch's. The per-epoch history is in dvclive's files.
+    Also the settings `run` trained with, given or resolved from `auto`: the rate (`lr`, what
+    finetune.lr: auto starts from), the epochs (`epochs`, the most it could run; patience may stop it
+    sooner) and, where the rate was `auto`, the sweep that chose it (`lr_search`, a list: `dvc metrics`
+    skips it, the report shows it)."""
+    out = {"best_epoch": int(summary["best_epoch"]), "val_accuracy": float(summary["best"]["val_accuracy"]),
+           "lr": float(run.lr), "epochs": int(run.epochs)}
+    if lr_search:
+        out["lr_search"] = lr_search
+    return {Path(model_path).stem: out}

@@ -26,6 +26,7 @@ class OnlineAugmented(Closing):
     def __init__(self, images: np.ndarray, labels, val_images: np.ndarray, val_labels, settings: dict,
                  views: Callable | None = None):
         self.images, self.labels = images, np.asarray(labels, np.int64)
+        self.n_train = len(self.labels)
         self.val = (val_images, np.asarray(val_labels, np.int64))
         self.settings, self.views = settings, views
         self.fingerprint = {"mode": "online", "augment": settings}

@@ -12,7 +12,8 @@ from tlpipe.config.choices import AUTO
 class TrainSettings:
     """How `loop.fit` trains.
 
-    epochs, batch_size, seed: the stage section's (head, head_aug, finetune).
+    epochs, batch_size, seed: the stage section's (head, head_aug, finetune); epochs None (finetune.epochs:
+      auto): the stage sets it from the training set's size before fitting.
     lr: the rate the model is compiled with (None: fit leaves the optimizer as compiled); a checkpoint
       resumes only under the same one.
     schedule: the section's (constant, cosine): fit sets each epoch's rate (compile.learning_rates);
@@ -22,7 +23,7 @@ class TrainSettings:
     fingerprint: further settings a checkpoint must match (e.g. head.units), besides the data's.
     """
 
-    epochs: int
+    epochs: int | None
     batch_size: int
     seed: int
     lr: float | None = None
@@ -47,7 +48,8 @@ class TrainSettings:
         extra = {} if train is None else {"resume": bool(train.resume), "keep": str(train.keep),
                                           "patience": train.patience}
         lr = None if section.lr == AUTO else float(section.lr)  # auto: the stage sets it once chosen
-        return cls(epochs=int(section.epochs), batch_size=int(section.batch_size), seed=int(section.seed),
+        epochs = None if section.epochs == AUTO else int(section.epochs)  # auto: likewise
+        return cls(epochs=epochs, batch_size=int(section.batch_size), seed=int(section.seed),
                    lr=lr, schedule=None if schedule is None else str(schedule), **extra)
 
     def rates(self) -> list[float] | None:

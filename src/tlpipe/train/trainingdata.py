@@ -1,7 +1,7 @@
 """The training-data interface `loop.fit` takes, and its simplest source, stored features.
 
 Each gives `epoch(e)`: the training data of epoch e (0-based), as (x, y) arrays that fit shuffles
-by `loop.epoch_order`; `validation()`: (x, y) arrays; and `fingerprint`: what identifies the data,
+by `loop.epoch_order`; `validation()`: (x, y) arrays; `n_train`: the rows of an epoch; and `fingerprint`: what identifies the data,
 which a checkpoint must match to be resumed. An epoch depends on (seed, e) alone, so a resumed run
 sees the batches an uninterrupted one would.
 
@@ -25,6 +25,7 @@ import numpy as np
 
 class TrainingData(Protocol):
     fingerprint: dict
+    n_train: int
 
     def epoch(self, e: int): ...
 
@@ -59,6 +60,7 @@ class StoredFeatures(Closing):
 
     def __init__(self, train: tuple, validation: tuple):
         self.train, self.val = train, validation
+        self.n_train = len(train[1])
         self.fingerprint = {"data": digest(*train, *validation)}
 
     def epoch(self, e: int) -> tuple:

@@ -35,6 +35,7 @@ class CachedViews(Closing):
         x, y = viewfile.load_part(path, "validation")
         self.val = (x.astype(np.float32), y)
         self.reader = viewfile.ViewReader(path)
+        self.n_train = self.reader.n
         self.fingerprint = {"mode": "cached", "cache": self.attrs}
 
     def epoch(self, e: int) -> tuple:
@@ -67,6 +68,7 @@ class FrozenSuffix(Closing):
         log.info(f"frozen suffix: pooled features of {reader.n} images x {reader.views} views in "
                  f"{self.seconds:.1f} s")
         self.labels = reader.labels.copy()
+        self.n_train = len(self.labels)
         self._views = lambda e: epoch_views(reader.n, reader.views, views.seed, e)
         self.fingerprint = dict(views.fingerprint)
 
