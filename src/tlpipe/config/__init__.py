@@ -143,7 +143,7 @@ class AugmentParams(Section):
     horizontal_flip: bool = True
     fill_mode: Literal[FILL_MODES] = "nearest"  # type: ignore[valid-type]
     mode: Literal[AUGMENT_MODES] = "cached"  # type: ignore[valid-type]
-    views: PosInt = 10
+    views: PosInt = 3
     seed: NonNegInt = 42
 
 
