@@ -14,7 +14,7 @@ import pytest
 from helpers import dvc, make_project, read_model_info, set_params, stages_run
 
 from tlpipe.config.choices import probe_layers
-from tlpipe.train.finetune import auto_epochs
+from tlpipe.train.finetune import auto_epochs, auto_lr
 
 pytestmark = pytest.mark.slow
 
@@ -58,6 +58,6 @@ def test_every_stage_runs_with_the_defaults_at_each_cut(repo, cut):
                for stage in ("train_head", "train_head_aug", "finetune")}
     head_aug_lr = metrics["train_head_aug"]["head_aug"]["lr"]
     assert [r["lr"] for r in metrics["train_head_aug"]["head_aug"]["lr_search"]].count(head_aug_lr) == 1
-    assert metrics["finetune"]["finetuned"]["lr"] == pytest.approx(0.3 * head_aug_lr)
+    assert metrics["finetune"]["finetuned"]["lr"] == pytest.approx(auto_lr(head_aug_lr))
     assert metrics["finetune"]["finetuned"]["epochs"] == (auto_epochs(8, 8) if cut == CUTS[0] else 2)
     assert "lr_search" in metrics["train_head"]["head"]

@@ -306,7 +306,7 @@ def test_head_aug_lr_auto_keeps_the_sweeps_run_and_says_so(cached_run, monkeypat
 
 
 def test_finetune_auto_rate_and_epochs_come_from_the_start_model_and_the_data(cached_run):
-    """finetune.lr: auto is LR_FRACTION of the rate in the start model's metrics; finetune.epochs: auto
+    """finetune.lr: auto is auto_lr of the rate in the start model's metrics; finetune.epochs: auto
     the epochs of the step budget for the training images; both written to the metrics."""
     from tlpipe.train import finetune
 
@@ -326,7 +326,7 @@ def test_finetune_auto_rate_and_epochs_come_from_the_start_model_and_the_data(ca
                               run=TrainSettings.from_params(auto.finetune), start_metrics=start)
     assert len(result["history"]) == 3
     got = json.loads((tmp / "mfa.json").read_text())["fa"]
-    assert got["lr"] == pytest.approx(finetune.LR_FRACTION * 1e-3) and got["epochs"] == 3
+    assert got["lr"] == pytest.approx(finetune.auto_lr(1e-3)) and got["epochs"] == 3
     with pytest.raises(ConfigError, match="missing.json"):
         run_finetune(**kw, model_out=tmp / "fb.keras", metrics_out=tmp / "mfb.json",
                      run=TrainSettings.from_params(auto.finetune), start_metrics=tmp / "missing.json")
@@ -338,3 +338,10 @@ def test_auto_epochs_is_a_step_budget_capped(n, batch, epochs):
     from tlpipe.train.finetune import auto_epochs
 
     assert auto_epochs(n, batch) == epochs
+
+
+@pytest.mark.parametrize("start, lr", [(1e-5, 3e-6), (1e-4, 3e-5), (3e-4, 3e-5), (3e-3, 3e-5)])
+def test_auto_lr_is_a_fraction_of_the_start_rate_capped(start, lr):
+    from tlpipe.train.finetune import auto_lr
+
+    assert auto_lr(start) == pytest.approx(lr)

@@ -13,8 +13,11 @@ from tlpipe.runtime.log import log
 
 # finetune.lr: auto. Fine-tuning moves pretrained convolutions, which a head's rate would wreck: it
 # starts at this fraction of the rate the start model's head trained at (cats vs dogs, offline
-# weights: head_aug chose 1e-4 and fine-tuning's grid 3e-5 of 1e-5, 3e-5, 1e-4; docs/results.md).
+# weights: head_aug chose 1e-4 and fine-tuning's grid 3e-5 of 1e-5, 3e-5, 1e-4), never above
+# MAX_LR (monkeys: head_aug chose 3e-4, and at 0.3 x that, 9e-5, fine-tuning fell from 57% to
+# 25-35% validation accuracy in its first epochs; docs/results.md).
 LR_FRACTION = 0.3
+MAX_LR = 3e-5
 # finetune.epochs: auto. A budget in optimizer steps, not epochs: a small set gets the steps it needs
 # to move (10 batches an epoch would otherwise make a few hundred), a large one is not held to dozens
 # of expensive epochs (docs/results.md).
@@ -27,6 +30,11 @@ def auto_epochs(n_train: int, batch_size: int) -> int:
     images, at most MAX_EPOCHS."""
     steps_per_epoch = math.ceil(int(n_train) / int(batch_size))
     return max(1, min(MAX_EPOCHS, math.ceil(STEPS / steps_per_epoch)))
+
+
+def auto_lr(start: float) -> float:
+    """finetune.lr: auto for a start model trained at rate `start`."""
+    return min(LR_FRACTION * float(start), MAX_LR)
 
 
 def start_lr(metrics_path, model_in) -> float:
@@ -47,7 +55,7 @@ def run_finetune(*, cache, split_dir, images_dir, model_in, model_out, metrics_o
     """Load and unfreeze the model, choose the data (augment.mode), fit, save the full model and the
     metrics file; returns fit's summary with the per-epoch history. `finetune`: params.finetune
     (unfreeze_from); `run`: the settings.TrainSettings of params.finetune and params.train (its lr and
-    epochs None where they are auto: resolved here, LR_FRACTION of the start model's rate as read from
+    epochs None where they are auto: resolved here, auto_lr of the start model's rate as read from
     `start_metrics`, and auto_epochs of the training images)."""
     from tlpipe.data.manifests import read_class_names
     from tlpipe.model.saved import model_info
@@ -59,8 +67,9 @@ def run_finetune(*, cache, split_dir, images_dir, model_in, model_out, metrics_o
 
     classes = read_class_names(Path(split_dir) / "classes.json")
     if run.lr is None:
-        run = replace(run, lr=LR_FRACTION * start_lr(start_metrics, model_in))
-        log.info(f"finetune.lr auto: {run.lr:.3g} ({LR_FRACTION} x the rate {Path(model_in).name} trained at)")
+        run = replace(run, lr=auto_lr(start_lr(start_metrics, model_in)))
+        log.info(f"finetune.lr auto: {run.lr:.3g} ({LR_FRACTION} x the rate {Path(model_in).name} trained at, "
+                 f"at most {MAX_LR:g})")
     # The start model is loaded, the model built, compiled and fit in the strategy's scope.
     with training_strategy(compute.strategy, run.batch_size).scope():
         full = finetune_model(model_in, backbone, compute.precision, finetune.unfreeze_from)
