@@ -56,8 +56,8 @@ def test_every_stage_runs_with_the_defaults_at_each_cut(repo, cut):
     # The values `auto` resolved are in the stages' metrics, where `dvc exp show` shows them.
     metrics = {stage: json.loads((repo / "metrics" / f"{stage}.json").read_text())
                for stage in ("train_head", "train_head_aug", "finetune")}
-    head_aug_lr = metrics["train_head_aug"]["head_aug"]["lr"]
+    head_aug_lr = metrics["train_head_aug"]["head_aug"]["lr_used"]
     assert [r["lr"] for r in metrics["train_head_aug"]["head_aug"]["lr_search"]].count(head_aug_lr) == 1
-    assert metrics["finetune"]["finetuned"]["lr"] == pytest.approx(auto_lr(head_aug_lr))
-    assert metrics["finetune"]["finetuned"]["epochs"] == (auto_epochs(8, 8) if cut == CUTS[0] else 2)
+    assert metrics["finetune"]["finetuned"]["lr_used"] == pytest.approx(auto_lr(head_aug_lr))
+    assert metrics["finetune"]["finetuned"]["epochs_used"] == (auto_epochs(8, 8) if cut == CUTS[0] else 2)
     assert "lr_search" in metrics["train_head"]["head"]

@@ -94,9 +94,10 @@ def test_exp_show_has_each_figure_once(ran):
         for stage in TRAINING:
             figures = metrics[f"metrics/{stage}.json"]["data"]
             model = {"train_head": "head", "train_head_aug": "head_aug", "finetune": "finetuned"}[stage]
-            assert sorted(leaf_names(figures)) == [f"{model}.best_epoch", f"{model}.val_accuracy"], figures
-        # 3 figures per model, 2 per training stage, 3 of the cut: nothing else reaches the table.
-        assert sum(len(leaf_names(m["data"])) for m in metrics.values()) == 3 * len(MODELS) + 2 * len(TRAINING) + 3
+            assert sorted(leaf_names(figures)) == [f"{model}.best_epoch", f"{model}.epochs_used", f"{model}.lr_used",
+                                                   f"{model}.val_accuracy"], figures
+        # 3 figures per model, 4 per training stage, 3 of the cut: nothing else reaches the table.
+        assert sum(len(leaf_names(m["data"])) for m in metrics.values()) == 3 * len(MODELS) + 4 * len(TRAINING) + 3
 
 
 def test_metric_names_are_unique_across_files(ran):

@@ -87,7 +87,7 @@ def test_head_aug_cached_trains_only_the_head(cached_run):
     best = min(history, key=lambda row: row["val_loss"])
     assert json.loads((tmp / "m_a.json").read_text()) == {"head_aug_a": {
         "best_epoch": best["epoch"], "val_accuracy": pytest.approx(best["val_accuracy"], abs=1e-6),
-        "lr": 1e-3, "epochs": 2}}
+        "lr_used": 1e-3, "epochs_used": 2}}
     val_loss = (tmp / "live_a" / "plots" / "metrics" / "val" / "loss.tsv").read_text().splitlines()
     assert [float(line.split("\t")[1]) for line in val_loss[1:]] == pytest.approx(
         [row["val_loss"] for row in history], abs=1e-6)
@@ -123,7 +123,7 @@ def test_finetune_cached_trains_block5_only(cached_run):
     result = fine(tmp, p, split, images, tmp / "head_aug_a.keras")
     model = load_model(tmp / "finetuned_f.keras")
     assert model_info(model)["trainable_from"] == "block5_conv1"
-    assert set(json.loads((tmp / "mf_f.json").read_text())["finetuned_f"]) == {"best_epoch", "val_accuracy", "lr", "epochs"}
+    assert set(json.loads((tmp / "mf_f.json").read_text())["finetuned_f"]) == {"best_epoch", "val_accuracy", "lr_used", "epochs_used"}
     assert len(result["history"]) == p.finetune.epochs
     after = base_weights(model)
     for name in after:
@@ -294,8 +294,8 @@ def test_head_aug_lr_auto_keeps_the_sweeps_run_and_says_so(cached_run, monkeypat
     result = head_aug(tmp, auto, split, images, tag="auto")
     metrics = json.loads((tmp / "m_auto.json").read_text())["head_aug_auto"]
     assert [r["lr"] for r in metrics["lr_search"]] == [1e-5, 1e-2]
-    assert metrics["lr"] == lr_search.choose(metrics["lr_search"])
-    explicit = validate_params({**p.model_dump(by_alias=True), "head_aug": {**p.head_aug.model_dump(), "lr": metrics["lr"]}})
+    assert metrics["lr_used"] == lr_search.choose(metrics["lr_search"])
+    explicit = validate_params({**p.model_dump(by_alias=True), "head_aug": {**p.head_aug.model_dump(), "lr": metrics["lr_used"]}})
     again = head_aug(tmp, explicit, split, images, tag="explicit")
     assert again["history"] == result["history"]
     a, b = (load_model(tmp / f"head_aug_{t}.keras").get_weights() for t in ("auto", "explicit"))
@@ -314,7 +314,7 @@ def test_finetune_auto_rate_and_epochs_come_from_the_start_model_and_the_data(ca
     auto = validate_params({**p.model_dump(by_alias=True),
                             "finetune": {**p.finetune.model_dump(by_alias=True), "lr": "auto", "epochs": "auto"}})
     start = tmp / "start.json"
-    start.write_text(json.dumps({"head_aug_a": {"best_epoch": 1, "val_accuracy": 0.5, "lr": 1e-3, "epochs": 2}}))
+    start.write_text(json.dumps({"head_aug_a": {"best_epoch": 1, "val_accuracy": 0.5, "lr_used": 1e-3, "epochs_used": 2}}))
     keras.backend.clear_session()
     kw = dict(cache=tmp / "views.h5", split_dir=split, images_dir=images, model_in=tmp / "head_aug_a.keras",
               live_dir=tmp / "live_fa", backbone=auto.backbone, compute=auto.compute, augment=auto.augment,
@@ -326,7 +326,7 @@ def test_finetune_auto_rate_and_epochs_come_from_the_start_model_and_the_data(ca
                               run=TrainSettings.from_params(auto.finetune), start_metrics=start)
     assert len(result["history"]) == 3
     got = json.loads((tmp / "mfa.json").read_text())["fa"]
-    assert got["lr"] == pytest.approx(finetune.auto_lr(1e-3)) and got["epochs"] == 3
+    assert got["lr_used"] == pytest.approx(finetune.auto_lr(1e-3)) and got["epochs_used"] == 3
     with pytest.raises(ConfigError, match="missing.json"):
         run_finetune(**kw, model_out=tmp / "fb.keras", metrics_out=tmp / "mfb.json",
                      run=TrainSettings.from_params(auto.finetune), start_metrics=tmp / "missing.json")

@@ -115,7 +115,8 @@ def test_run_train_head_writes_a_complete_model(project, tmp_path):
     # The metrics file: the best epoch (lowest val loss) and its val accuracy, as dvclive logged it.
     on_disk = json.loads((tmp_path / "metrics" / "train_head.json").read_text())["head"]
     best = min(result["history"], key=lambda row: row["val_loss"])
-    assert on_disk == {"best_epoch": best["epoch"], "val_accuracy": pytest.approx(best["val_accuracy"], abs=1e-6)}
+    assert on_disk == {"best_epoch": best["epoch"], "val_accuracy": pytest.approx(best["val_accuracy"], abs=1e-6),
+                       "lr_used": HeadParams.lr, "epochs_used": HeadParams.epochs}
     val_acc = (tmp_path / "dvclive" / "plots" / "metrics" / "val" / "accuracy.tsv").read_text().splitlines()
     assert float(val_acc[best["epoch"]].split("\t")[1]) == pytest.approx(on_disk["val_accuracy"], abs=1e-6)
     assert sorted(p.name for p in out.parent.iterdir()) == ["head.keras"]  # checkpoints removed
@@ -203,6 +204,6 @@ def test_stage_script_trains_and_reruns_give_identical_files(project, tmp_path):
     assert got[0] == got[1]
     cwd = tmp_path / "a"
     assert read_model_info(cwd / "models" / "head.keras")["backbone"] == "vgg16"
-    assert set(json.loads((cwd / "metrics" / "train_head.json").read_text())["head"]) == {"best_epoch", "val_accuracy"}
+    assert set(json.loads((cwd / "metrics" / "train_head.json").read_text())["head"]) == {"best_epoch", "val_accuracy", "lr_used", "epochs_used"}
     assert len((cwd / "dvclive" / "train_head" / "plots" / "metrics" / "val" / "loss.tsv").read_text().splitlines()) == 3
     assert not (cwd / "dvc.yaml").exists() and not (cwd / "dvclive" / "train_head" / "dvc.yaml").exists()

@@ -75,10 +75,10 @@ def test_train_head_with_auto_trains_at_the_chosen_rate_and_says_so_in_its_metri
     on_disk = json.loads(metrics.read_text())["head"]
     search = on_disk["lr_search"]
     assert [r["lr"] for r in search] == [1e-5, 1e-3]
-    assert on_disk["lr"] == result["lr"] == lr_search.choose(search)
+    assert on_disk["lr_used"] == result["lr"] == lr_search.choose(search)
     # The saved run is the chosen rate's: an explicit run at that rate gives the same history, the same
     # dvclive metrics and the same model.
-    explicit = validate_params({"head": {"lr": on_disk["lr"], "epochs": 2, "batch_size": 4, "units": 8}}).head
+    explicit = validate_params({"head": {"lr": on_disk["lr_used"], "epochs": 2, "batch_size": 4, "units": 8}}).head
     again = run_train_head(project / "features", tmp_path / "h2.keras", tmp_path / "m2.json", tmp_path / "l2", explicit)
     assert again["history"] == result["history"]
     for name in ("train/loss", "val/accuracy"):
@@ -89,7 +89,7 @@ def test_train_head_with_auto_trains_at_the_chosen_rate_and_says_so_in_its_metri
     weights = [load_model(tmp_path / f).get_weights() for f in ("head.keras", "h2.keras")]
     assert all(np.array_equal(a, b) for a, b in zip(*weights)) and len(weights[0]) == len(weights[1])
     assert json.loads((tmp_path / "m2.json").read_text())["h2"] == {**{k: on_disk[k] for k in (
-        "best_epoch", "val_accuracy", "lr")}, "epochs": 2}  # an explicit rate: no sweep in the metrics
+        "best_epoch", "val_accuracy", "lr_used")}, "epochs_used": 2}  # an explicit rate: no sweep in the metrics
 
 
 def test_the_report_shows_the_sweep_under_training(tmp_path):
@@ -99,7 +99,7 @@ def test_the_report_shows_the_sweep_under_training(tmp_path):
     metrics = tmp_path / "train_head.json"
     rows = [{"lr": 1e-4, "best_epoch": 9, "val_loss": 0.61, "val_accuracy": 0.7},
             {"lr": 1e-3, "best_epoch": 4, "val_loss": 0.42, "val_accuracy": 0.8}]
-    metrics.write_text(json.dumps({"head": {"best_epoch": 4, "val_accuracy": 0.8, "lr": 1e-3,
+    metrics.write_text(json.dumps({"head": {"best_epoch": 4, "val_accuracy": 0.8, "lr_used": 1e-3,
                                               "lr_search": rows}}))
     (tmp_path / "finetune.json").write_text(json.dumps({"finetuned": {"best_epoch": 2, "val_accuracy": 0.9}}))
     assert read_lr_searches([metrics, tmp_path / "finetune.json", tmp_path / "missing.json"]) == {"train_head": rows}

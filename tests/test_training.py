@@ -169,7 +169,7 @@ def test_metrics_of_is_the_best_epoch_under_the_model_name():
             {"epoch": 3, "val_loss": 0.4, "val_accuracy": 0.8}, {"epoch": 4, "val_loss": 0.6, "val_accuracy": 0.9}]
     run = TrainSettings(epochs=4, batch_size=2, seed=0, lr=1e-4)
     assert training.metrics_of(training.summarize(rows), "models/head_aug.keras", run) == {
-        "head_aug": {"best_epoch": 2, "val_accuracy": 0.75, "lr": 1e-4, "epochs": 4}}
+        "head_aug": {"best_epoch": 2, "val_accuracy": 0.75, "lr_used": 1e-4, "epochs_used": 4}}
     sweep = [{"lr": 1e-4, "best_epoch": 2, "val_loss": 0.4, "val_accuracy": 0.75}]
     assert training.metrics_of(training.summarize(rows), "models/head_aug.keras", run, sweep)["head_aug"][
         "lr_search"] == sweep

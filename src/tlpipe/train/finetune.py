@@ -14,8 +14,8 @@ from tlpipe.runtime.log import log
 # finetune.lr: auto. Fine-tuning moves pretrained convolutions, which a head's rate would wreck: it
 # starts at this fraction of the rate the start model's head trained at (cats vs dogs, offline
 # weights: head_aug chose 1e-4 and fine-tuning's grid 3e-5 of 1e-5, 3e-5, 1e-4), never above
-# MAX_LR (monkeys: head_aug chose 3e-4, and at 0.3 x that, 9e-5, fine-tuning fell from 57% to
-# 25-35% validation accuracy in its first epochs; docs/results.md).
+# MAX_LR (monkeys: head_aug chose 3e-4, and at 0.3 x that, 9e-5, fine-tuning fell from 53% to
+# 24-35% validation accuracy in its first four epochs; docs/results.md).
 LR_FRACTION = 0.3
 MAX_LR = 3e-5
 # finetune.epochs: auto. A budget in optimizer steps, not epochs: a small set gets the steps it needs
@@ -41,12 +41,12 @@ def start_lr(metrics_path, model_in) -> float:
     """The rate the start model trained at, from its stage's metrics file (train.loop.metrics_of)."""
     name = Path(model_in).stem
     try:
-        return float(json.loads(Path(metrics_path).read_text())[name]["lr"])
+        return float(json.loads(Path(metrics_path).read_text())[name]["lr_used"])
     except FileNotFoundError:
         raise ConfigError(f"finetune.lr: auto needs {metrics_path}, the metrics of the stage that wrote "
                           f"{model_in}; run it (`dvc repro`) or set finetune.lr") from None
     except (KeyError, TypeError, ValueError):
-        raise ConfigError(f"finetune.lr: auto: {metrics_path} has no {name}.lr (written by an older tlpipe?); "
+        raise ConfigError(f"finetune.lr: auto: {metrics_path} has no {name}.lr_used (written by an older tlpipe?); "
                           f"rerun the stage that writes {model_in}, or set finetune.lr") from None
 
 

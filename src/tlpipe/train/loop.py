@@ -158,12 +158,13 @@ def metrics_of(summary: dict, model_path, run: TrainSettings, lr_search: list[di
     columns head.best_epoch, finetuned.val_accuracy... rather than by file path. With train.keep: best
     (the default) the saved model is that epoch's, so these figures describe it; with keep: last it is
     the last epoch's. The per-epoch history is in dvclive's files.
-    Also the settings `run` trained with, given or resolved from `auto`: the rate (`lr`, what
-    finetune.lr: auto starts from), the epochs (`epochs`, the most it could run; patience may stop it
-    sooner) and, where the rate was `auto`, the sweep that chose it (`lr_search`, a list: `dvc metrics`
+    Also the settings `run` trained with, given or resolved from `auto`: the rate (`lr_used`, what
+    finetune.lr: auto starts from), the epochs (`epochs_used`, the most it could run; patience may stop
+    it sooner; named apart from the params head.lr, head.epochs..., which `dvc exp show` would otherwise
+    have to prefix with their files) and, where the rate was `auto`, the sweep that chose it (`lr_search`, a list: `dvc metrics`
     skips it, the report shows it)."""
     out = {"best_epoch": int(summary["best_epoch"]), "val_accuracy": float(summary["best"]["val_accuracy"]),
-           "lr": float(run.lr), "epochs": int(run.epochs)}
+           "lr_used": float(run.lr), "epochs_used": int(run.epochs)}
     if lr_search:
         out["lr_search"] = lr_search
     return {Path(model_path).stem: out}
