@@ -1,6 +1,7 @@
 """train_head_aug and finetune on tiny data: cached and online modes, what trains and what stays put."""
 
 import json
+from dataclasses import replace
 
 import keras
 import numpy as np
@@ -44,11 +45,12 @@ def head_aug(tmp, p, split, images, tag="a"):
                         run=TrainSettings.from_params(p.head_aug), augment=p.augment)
 
 
-def fine(tmp, p, split, images, model_in, tag="f"):
+def fine(tmp, p, split, images, model_in, tag="f", **run):
     return run_finetune(cache=tmp / "views.h5", split_dir=split, images_dir=images, model_in=model_in,
                         model_out=tmp / f"finetuned_{tag}.keras", metrics_out=tmp / f"mf_{tag}.json",
                         live_dir=tmp / f"livef_{tag}", backbone=p.backbone, compute=p.compute,
-                        augment=p.augment, finetune=p.finetune, run=TrainSettings.from_params(p.finetune))
+                        augment=p.augment, finetune=p.finetune,
+                        run=replace(TrainSettings.from_params(p.finetune), **run))
 
 
 def base_weights(model):
@@ -120,7 +122,8 @@ def test_head_aug_is_deterministic(cached_run):
 def test_finetune_cached_trains_block5_only(cached_run):
     tmp, p, split, images, _ = cached_run
     start = base_weights(load_model(tmp / "head_aug_a.keras"))
-    result = fine(tmp, p, split, images, tmp / "head_aug_a.keras")
+    # keep: last, so that the saved model is the trained one (with best, a start that no epoch beats is kept).
+    result = fine(tmp, p, split, images, tmp / "head_aug_a.keras", keep="last")
     model = load_model(tmp / "finetuned_f.keras")
     assert model_info(model)["trainable_from"] == "block5_conv1"
     assert set(json.loads((tmp / "mf_f.json").read_text())["finetuned_f"]) == {"best_epoch", "val_accuracy", "lr_used", "epochs_used"}
@@ -345,3 +348,22 @@ def test_auto_lr_is_a_fraction_of_the_start_rate_capped(start, lr):
     from tlpipe.train.finetune import auto_lr
 
     assert auto_lr(start) == pytest.approx(lr)
+
+
+def test_finetune_keeps_the_start_model_when_no_epoch_beats_it(cached_run):
+    """train.keep: best counts the start model as epoch 0: a rate that wrecks the model (every epoch's
+    validation loss above the start's) saves the start model unchanged, best_epoch 0."""
+    tmp, p, split, images, _ = cached_run
+    keras.backend.clear_session()
+    start = load_model(tmp / "head_aug_a.keras")
+    result = fine(tmp, p, split, images, tmp / "head_aug_a.keras", tag="wreck", lr=1.0, epochs=2)
+    assert all(r["val_loss"] > result["best"]["val_loss"] for r in result["history"]), result
+    assert result["best_epoch"] == result["kept_epoch"] == 0
+    saved = load_model(tmp / "finetuned_wreck.keras")
+    assert all(np.array_equal(a, b) for a, b in zip(saved.get_weights(), start.get_weights()))
+    got = json.loads((tmp / "mf_wreck.json").read_text())["finetuned_wreck"]
+    assert got["best_epoch"] == 0 and got["val_accuracy"] == pytest.approx(result["best"]["val_accuracy"])
+    # keep: last saves the wrecked model instead.
+    fine(tmp, p, split, images, tmp / "head_aug_a.keras", tag="wreck_last", lr=1.0, epochs=2, keep="last")
+    last = load_model(tmp / "finetuned_wreck_last.keras")
+    assert not all(np.array_equal(a, b) for a, b in zip(last.get_weights(), start.get_weights()))

@@ -392,3 +392,18 @@ def test_curves_mark_the_best_epoch_as_training_defines_it():
     assert best_epoch({"accuracy": metrics["accuracy"]}) is None
     assert not any(l.get_label().startswith("best") for ax in plot_stage({"accuracy": metrics["accuracy"]}, "x").axes
                    for l in ax.get_lines())
+
+
+def test_training_section_says_when_finetune_kept_its_start_model(tmp_path):
+    from tlpipe.report.build import _curves_section
+
+    files = []
+    for stage, model, best in (("train_head", "head", 3), ("finetune", "finetuned", 0)):
+        files.append(tmp_path / f"{stage}.json")
+        files[-1].write_text(json.dumps({model: {"best_epoch": best, "val_accuracy": 0.8, "lr_used": 1e-4,
+                                                 "epochs_used": 4}}))
+    (tmp_path / "img").mkdir()
+    intro = _curves_section(tmp_path / "live", files, tmp_path / "img").intro
+    assert "Best epoch 0 (finetune): no epoch lowered the start model's validation loss" in intro
+    intro = _curves_section(tmp_path / "live", files[:1], tmp_path / "img").intro
+    assert "Best epoch 0" not in intro

@@ -79,3 +79,52 @@ def test_a_resumed_cosine_run_equals_an_uninterrupted_one(tmp_path):
     assert resumed["history"] == full["history"]
     for a, b in zip(full_model.get_weights(), resumed_model.get_weights()):
         np.testing.assert_array_equal(a, b)
+
+
+class FakeOptimizer:
+    learning_rate = None
+
+
+class FakeModel:
+    optimizer = FakeOptimizer()
+
+
+def test_warmup_rises_linearly_over_its_steps_across_epochs_then_holds():
+    from tlpipe.train.callbacks import Warmup
+
+    seen = []
+    for epoch, first in enumerate((0, 4, 8)):  # 4 steps an epoch, a warm-up of 6 steps
+        warm = Warmup(6, 1e-2, first)
+        warm.set_model(FakeModel())
+        for batch in range(4):
+            warm.on_train_batch_begin(batch)
+            seen.append(FakeModel.optimizer.learning_rate)
+    assert seen[:6] == pytest.approx([1e-2 * k / 6 for k in range(1, 7)])
+    assert seen[6] == pytest.approx(1e-2)  # step 6 sets the rate itself; later steps leave it
+    assert seen[7:] == [seen[6]] * 5
+
+
+def test_fit_with_a_warmup_trains_otherwise_and_resumes_as_an_uninterrupted_run(tmp_path):
+    # 60 rows in batches of 8: 8 steps an epoch; a warm-up of 12 steps spans two epochs.
+    data = _stored(60, 20)
+    plain_model, warm_model = _model(), _model()
+    training.fit(plain_model, data, epochs=4, batch_size=8, seed=7, live_dir=None, lr=1e-2, schedule="constant")
+    full = training.fit(warm_model, data, epochs=4, batch_size=8, seed=7, live_dir=None, lr=1e-2,
+                        schedule="constant", warmup_steps=12)
+    assert any(not np.array_equal(a, b) for a, b in zip(plain_model.get_weights(), warm_model.get_weights()))
+    assert float(np.asarray(warm_model.optimizer.learning_rate)) == pytest.approx(1e-2)  # after the warm-up
+
+    def stop(epoch, row):
+        if epoch == 1:  # in the middle of the warm-up
+            raise Interrupt
+
+    work = tmp_path / "work"
+    with pytest.raises(Interrupt):
+        training.fit(_model(), data, epochs=4, batch_size=8, seed=7, live_dir=None, checkpoint_dir=work, lr=1e-2,
+                     schedule="constant", warmup_steps=12, on_epoch_end=stop)
+    resumed_model = _model(seed=99)
+    resumed = training.fit(resumed_model, data, epochs=4, batch_size=8, seed=7, live_dir=None, checkpoint_dir=work,
+                           resume=True, lr=1e-2, schedule="constant", warmup_steps=12)
+    assert resumed["history"] == full["history"]
+    for a, b in zip(warm_model.get_weights(), resumed_model.get_weights()):
+        np.testing.assert_array_equal(a, b)

@@ -121,6 +121,12 @@ def _curves_section(live_dir, train_metrics, img: Path) -> rpt.Section:
              "trained with, as set or as resolved from auto (finetune: lr a fixed fraction of its start model's rate, "
              "epochs from a budget of optimizer steps); then each epoch's figures, the best "
              "epoch dashed. A validation curve that turns up while the training one keeps falling is overfitting.")
+    kept_start = [stage for stage, m in read_training(train_metrics).items() if m.get("best_epoch") == 0]
+    if kept_start:
+        # finetune under train.keep: best: no epoch beat its start model on validation loss.
+        intro += (f" Best epoch 0 ({', '.join(kept_start)}): no epoch lowered the start model's validation "
+                  "loss, so the start model was saved unchanged (its curve's dashed line is the best epoch "
+                  "trained, not the model saved).")
     for stage, rows in read_lr_searches(train_metrics).items():
         # head.lr: auto: the stage trained the head at each rate; the lowest validation loss won.
         intro += (f" {stage} chose its learning rate on validation (lr: auto): the rate whose best epoch had "

@@ -12,6 +12,7 @@ Either way the full model is what gets saved; in cached mode its prefix (frozen)
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -58,11 +59,13 @@ def choose_data(full, augment, seed: int, *, cache, split_dir, images_dir, expec
     raise ConfigError(f"augment.mode: must be one of {', '.join(AUGMENT_MODES)}, got {augment.mode!r}")
 
 
-def fit_and_save(full, model, data, run, *, live_dir, model_path, on_epoch_end=None) -> dict:
+def fit_and_save(full, model, data, run, *, live_dir, model_path, on_epoch_end=None, start_counts=False) -> dict:
     """Compile and fit `model` (choose_data's) on `data` as `run` (a settings.TrainSettings with lr and
     schedule) says, then save `full` atomically to `model_path`; returns fit's summary with the
     per-epoch history. keep="best" (train.keep) restores the best epoch's variables into `model`'s
-    layers, which are `full`'s, so `full` is saved with them."""
+    layers, which are `full`'s, so `full` is saved with them. start_counts (fine-tuning, whose start
+    is a trained model): with keep="best" the start is a candidate too, as epoch 0: where no epoch has
+    a lower validation loss, `full` is saved as it came, and the summary's best_epoch is 0."""
     from tlpipe.model.saved import model_info, save_model
     from tlpipe.train.checkpoint import checkpoint_dir_for
     from tlpipe.train.compile import compile_classifier
@@ -70,10 +73,31 @@ def fit_and_save(full, model, data, run, *, live_dir, model_path, on_epoch_end=N
     from tlpipe.train.models import detached
 
     compile_classifier(model, len(model_info(full)["class_names"]), run.lr)
+    start = _start(model, data, run) if start_counts and run.keep == "best" else None
     t0 = time.perf_counter()
     result = fit(model, data, run, live_dir=live_dir, checkpoint_dir=checkpoint_dir_for(model_path), on_epoch_end=on_epoch_end)
     seconds = time.perf_counter() - t0
+    if start is not None and math.isfinite(start["row"]["val_loss"]) \
+            and not (result.get("best") or {}).get("val_loss", math.inf) < start["row"]["val_loss"]:
+        for v, a in zip(model.variables, start["variables"]):
+            v.assign(a)
+        result.update(best_epoch=0, best=start["row"], kept_epoch=0)
+        log.info(f"kept the start model: no epoch's val_loss below its {start['row']['val_loss']:.4f} "
+                 f"(train.keep: best)")
     log.info(f"{Path(model_path).name}: {data.fingerprint['mode']} mode, "
              f"{seconds / max(1, len(result['history'])):.1f} s/epoch")
     save_model(detached(full), model_path)
     return result
+
+
+def _start(model, data, run) -> dict:
+    """The start model's validation loss and accuracy (epoch 0), evaluated as fit evaluates an epoch,
+    and a copy of its variables."""
+    from tlpipe.train.checkpoint import snapshot
+    from tlpipe.train.loop import set_determinism
+
+    set_determinism(run.seed)
+    x, y = data.validation()
+    loss, accuracy = model.evaluate(x, y, batch_size=int(run.batch_size), verbose=0)
+    return {"row": {"epoch": 0, "val_loss": float(loss), "val_accuracy": float(accuracy)},
+            "variables": snapshot(model)}

@@ -49,6 +49,22 @@ class LearningRates(keras.callbacks.Callback):
         self.model.optimizer.learning_rate = self.rates[epoch]
 
 
+class Warmup(keras.callbacks.Callback):
+    """Linear warm-up, passed to one epoch's model.fit: the optimizer's rate at the run's step s (0-based,
+    counted from the run's first epoch) is `rate` * (s + 1) / `steps` while s < `steps`, then `rate`.
+    The step comes from the epoch and the batch alone, so a resumed run sets the rates an uninterrupted
+    one would."""
+
+    def __init__(self, steps: int, rate: float, first_step: int):
+        super().__init__()
+        self.steps, self.rate, self.first_step = int(steps), float(rate), int(first_step)
+
+    def on_train_batch_begin(self, batch, logs=None):
+        step = self.first_step + int(batch)
+        if step <= self.steps:
+            self.model.optimizer.learning_rate = self.rate * min(step + 1, self.steps) / self.steps
+
+
 class KeepBest(keras.callbacks.Callback):
     """train.keep: best: holds a copy of the best epoch's variables (`best`, which the checkpoint
     stores and restores) and ends the run with them."""

@@ -10,7 +10,8 @@ The rest is policy, one keras.callbacks.Callback each (tlpipe.train.callbacks), 
 TrainSettings (tlpipe.train.settings): Checkpoint (each epoch to the checkpoint folder; train.resume
 continues the last finished one, bit for bit: tlpipe.train.checkpoint), KeepBest (train.keep: best
 ends with the variables of the epoch of lowest validation loss, the earliest on ties, a NaN never:
-tlpipe.history.best_epoch), Patience (train.patience), LearningRates (the schedule), DvcLive (the
+tlpipe.history.best_epoch), Patience (train.patience), LearningRates (the schedule), Warmup (the
+first steps' rates, within an epoch's model.fit), DvcLive (the
 curves, step = epoch from 1), EpochBar, and the caller's on_epoch_end hook.
 """
 
@@ -109,6 +110,8 @@ def fit(model, data, settings: TrainSettings | None = None, *, live_dir, checkpo
     if checkpoint_dir is not None:
         policies.append(cb.Checkpoint(checkpoint_dir, settings, data.fingerprint, history, keep_best, keep_checkpoint))
     rates = settings.rates()
+    # The warm-up's target where neither rates nor settings.lr give one: the compiled rate.
+    compiled_lr = float(keras.ops.convert_to_numpy(model.optimizer.learning_rate)) if settings.warmup_steps else None
     if rates is not None:
         policies.append(cb.LearningRates(rates))
     if live_dir is not None:
@@ -131,10 +134,14 @@ def fit(model, data, settings: TrainSettings | None = None, *, live_dir, checkpo
             callbacks.on_epoch_begin(epoch)
             x, y = data.epoch(epoch)
             order = epoch_order(len(y), settings.seed, epoch)
+            steps = -(-len(y) // batch_size)
+            in_epoch = [cb.BatchBar(steps, f"epoch {epoch + 1}")] if verbose else []
+            if settings.warmup_steps and epoch * steps <= settings.warmup_steps:
+                rate = rates[epoch] if rates is not None else (settings.lr if settings.lr is not None else compiled_lr)
+                in_epoch.append(cb.Warmup(settings.warmup_steps, rate, epoch * steps))
             h = model.fit(x[order], y[order], batch_size=batch_size, shuffle=False, epochs=1, verbose=0,
                           validation_data=validation, validation_batch_size=batch_size,
-                          callbacks=[cb.BatchBar(-(-len(y) // batch_size), f"epoch {epoch + 1}")] if verbose
-                          else []).history
+                          callbacks=in_epoch).history
             row = {"epoch": epoch + 1}
             for key in METRICS:
                 row[f"train_{key}"] = float(h[key][-1])

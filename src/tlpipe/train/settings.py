@@ -19,6 +19,8 @@ class TrainSettings:
     schedule: the section's (constant, cosine): fit sets each epoch's rate (compile.learning_rates);
       None (head has no schedule): the compiled rate throughout. learning_rates: explicit per-epoch
       rates instead (tests, benches).
+    warmup_steps: the rate rises linearly over the run's first this many optimizer steps to the epoch's
+      rate (callbacks.Warmup); None or 0: none. finetune sets it (train/finetune.py), no param.
     resume, keep, patience: params.train's (docs/design.md, "Training: one shape").
     fingerprint: further settings a checkpoint must match (e.g. head.units), besides the data's.
     """
@@ -29,6 +31,7 @@ class TrainSettings:
     lr: float | None = None
     schedule: str | None = None
     learning_rates: tuple[float, ...] | None = None
+    warmup_steps: int | None = None
     resume: bool = False
     keep: str = "best"
     patience: int | None = None
@@ -64,8 +67,11 @@ class TrainSettings:
 
     def run_fingerprint(self) -> dict:
         """The settings (besides seed, batch size, keep, patience and the data) a checkpoint must have
-        been made under: the rate, and a non-constant schedule's epochs (a cosine's rates depend on them)."""
+        been made under: the rate, a non-constant schedule's epochs (a cosine's rates depend on them) and
+        the warm-up."""
         out = {} if self.lr is None else {"lr": float(self.lr)}
         if self.schedule not in (None, "constant"):
             out.update(schedule=self.schedule, epochs=int(self.epochs))
+        if self.warmup_steps:
+            out.update(warmup_steps=int(self.warmup_steps))
         return {**out, **self.fingerprint}
