@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+import h5py
 import pytest
 
 from helpers import dvc, make_project, read_model_info, set_params, stages_run
@@ -48,6 +49,8 @@ def test_every_stage_runs_with_the_defaults_at_each_cut(repo, cut):
     assert ran == (ALL_STAGES if cut == CUTS[0] else ALL_STAGES - {"data", "augment_preview"}), ran
     block = cut.split("_")[0]
     assert read_model_info(repo / "models" / "finetuned.keras")["trainable_from"] == f"{block}_conv1"
+    with h5py.File(repo / "features" / "views.h5", "r") as f:  # the view cache stops where training starts
+        assert f.attrs["boundary"] == f"block{int(block[-1]) - 1}_pool"
     # The filter gallery shows the first convolution of each block the model keeps, up to four.
     kept = ["block1", "block2", "block3", "block4", "block5"][: int(block[-1])][:4]
     page = (repo / "reports" / "index.html").read_text()
