@@ -127,3 +127,5 @@ def test_results_and_grid(source, tmp_path):
     assert "finetuned" in out
     out = run_bench("grid.py", "train_head", "-S", "head.lr=1e-3,1e-4", cwd=tmp_path / "project")
     assert "head.lr" in out
+    out = run_bench("finetune_warmup.py", "--steps", 0, 2, "--epochs", 1, cwd=tmp_path / "project")
+    assert "| 0 |" in out and "| 2 |" in out, out

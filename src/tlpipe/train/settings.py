@@ -20,7 +20,8 @@ class TrainSettings:
       None (head has no schedule): the compiled rate throughout. learning_rates: explicit per-epoch
       rates instead (tests, benches).
     warmup_steps: the rate rises linearly over the run's first this many optimizer steps to the epoch's
-      rate (callbacks.Warmup); None or 0: none. finetune sets it (train/finetune.py), no param.
+      rate (callbacks.Warmup); None or 0: none. No param: finetune sets its WARMUP_STEPS (train/finetune.py,
+      0: measured no better), bench/finetune_warmup.py others.
     resume, keep, patience: params.train's (docs/design.md, "Training: one shape").
     fingerprint: further settings a checkpoint must match (e.g. head.units), besides the data's.
     """
