@@ -23,11 +23,6 @@ MAX_LR = 3e-5
 # of expensive epochs (docs/results.md).
 STEPS = 600
 MAX_EPOCHS = 30
-# No warm-up of the rate. Measured (docs/results.md, bench/finetune_warmup.py): on cats vs dogs a linear
-# warm-up over the first 20 steps (2 / (1 - rho), Ma & Yarats' untuned rule for adaptive optimizers)
-# lifted validation accuracy after epoch 1 from 59.9% to 79.6%, but the epoch kept after 8 scored
-# 84.5% against 86.4% without; on monkeys every epoch stayed below head_aug either way.
-WARMUP_STEPS = 0
 
 
 def auto_epochs(n_train: int, batch_size: int) -> int:
@@ -91,8 +86,6 @@ def run_finetune(*, cache, split_dir, images_dir, model_in, model_out, metrics_o
                 run = replace(run, epochs=auto_epochs(data.n_train, run.batch_size))
                 log.info(f"finetune.epochs auto: {run.epochs} ({data.n_train} training images, batches of "
                          f"{run.batch_size})")
-            if run.warmup_steps is None:
-                run = replace(run, warmup_steps=WARMUP_STEPS)
             result = fit_and_save(full, model, data, run, live_dir=live_dir, model_path=model_out,
                                   on_epoch_end=on_epoch_end, start_counts=True)
     write_json(metrics_out, metrics_of(result, model_out, run))
