@@ -35,7 +35,8 @@ def test_repo_params_file_is_valid_and_matches_defaults():
     params = load_params(REPO / "params.yaml")
     # The shipped file spells out every default: a key added to the schema but not the file shows here.
     assert params == Params()
-    assert params.head.lr == params.head_aug.lr == params.finetune.lr == params.finetune.epochs == "auto"
+    assert params.head.lr == params.head_aug.lr == params.finetune.lr == "auto"
+    assert params.head_aug.epochs == params.finetune.epochs == "auto"
     assert params.finetune.from_ == "head_aug"
 
 

@@ -343,6 +343,14 @@ def test_auto_epochs_is_a_step_budget_capped(n, batch, epochs):
     assert auto_epochs(n, batch) == epochs
 
 
+# head_aug's budget: 3000 steps, at most 100 epochs (the shared sets' 1500 and 685 training photos: 40, 86).
+@pytest.mark.parametrize("n, batch, epochs", [(1500, 20, 40), (685, 20, 86), (200, 20, 100), (100000, 20, 1)])
+def test_head_aug_auto_epochs_is_a_step_budget_capped(n, batch, epochs):
+    from tlpipe.train.head_aug import auto_epochs
+
+    assert auto_epochs(n, batch) == epochs
+
+
 @pytest.mark.parametrize("start, lr", [(1e-5, 3e-6), (1e-4, 3e-5), (3e-4, 3e-5), (3e-3, 3e-5)])
 def test_auto_lr_is_a_fraction_of_the_start_rate_capped(start, lr):
     from tlpipe.train.finetune import auto_lr

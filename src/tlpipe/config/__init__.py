@@ -153,7 +153,8 @@ class TrainRunParams(Section):
     # model trained at (train/finetune.py)
     lr: LearningRate | Literal[AUTO] = AUTO  # type: ignore[valid-type]
     schedule: Literal[SCHEDULES] = "constant"  # type: ignore[valid-type]
-    epochs: PosInt = 30
+    # auto: as many epochs as make a budget of optimizer steps (head_aug.STEPS, finetune.STEPS)
+    epochs: PosInt | Literal[AUTO] = AUTO  # type: ignore[valid-type]
     batch_size: PosInt = 20
     seed: NonNegInt = 42
 
@@ -162,8 +163,6 @@ class FinetuneParams(TrainRunParams):
     from_: Literal[FINETUNE_FROM] = Field("head_aug", alias="from")  # type: ignore[valid-type]
     # auto: the last conv block kept in the base (choices.unfreeze_layer), or a layer name up to backbone.layer.
     unfreeze_from: str = UNFREEZE_AUTO
-    # auto: as many epochs as make about finetune.STEPS optimizer steps (train/finetune.py)
-    epochs: PosInt | Literal[AUTO] = AUTO  # type: ignore[valid-type]
 
 
 class TrainParams(Section):

@@ -4,7 +4,6 @@ jointly with the head on augmented images."""
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,9 +17,8 @@ from tlpipe.runtime.log import log
 # 24-35% validation accuracy in its first four epochs; docs/results.md).
 LR_FRACTION = 0.3
 MAX_LR = 3e-5
-# finetune.epochs: auto. A budget in optimizer steps, not epochs: a small set gets the steps it needs
-# to move (10 batches an epoch would otherwise make a few hundred), a large one is not held to dozens
-# of expensive epochs (docs/results.md).
+# finetune.epochs: auto. A budget in optimizer steps (settings.budget_epochs), small: its epochs
+# are the pipeline's most expensive (docs/results.md).
 STEPS = 600
 MAX_EPOCHS = 30
 
@@ -28,8 +26,9 @@ MAX_EPOCHS = 30
 def auto_epochs(n_train: int, batch_size: int) -> int:
     """finetune.epochs: auto: the epochs that make at least STEPS steps of `batch_size` over `n_train`
     images, at most MAX_EPOCHS."""
-    steps_per_epoch = math.ceil(int(n_train) / int(batch_size))
-    return max(1, min(MAX_EPOCHS, math.ceil(STEPS / steps_per_epoch)))
+    from tlpipe.train.settings import budget_epochs
+
+    return budget_epochs(n_train, batch_size, STEPS, MAX_EPOCHS)
 
 
 def auto_lr(start: float) -> float:

@@ -3,6 +3,7 @@ stage script down to `loop.fit`."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from tlpipe.config.choices import AUTO
@@ -78,3 +79,12 @@ class TrainSettings:
         if self.warmup_steps:
             out.update(warmup_steps=int(self.warmup_steps))
         return {**out, **self.fingerprint}
+
+
+def budget_epochs(n_train: int, batch_size: int, steps: int, max_epochs: int) -> int:
+    """epochs: auto (head_aug, finetune): the epochs that make at least `steps` optimizer steps of
+    `batch_size` over `n_train` images, at least 1 and at most `max_epochs`. A budget in steps, not
+    epochs: a small set gets the updates it needs (10 batches an epoch would otherwise make a few
+    hundred), a large one is not held to more epochs than it needs."""
+    steps_per_epoch = math.ceil(int(n_train) / int(batch_size))
+    return max(1, min(int(max_epochs), math.ceil(int(steps) / steps_per_epoch)))
