@@ -6,6 +6,7 @@ after each epoch, and the seconds per epoch. Nothing is written into the project
 Run it in a project where `dvc repro train_head_aug` (or train_head, for finetune.from: head) has run:
 
     python /path/to/tlpipe/bench/finetune_warmup.py --steps 0 20 75 --epochs 2
+    python /path/to/tlpipe/bench/finetune_warmup.py --steps 0 --epochs 4 --lr 1e-5
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, nargs="+", default=[0, 20], help="warm-up lengths in optimizer steps")
     ap.add_argument("--epochs", type=int, default=2, help="epochs per run")
+    ap.add_argument("--lr", type=float, default=None, help="fine-tuning's rate (default: the project's finetune.lr)")
     args = ap.parse_args(argv)
 
     from tlpipe import device
@@ -39,6 +41,8 @@ def main(argv=None):
         times = [time.perf_counter()]
         with tempfile.TemporaryDirectory() as tmp:
             run = replace(TrainSettings.from_params(p.finetune, p.train), epochs=args.epochs, warmup_steps=steps)
+            if args.lr is not None:
+                run = replace(run, lr=args.lr)
             result = run_finetune(cache="features/views.h5", split_dir="data/split", images_dir="data/images",
                                   model_in=start, model_out=f"{tmp}/m.keras", metrics_out=f"{tmp}/m.json",
                                   live_dir=None, backbone=with_cut(p.backbone, "features/cut.json"),
@@ -49,7 +53,8 @@ def main(argv=None):
         rows.append((steps, per_epoch, result["history"]))
         print(f"warm-up {steps} steps done", flush=True)
 
-    print(f"\nstart model {start}; {args.epochs} epochs each; val loss / val accuracy after each epoch\n")
+    rate = f"lr {args.lr:g}" if args.lr is not None else f"finetune.lr {p.finetune.lr}"
+    print(f"\nstart model {start}; {rate}; {args.epochs} epochs each; val loss / val accuracy after each epoch\n")
     print("| warm-up steps | s per epoch (after the first) | " + " | ".join(f"epoch {e + 1}" for e in range(args.epochs)) + " |")
     print("|---|---|" + "---|" * args.epochs)
     for steps, per_epoch, history in rows:

@@ -127,5 +127,9 @@ def test_results_and_grid(source, tmp_path):
     assert "finetuned" in out
     out = run_bench("grid.py", "train_head", "-S", "head.lr=1e-3,1e-4", cwd=tmp_path / "project")
     assert "head.lr" in out
-    out = run_bench("finetune_warmup.py", "--steps", 0, 2, "--epochs", 1, cwd=tmp_path / "project")
-    assert "| 0 |" in out and "| 2 |" in out, out
+    out = run_bench("finetune_warmup.py", "--steps", 0, 2, "--epochs", 1, "--lr", "1e-5", cwd=tmp_path / "project")
+    assert "| 0 |" in out and "| 2 |" in out and "lr 1e-05" in out, out
+    out = run_bench("head_aug_lr.py", "--epochs", "1,2", "--lrs", "1e-4,1e-3", cwd=tmp_path / "project")
+    assert out.count("auto chooses") == 2, out
+    out = run_bench("tta.py", "--models", "head", "finetuned", cwd=tmp_path / "project")
+    assert "| head |" in out and "| finetuned |" in out, out

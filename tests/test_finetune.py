@@ -308,6 +308,22 @@ def test_head_aug_lr_auto_keeps_the_sweeps_run_and_says_so(cached_run, monkeypat
         head_aug(tmp, online, split, images, tag="online")
 
 
+def test_head_aug_auto_epochs_are_the_step_budget_of_the_training_images(cached_run, monkeypatch):
+    """head_aug.epochs: auto trains auto_epochs(training images, batch size) epochs and writes them to
+    the metrics (the budget made small here, so the test stays short)."""
+    from tlpipe.train import head_aug as module
+
+    tmp, p, split, images, _ = cached_run
+    monkeypatch.setattr(module, "STEPS", 7)
+    auto = validate_params({**p.model_dump(by_alias=True), "head_aug": {**p.head_aug.model_dump(), "epochs": "auto"}})
+    n_train = len((split / "train.csv").read_text().strip().splitlines()) - 1  # less the header
+    expected = module.auto_epochs(n_train, auto.head_aug.batch_size)
+    assert expected > 1 and expected != p.head_aug.epochs
+    result = head_aug(tmp, auto, split, images, tag="epochs_auto")
+    assert len(result["history"]) == expected
+    assert json.loads((tmp / "m_epochs_auto.json").read_text())["head_aug_epochs_auto"]["epochs_used"] == expected
+
+
 def test_finetune_auto_rate_and_epochs_come_from_the_start_model_and_the_data(cached_run):
     """finetune.lr: auto is auto_lr of the rate in the start model's metrics; finetune.epochs: auto
     the epochs of the step budget for the training images; both written to the metrics."""
