@@ -40,28 +40,16 @@ def main(argv=None) -> None:
     threads.configure()  # the stages' fixed thread pool (tlpipe.runtime.threads)
     from tlpipe.data.manifests import read_class_names
     from tlpipe.features.cut import with_cut
-    from tlpipe.features.featurefile import read_features
-    from tlpipe.model.dense_head import feature_stats
-    from tlpipe.model.saved import head_submodel
     from tlpipe.train import lr_search
     from tlpipe.train.augmented import cache_expect, choose_data
-    from tlpipe.train.compile import compile_classifier
-    from tlpipe.train.models import new_model
+    from tlpipe.train.head_aug import head_maker, model_maker
     from tlpipe.train.settings import TrainSettings
 
     backbone = with_cut(p.backbone, "features/cut.json")
     classes = read_class_names(Path("data/split/classes.json"))
-    stats = None
-    if p.head.standardize:
-        x = read_features("features/train.h5", expect={"layer": backbone.layer, "pooling": backbone.pooling})[0]
-        stats = feature_stats(x)
-
-    def fresh():
-        return new_model(backbone, p.compute.precision, p.head.units, p.head.dropout, p.head_aug.seed, classes,
-                         stats=stats)
-
-    def make(lr):
-        return compile_classifier(head_submodel(fresh()), len(classes), lr)
+    # The stage's own model and head (train.head_aug), so each row is what train_head_aug computes.
+    fresh = model_maker(backbone, p.compute, p.head, p.head_aug.seed, classes, "features/train.h5")
+    make = head_maker(fresh, len(classes))
 
     lrs = tuple(float(x) for x in args.lrs.split(",")) if args.lrs else lr_search.CANDIDATES
     _, data = choose_data(fresh(), p.augment, p.head_aug.seed, cache="features/views.h5", split_dir="data/split",

@@ -33,6 +33,7 @@ def main(argv=None) -> None:
     import tensorflow as tf
 
     from tlpipe.data.manifests import manifest_rows, read_class_names
+    from tlpipe.evaluate.metrics import log_loss
     from tlpipe.features.inputs import image_dataset
     from tlpipe.model.outputs import class_probabilities
     from tlpipe.model.saved import load_model, model_info
@@ -55,8 +56,7 @@ def main(argv=None) -> None:
         cells = []
         for prob in (pp, (pp + pm) / 2):
             acc = float(np.mean(prob.argmax(axis=1) == y))
-            loss = float(-np.mean(np.log(np.clip(prob[np.arange(len(y)), y], 1e-7, 1.0))))
-            cells += [f"{acc:.1%}", f"{loss:.3f}"]
+            cells += [f"{acc:.1%}", f"{log_loss(y, prob):.3f}"]
         print(f"| {name} | " + " | ".join(cells) + f" | {time.perf_counter() - t0:.0f} |", flush=True)
 
 

@@ -43,25 +43,13 @@ def run_head_aug(*, cache, split_dir, images_dir, model_out, metrics_out, live_d
     from tlpipe.train.augmented import cache_expect, choose_data, fit_and_save
     from tlpipe.atomic import write_json
     from tlpipe.train.loop import metrics_of
-    from tlpipe.train.models import new_model
     from tlpipe.train.strategy import training_strategy
 
     if run.lr is None and augment.mode != "cached":
         raise ConfigError(f"head_aug.lr: auto needs augment.mode: cached (got {augment.mode!r}): online, "
                           f"each candidate rate would run the whole base over every image; set a rate")
     classes = read_class_names(Path(split_dir) / "classes.json")
-    stats = None
-    if head.standardize:
-        from tlpipe.features.featurefile import read_features
-        from tlpipe.model.dense_head import feature_stats
-
-        x = read_features(train_features, expect={"layer": backbone.layer, "pooling": backbone.pooling,
-                                                  "class_names": list(classes)})[0]
-        stats = feature_stats(x)
-
-    def fresh():
-        return new_model(backbone, compute.precision, head.units, head.dropout, run.seed, classes, stats=stats)
-
+    fresh = model_maker(backbone, compute, head, run.seed, classes, train_features)
     search = None
     with training_strategy(compute.strategy, run.batch_size).scope():  # models built, compiled, fit in it
         full = fresh()
@@ -81,6 +69,37 @@ def run_head_aug(*, cache, split_dir, images_dir, model_out, metrics_out, live_d
     return result
 
 
+def model_maker(backbone, compute, head, seed: int, classes, train_features):
+    """() -> a new full model with a fresh head (seeded alike) on the frozen base; the head standardises
+    with the statistics of `train_features` (features/train.h5) when head.standardize."""
+    from tlpipe.train.models import new_model
+
+    stats = None
+    if head.standardize:
+        from tlpipe.features.featurefile import read_features
+        from tlpipe.model.dense_head import feature_stats
+
+        x = read_features(train_features, expect={"layer": backbone.layer, "pooling": backbone.pooling,
+                                                  "class_names": list(classes)})[0]
+        stats = feature_stats(x)
+
+    def fresh():
+        return new_model(backbone, compute.precision, head.units, head.dropout, seed, classes, stats=stats)
+
+    return fresh
+
+
+def head_maker(fresh, n_classes: int):
+    """lr -> the compiled head of a `fresh()` model (lr_search.sweep's make_model on the views' features)."""
+    from tlpipe.model.saved import head_submodel
+    from tlpipe.train.compile import compile_classifier
+
+    def make(lr):
+        return compile_classifier(head_submodel(fresh()), n_classes, lr)
+
+    return make
+
+
 def _sweep(full, data, run, fresh, n_classes: int, live_dir, model_out):
     """head_aug.lr: auto. Each candidate trains the head of a fresh model (same seed, so the same start)
     on `data`; the chosen run's weights go into `full`'s head, which is saved. -> (sweep rows, run with
@@ -88,14 +107,10 @@ def _sweep(full, data, run, fresh, n_classes: int, live_dir, model_out):
     from tlpipe.model.saved import head_submodel, save_model
     from tlpipe.train import lr_search
     from tlpipe.train.callbacks import write_live
-    from tlpipe.train.compile import compile_classifier
     from tlpipe.train.models import detached
 
-    def make(lr):
-        return compile_classifier(head_submodel(fresh()), n_classes, lr)
-
     log.info(f"head_aug.lr auto: training the head at {len(lr_search.CANDIDATES)} rates on the views' features")
-    rows, (lr, model, result) = lr_search.sweep(make, data, run)
+    rows, (lr, model, result) = lr_search.sweep(head_maker(fresh, n_classes), data, run)
     head_submodel(full).set_weights(model.get_weights())
     write_live(live_dir, result["history"])
     log.info(f"head_aug.lr auto: {lr:g} (lowest validation loss), its run kept")
