@@ -26,8 +26,11 @@ def main(argv=None):
 
     from tlpipe.evaluate.run import run_evaluate
 
+    from tlpipe.model import tta
+
     run_evaluate(args.features, args.models, args.split_dir, args.images, args.metrics, args.plots,
-                 args.predictions, params.evaluate.models)
+                 args.predictions, params.evaluate.models,
+                 tta.resolve(params.evaluate.tta, params.augment.horizontal_flip))
 
 
 if __name__ == "__main__":

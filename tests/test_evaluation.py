@@ -138,7 +138,7 @@ def test_evaluate_writes_metrics_plots_and_predictions(project, tmp_path, capsys
     # The DVC metrics file holds what `dvc exp show` compares; every score goes beside the predictions.
     metrics = json.loads((tmp_path / "metrics" / "evaluate.json").read_text())
     assert set(metrics) == {"head", "finetuned"}
-    assert set(metrics["head"]) == {"accuracy", "roc_auc", "loss"}
+    assert set(metrics["head"]) == {"accuracy", "roc_auc", "loss", "tta"} and metrics["head"]["tta"] == "none"
     every = json.loads((tmp_path / "reports" / "predictions" / "scores.json").read_text())
     assert set(every) == {"head", "finetuned"} and every["head"]["n"] == 10
     assert {k: every["head"][k] for k in metrics["head"]} == metrics["head"]
@@ -213,7 +213,44 @@ def test_stage_script(project, tmp_path, monkeypatch, capsys):
     run_stage(load_stage("evaluate").main,
               ["--features", str(project / "features"), "--models", str(project / "models"),
                "--split-dir", str(project / "data" / "split"), "--images", str(project / "data" / "images")])
-    assert set(json.loads((tmp_path / "metrics" / "evaluate.json").read_text())) == {"head"}
+    metrics = json.loads((tmp_path / "metrics" / "evaluate.json").read_text())
+    assert set(metrics) == {"head"} and metrics["head"]["tta"] == "mirror"  # auto, with horizontal_flip on
     assert json.loads((tmp_path / "reports" / "predictions" / "scores.json").read_text())["head"]["n"] == 10
     assert (tmp_path / "plots" / "roc" / "head.csv").is_file()
     assert (tmp_path / "reports" / "predictions" / "head.csv").is_file()
+
+
+def test_mirror_tta_averages_each_model_with_its_mirror_images(project, tmp_path, capsys):
+    """evaluate.tta mirror: each test image's probabilities are the mean of the model's outputs for the
+    image and for its mirror image, by both routes (stored features + the base over the mirror images,
+    and the images through the whole model)."""
+    from tlpipe.data.manifests import manifest_rows
+    from tlpipe.features.inputs import read_resized
+
+    plain = _run(project, tmp_path / "plain", ["head", "finetuned"])
+    both = ev.run_evaluate(project / "features", project / "models", project / "data" / "split",
+                           project / "data" / "images", tmp_path / "m.json", tmp_path / "plots",
+                           tmp_path / "pred", ["head", "finetuned"], tta="mirror")
+    assert "averaged with their mirror images" in capsys.readouterr().err
+    assert json.loads((tmp_path / "m.json").read_text())["head"]["tta"] == "mirror"
+
+    files, _, _ = manifest_rows(project / "data" / "split" / "test.csv", project / "data" / "images", ["cat", "dog"])
+    model = saved.load_model(project / "models" / "head.keras")
+    size = saved.model_info(model)["image_size"]
+    x = np.stack([read_resized(str(f), size).numpy() for f in files])
+    p_plain = model.predict(x, verbose=0)[:, 0].astype(np.float64)
+    p_mirror = model.predict(x[:, :, ::-1, :], verbose=0)[:, 0].astype(np.float64)
+    assert np.abs(p_plain - p_mirror).max() > 1e-3  # the test images are not their own mirror images
+    for name in ("head", "finetuned"):
+        pred = pd.read_csv(tmp_path / "pred" / f"{name}.csv")
+        np.testing.assert_allclose(pred["p_dog"], (p_plain + p_mirror) / 2, atol=1e-4)
+        assert both[name]["loss"] != plain[name]["loss"]
+
+
+def test_tta_auto_follows_the_horizontal_flip():
+    from tlpipe.model import tta
+
+    assert tta.resolve("auto", True) == "mirror" and tta.resolve("auto", False) == "none"
+    assert tta.resolve("none", True) == "none" and tta.resolve("mirror", False) == "mirror"
+    x = np.arange(2 * 3 * 4 * 3).reshape(2, 3, 4, 3)
+    assert (tta.mirrored(x)[:, :, 0] == x[:, :, 3]).all() and (tta.mirrored(tta.mirrored(x)) == x).all()

@@ -49,11 +49,14 @@ def images(tmp_path_factory) -> Path:
     return root
 
 
-def reference_probs(model_path: Path, files: list[Path], image_size: int) -> np.ndarray:
-    """Independent route: the training loader (tlpipe.inputs) + model.predict on every file at once."""
+def reference_probs(model_path: Path, files: list[Path], image_size: int, mirror: bool = True) -> np.ndarray:
+    """Independent route: the training loader (tlpipe.inputs) + model.predict on every file at once;
+    mirror (predict's default --tta): the mean with the outputs for the images flipped left to right."""
     model = saved.load_model(model_path)
     batch = np.stack([inputs.read_resized(str(f), image_size).numpy() for f in files])
     out = np.asarray(model.predict(batch, verbose=0), dtype=np.float64)
+    if mirror:
+        out = (out + np.asarray(model.predict(np.flip(batch, axis=2), verbose=0), dtype=np.float64)) / 2
     return np.concatenate([1 - out, out], axis=1) if out.shape[1] == 1 else out
 
 
@@ -89,6 +92,20 @@ def test_csv_columns_probabilities_and_order(model3, images, tmp_path, capsys):
     # Same numbers as the training input path gives (batches of 4 vs one batch of 9).
     np.testing.assert_allclose(probs, reference_probs(model3, files, 32), atol=1e-5)
     assert not [p for p in out.parent.iterdir() if p.name != "preds.csv"], "temp file left behind"
+
+
+def test_tta_none_is_the_image_alone_and_differs_from_the_mirror_mean(model3, images, tmp_path, capsys):
+    files = sorted(p for p in images.rglob("*") if p.is_file())
+    probs = {}
+    for tta in ("none", "mirror"):
+        out = tmp_path / f"{tta}.csv"
+        assert run(["--model", str(model3), "--out", str(out), "--tta", tta, str(images)], capsys)[0] == 0
+        rows = read_csv(out.read_text())
+        assert [r["path"] for r in rows] == [f.as_posix() for f in files]
+        probs[tta] = np.array([[float(r[f"p_{c}"]) for c in CLASSES] for r in rows])
+    np.testing.assert_allclose(probs["none"], reference_probs(model3, files, 32, mirror=False), atol=1e-5)
+    np.testing.assert_allclose(probs["mirror"], reference_probs(model3, files, 32), atol=1e-5)
+    assert np.abs(probs["none"] - probs["mirror"]).max() > 1e-4  # the images are not their own mirror images
 
 
 def test_stdout_is_the_same_csv_and_reruns_are_byte_identical(model3, images, tmp_path, capsys):

@@ -143,7 +143,8 @@ def run_dir(tmp_path_factory) -> Path:
     per_class = {c: {"precision": 0.8, "recall": 0.9, "f1": 0.85, "n": 4} for c in CLASSES}
     (root / "reports" / "predictions" / "scores.json").write_text(json.dumps({
         "head": {"accuracy": 0.75, "loss": 0.52, "f1": 0.74, "n": 8, "roc_auc": None, "per_class": per_class},
-        "head_aug": {"accuracy": 0.875, "loss": 0.41, "f1": 0.88, "n": 8, "roc_auc": 0.9, "per_class": per_class}}))
+        "head_aug": {"accuracy": 0.875, "loss": 0.41, "f1": 0.88, "n": 8, "roc_auc": 0.9, "per_class": per_class,
+                     "tta": "mirror"}}))
     (root / "metrics").mkdir()
     (root / "metrics" / "train_head.json").write_text(json.dumps({"head": {"best_epoch": 4, "val_accuracy": 0.8125}}))
     (root / "metrics" / "train_head_aug.json").write_text(json.dumps({"head_aug": {"best_epoch": 2, "val_accuracy": 0.6875}}))
@@ -236,6 +237,9 @@ def test_report_page_and_images(rendered):
     assert "showing 'head_aug' instead, the best test accuracy" in text and "true cat, predicted" in text
     assert "filter_steps: 3" in text  # the parameters block
     assert "Features taken at block4_pool, pooling avg: chosen by a linear probe" in text
+    # evaluate.tta as scores.json records it: head_aug's test outputs were mirror-averaged, head's were not
+    assert "Test-time augmentation (head_aug): each image's class probabilities are the mean" in text
+    assert "mirror" not in page.cells  # a how, not a score: no column in the tables
     srcs = page.imgs
     import pandas as pd
     pred = pd.read_csv(rendered / "predictions" / "head_aug.csv")

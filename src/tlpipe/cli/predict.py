@@ -1,7 +1,7 @@
 """`tlpipe predict`: classify image files and folders with a saved model, write a CSV.
 
     tlpipe predict [--model models/finetuned.keras] [--out preds.csv] [--batch-size 32]
-                   [--evaluate] PATH...
+                   [--tta mirror|none] [--evaluate] PATH...
 
 Everything the model needs (class names, image size, preprocessing) comes from the model file,
 not from params.yaml. The CSV goes to stdout unless --out is given; messages and the progress bar
@@ -32,6 +32,10 @@ def _parser(prog: str) -> argparse.ArgumentParser:
                     help="model file (default: models/finetuned.keras, else head_aug.keras, else head.keras)")
     ap.add_argument("--out", type=Path, default=None, help="CSV file to write (default: stdout)")
     ap.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass (default 32)")
+    ap.add_argument("--tta", choices=("mirror", "none"), default="mirror",
+                    help="mirror (default, as the evaluate stage with augment.horizontal_flip on): average each "
+                         "image's probabilities with its mirror image's; none: the image alone (for data whose "
+                         "mirror image is another class)")
     ap.add_argument("--evaluate", action="store_true",
                     help="PATH is one folder of class subfolders: also print accuracy and a confusion matrix")
     return ap
@@ -57,7 +61,7 @@ def main(argv: list[str] | None = None, prog: str = "tlpipe predict") -> None:
     names = list(info["class_names"])
     truth = pr.true_classes(files, args.paths[0], names) if args.evaluate else None
 
-    preds = pr.predict_files(model, files, int(info["image_size"]), len(names), args.batch_size)
+    preds = pr.predict_files(model, files, int(info["image_size"]), len(names), args.batch_size, tta=args.tta)
     for p in preds:
         if p.error:
             log.warning(f"{p.path}: {p.error}")

@@ -18,8 +18,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tlpipe.config.choices import (AUGMENT_MODES, AUTO, BACKBONES, ENGINES, FILL_MODES, FINETUNE_FROM, MODEL_NAMES,
-                            POOLING_CHOICES, PRECISIONS, DEVICES, SCHEDULES, STRATEGIES, TRAIN_KEEPS, UNFREEZE_AUTO,
-                            check_split, known_layers, probe_layers, unfreeze_layer)
+                            POOLING_CHOICES, PRECISIONS, DEVICES, SCHEDULES, STRATEGIES, TRAIN_KEEPS, TTA_CHOICES,
+                            UNFREEZE_AUTO, check_split, known_layers, probe_layers, unfreeze_layer)
 from tlpipe.config.messages import error_lines
 from tlpipe.runtime.cpu import BF16_CPU_FLAGS, native_bfloat16
 from tlpipe.runtime.errors import ConfigError
@@ -173,6 +173,8 @@ class TrainParams(Section):
 
 class EvaluateParams(Section):
     models: list[Literal[MODEL_NAMES]] = Field(default_factory=lambda: list(MODEL_NAMES))  # type: ignore[valid-type]
+    # auto: mirror where augment.horizontal_flip is on (model/tta.py)
+    tta: Literal[TTA_CHOICES] = AUTO  # type: ignore[valid-type]
 
     @field_validator("models")
     @classmethod

@@ -23,6 +23,7 @@ MODEL_NAMES = ("head", "head_aug", "finetuned")  # models/<name>.keras, in the o
 FINETUNE_FROM = ("head_aug", "head")  # finetune.from: the model fine-tuning starts from
 SCHEDULES = ("constant", "cosine")  # head_aug.schedule, finetune.schedule: the learning rate over the epochs
 TRAIN_KEEPS = ("best", "last")  # train.keep: the weights a training stage saves (best validation epoch, or last)
+TTA_CHOICES = ("auto", "mirror", "none")  # evaluate.tta: test outputs averaged with the mirror image's (model/tta.py)
 
 def check_split(split: dict) -> tuple[str, dict]:
     """The one rule for data.split: ("counts", {split: positive int}) per class, or ("fractions",

@@ -3,6 +3,8 @@ predictions.
 
 A model whose base is frozen and whose metadata matches features/test.h5 is evaluated on the stored
 features through its head (seconds); any other model runs on the test images (it preprocesses inside).
+With test-time mirroring (evaluate.tta, model/tta.py) each model's outputs are averaged with its outputs
+for the mirror images; the frozen-base models share one pass of their base over the mirror images.
 The scores themselves are computed in `metrics`, the CSV tables in `tables`.
 """
 
@@ -19,6 +21,7 @@ from tlpipe.runtime.log import log, progress
 from tlpipe.evaluate.metrics import headline, roc_points, scores
 from tlpipe.evaluate.tables import confusion_rows, prediction_rows, roc_rows
 from tlpipe.model.outputs import class_probabilities
+from tlpipe.model import tta as mirror
 from tlpipe.model.saved import FEATURE_KEYS
 
 REQUIRED_MODELS = ("head",)
@@ -40,24 +43,32 @@ def _norm(v):
     return None if v == "" else v
 
 
-def _predict_images(model, files, image_size: int) -> np.ndarray:
+def _predict_images(model, files, image_size: int, flip: bool = False, desc: str = "test images") -> np.ndarray:
+    """The model's outputs for the image files (flip: for their mirror images)."""
     import tensorflow as tf
 
     from tlpipe.features.inputs import image_dataset
 
-    infer = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    infer = tf.function(lambda x: model(mirror.mirrored(x) if flip else x, training=False), reduce_retracing=True)
     out = []
     ds = image_dataset(files, image_size, BATCH_SIZE, None)
-    for batch in progress(ds, total=-(-len(files) // BATCH_SIZE), desc="test images", unit="batch"):
+    for batch in progress(ds, total=-(-len(files) // BATCH_SIZE), desc=desc, unit="batch"):
         out.append(infer(batch).numpy())
     return np.concatenate(out) if out else np.zeros((0, 1))
 
 
-def predict_model(model_path, test_features, test_rows, classes) -> tuple[np.ndarray, list[str], np.ndarray, str]:
+def _feature_key(info: dict) -> tuple:
+    return tuple(str(_norm(info.get(k))) for k in FEATURE_KEYS)
+
+
+def predict_model(model_path, test_features, test_rows, classes, tta: str = mirror.NONE,
+                  mirror_features: dict | None = None) -> tuple[np.ndarray, list[str], np.ndarray, str]:
     """(labels, paths, raw outputs, "features"|"images") of one saved model on the test split.
 
     test_features: read_features' tuple for features/test.h5 or None; test_rows: a callable giving
-    (files, labels, paths) of the test manifest (read only when the images are needed).
+    (files, labels, paths) of the test manifest (read only when the images are needed). tta "mirror":
+    the outputs averaged with those for the mirror images; a frozen-base model takes the mirror images'
+    pooled features from `mirror_features` (keyed by the feature metadata), computing them once.
     """
     from tlpipe.model.saved import head_submodel, load_model, model_info
 
@@ -67,12 +78,25 @@ def predict_model(model_path, test_features, test_rows, classes) -> tuple[np.nda
         raise ModelFileError(f"{model_path}: trained for classes {info['class_names']}, the test split has "
                              f"{list(classes)}; rerun the stage that writes it")
     attrs = test_features[3] if test_features is not None else None
+    size = int(info["image_size"])
     if can_use_features(info, attrs):
         x, y, paths, _ = test_features
-        raw = head_submodel(model).predict(x, batch_size=256, verbose=0)
+        head = head_submodel(model)
+        raw = head.predict(x, batch_size=256, verbose=0)
+        if tta == mirror.MIRROR:
+            cache = {} if mirror_features is None else mirror_features
+            key = _feature_key(info)
+            if key not in cache:
+                import keras
+
+                pooled = keras.Model(model.inputs, model.get_layer("pool").output)
+                cache[key] = _predict_images(pooled, test_rows()[0], size, flip=True, desc="mirror images")
+            raw = mirror.average(raw, head.predict(cache[key], batch_size=256, verbose=0))
         return y, paths, raw, "features"
     files, labels, paths = test_rows()
-    raw = _predict_images(model, files, int(info["image_size"]))
+    raw = _predict_images(model, files, size)
+    if tta == mirror.MIRROR:
+        raw = mirror.average(raw, _predict_images(model, files, size, flip=True, desc="mirror images"))
     return np.asarray(labels, dtype=np.int64), paths, raw, "images"
 
 
@@ -89,11 +113,12 @@ def evaluate_predictions(y, paths, raw, classes) -> dict:
 
 
 def run_evaluate(features_dir, models_dir, split_dir, images_dir, metrics_out, plots_dir, predictions_dir,
-                 model_names) -> dict:
+                 model_names, tta: str = mirror.NONE) -> dict:
     """evaluate stage: every model of `model_names` (params.evaluate.models) present in `models_dir`.
 
-    A missing `head` model is an error, other missing models a warning. Writes the metrics JSON
-    {model: {accuracy, roc_auc, loss}} (what `dvc exp show` compares), plots/confusion/<model>.csv,
+    tta: "mirror" or "none" (evaluate.tta resolved, model/tta.py). A missing `head` model is an error,
+    other missing models a warning. Writes the metrics JSON
+    {model: {accuracy, roc_auc, loss, tta}} (what `dvc exp show` compares), plots/confusion/<model>.csv,
     plots/roc/<model>.csv, and predictions/<model>.csv beside predictions/scores.json (every score
     of every model: also n, precision, recall, F1, and each per class); the three folders are
     rebuilt each run. Returns the scores.
@@ -131,15 +156,16 @@ def run_evaluate(features_dir, models_dir, split_dir, images_dir, metrics_out, p
         dirs = {key: stack.enter_context(atomic.folder(path)) for key, path in
                 (("confusion", Path(plots_dir) / "confusion"), ("roc", Path(plots_dir) / "roc"),
                  ("predictions", Path(predictions_dir)))}
+        mirror_features: dict = {}
         for name, path in present:
-            y, paths, raw, route = predict_model(path, test_features, test_rows, classes)
+            y, paths, raw, route = predict_model(path, test_features, test_rows, classes, tta, mirror_features)
             out = evaluate_predictions(y, paths, raw, classes)
             for key, d in dirs.items():
                 if key != "roc" or out["roc"].count("\n") > 1:
                     atomic.write_text(d / f"{name}.csv", out[key])
-            results[name] = s = out["scores"]
+            results[name] = s = {**out["scores"], "tta": tta}
             log.info(f"{name}: accuracy {s['accuracy']:.4f}, loss {s['loss']:.4f} on {s['n']} test images "
-                     f"(via {route})")
+                     f"(via {route}{', averaged with their mirror images' if tta == mirror.MIRROR else ''})")
         atomic.write_text(dirs["predictions"] / SCORES_FILE, json_text(results))
     write_json(metrics_out, {name: headline(s) for name, s in results.items()})
     return results

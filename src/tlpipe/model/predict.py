@@ -21,6 +21,7 @@ from tlpipe.config.choices import MODEL_NAMES
 from tlpipe.runtime.errors import DataError, ImageDecodeError, ModelFileError
 from tlpipe.features.imagefile import decode_file
 from tlpipe.model.outputs import class_probabilities, predicted_indices
+from tlpipe.model.tta import MIRROR, average, mirrored
 
 # Best model first: the pipeline's last training stage writes finetuned.keras.
 DEFAULT_MODELS = tuple(reversed(MODEL_NAMES))  # the most trained first
@@ -115,11 +116,12 @@ def _batches(items: Sequence, size: int):
 
 
 def predict_files(model, files: Sequence[str | os.PathLike], image_size: int, n_classes: int,
-                  batch_size: int = 32, progress: bool | None = None) -> list[Prediction]:
+                  batch_size: int = 32, progress: bool | None = None, tta: str = MIRROR) -> list[Prediction]:
     """Predictions for `files`, in order. Unreadable files get an error and no probabilities.
 
     `progress`: a bar on stderr (None: only when there is more than one batch; never when stderr is
-    not a terminal, tlpipe.runtime.log.progress).
+    not a terminal, tlpipe.runtime.log.progress). `tta` "mirror": each file's outputs averaged with
+    its mirror image's, as the evaluate stage scores them by default (model/tta.py); "none": the image alone.
     """
     from tlpipe.runtime.log import progress as bar_of
 
@@ -138,7 +140,10 @@ def predict_files(model, files: Sequence[str | os.PathLike], image_size: int, n_
                     results[i] = Prediction(Path(path).as_posix(), None, exc.reason)
             if arrays:
                 # predict_on_batch: no per-call progress line and no tf.data set-up per batch.
-                raw = np.asarray(model.predict_on_batch(np.stack(arrays)))
+                batch = np.stack(arrays)
+                raw = np.asarray(model.predict_on_batch(batch))
+                if tta == MIRROR:
+                    raw = average(raw, model.predict_on_batch(np.ascontiguousarray(mirrored(batch))))
                 probs = class_probabilities(raw, n_classes)
                 for i, p in zip(ok, probs):
                     results[i] = Prediction(Path(chunk[i]).as_posix(), tuple(float(v) for v in p))

@@ -15,7 +15,7 @@ from tlpipe.runtime.errors import DataError, ModelFileError
 from tlpipe.runtime.log import log
 from tlpipe.report import page as rpt
 from tlpipe.report.confusion import confusion_counts, save_confusion_png
-from tlpipe.report.readers import read_lr_searches, read_metrics, read_per_class, read_training
+from tlpipe.report.readers import read_lr_searches, read_metrics, read_per_class, read_training, read_tta
 from tlpipe.tiles import tile_grid
 from tlpipe.report.plotting import save_png
 
@@ -89,7 +89,7 @@ def _load(files: list[str], size: int) -> np.ndarray:
     return np.stack([read_resized(str(f), size).numpy() for f in files])
 
 
-def _confusion_section(plots_dir, img: Path, metrics, classes) -> rpt.Section:
+def _confusion_section(plots_dir, img: Path, metrics, classes, tta: dict[str, str] | None = None) -> rpt.Section:
     figs = []
     found = sorted(Path(plots_dir, "confusion").glob("*.csv"))
     known = list(metrics)
@@ -100,8 +100,12 @@ def _confusion_section(plots_dir, img: Path, metrics, classes) -> rpt.Section:
         right = int(np.trace(counts))
         figs.append(rpt.Figure(f"{IMG_DIR}/{file}", f"{csv.stem}: {right} of {int(counts.sum())} test images "
                                                     "on the diagonal (rows: actual class)."))
-    return rpt.Section("confusion", "Confusion matrices",
-                       "Counts of test images by actual (rows) and predicted (columns) class.",
+    mirrored = sorted(m for m, how in (tta or {}).items() if how == "mirror")
+    intro = "Counts of test images by actual (rows) and predicted (columns) class."
+    if mirrored:
+        intro += (f" Test-time augmentation ({', '.join(mirrored)}): each image's class probabilities are the mean "
+                  "of the model's outputs for the image and for its mirror image (evaluate.tta).")
+    return rpt.Section("confusion", "Confusion matrices", intro,
                        [rpt.Group("", figs)], empty=f"No confusion data in {plots_dir}/confusion/.")
 
 
@@ -222,7 +226,7 @@ def build_report(models_dir, split_dir, images_dir, scores_path, train_metrics, 
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic.folder(out_dir / IMG_DIR) as img:
         sections = ([_cut_section(cut_path)] if cut_path else []) + [
-                    _confusion_section(plots_dir, img, metrics, classes),
+                    _confusion_section(plots_dir, img, metrics, classes, read_tta(scores_path)),
                     _curves_section(live_dir, train_metrics, img),
                     _gradcam_section(model, name, predictions_dir, files, paths, classes, size, viz, img)]
 

@@ -42,6 +42,12 @@ def read_metrics(path) -> dict[str, dict[str, float]]:
             for model, m in data.items() if isinstance(m, dict)}
 
 
+def read_tta(path) -> dict[str, str]:
+    """The evaluate stage's scores file -> {model: "mirror" | "none"}: how its test outputs were computed."""
+    data = _read_json(path, "evaluate") or {}
+    return {str(model): str(m["tta"]) for model, m in data.items() if isinstance(m, dict) and "tta" in m}
+
+
 def read_per_class(path) -> dict[str, dict[str, float]]:
     """The evaluate stage's scores file -> {"model · class": {precision, recall, f1, n}}."""
     data = _read_json(path, "evaluate") or {}
