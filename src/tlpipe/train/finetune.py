@@ -59,6 +59,7 @@ def run_finetune(*, cache, split_dir, images_dir, model_in, model_out, metrics_o
     from tlpipe.data.manifests import read_class_names
     from tlpipe.model.saved import model_info
     from tlpipe.train.augmented import cache_expect, choose_data, fit_and_save
+    from tlpipe.train.settings import with_budget_epochs
     from tlpipe.atomic import write_json
     from tlpipe.train.loop import metrics_of
     from tlpipe.train.models import finetune_model
@@ -81,10 +82,7 @@ def run_finetune(*, cache, split_dir, images_dir, model_in, model_out, metrics_o
         model, data = choose_data(full, augment, run.seed, cache=cache, split_dir=split_dir,
                                   images_dir=images_dir, expect=expect)
         with data:
-            if run.epochs is None:
-                run = replace(run, epochs=auto_epochs(data.n_train, run.batch_size))
-                log.info(f"finetune.epochs auto: {run.epochs} ({data.n_train} training images, batches of "
-                         f"{run.batch_size})")
+            run = with_budget_epochs(run, data.n_train, STEPS, MAX_EPOCHS, "finetune.epochs")
             result = fit_and_save(full, model, data, run, live_dir=live_dir, model_path=model_out,
                                   on_epoch_end=on_epoch_end, start_counts=True)
     write_json(metrics_out, metrics_of(result, model_out, run))

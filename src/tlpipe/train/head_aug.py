@@ -41,6 +41,7 @@ def run_head_aug(*, cache, split_dir, images_dir, model_out, metrics_out, live_d
     None): auto_epochs of the training images."""
     from tlpipe.data.manifests import read_class_names
     from tlpipe.train.augmented import cache_expect, choose_data, fit_and_save
+    from tlpipe.train.settings import with_budget_epochs
     from tlpipe.atomic import write_json
     from tlpipe.train.loop import metrics_of
     from tlpipe.train.strategy import training_strategy
@@ -56,10 +57,7 @@ def run_head_aug(*, cache, split_dir, images_dir, model_out, metrics_out, live_d
         model, data = choose_data(full, augment, run.seed, cache=cache, split_dir=split_dir,
                                   images_dir=images_dir, expect=cache_expect(backbone, augment, compute, classes))
         with data:
-            if run.epochs is None:
-                run = replace(run, epochs=auto_epochs(data.n_train, run.batch_size))
-                log.info(f"head_aug.epochs auto: {run.epochs} ({data.n_train} training images, batches of "
-                         f"{run.batch_size})")
+            run = with_budget_epochs(run, data.n_train, STEPS, MAX_EPOCHS, "head_aug.epochs")
             if run.lr is None:
                 search, run, result = _sweep(full, data, run, fresh, len(classes), live_dir, model_out)
             else:

@@ -88,3 +88,17 @@ def budget_epochs(n_train: int, batch_size: int, steps: int, max_epochs: int) ->
     hundred), a large one is not held to more epochs than it needs."""
     steps_per_epoch = math.ceil(int(n_train) / int(batch_size))
     return max(1, min(int(max_epochs), math.ceil(int(steps) / steps_per_epoch)))
+
+
+def with_budget_epochs(run: TrainSettings, n_train: int, steps: int, max_epochs: int, key: str) -> TrainSettings:
+    """`run` with epochs: auto (None) resolved to budget_epochs, and the value logged under the param's
+    name `key` (head_aug.epochs, finetune.epochs); `run` itself when its epochs were given."""
+    from dataclasses import replace
+
+    from tlpipe.runtime.log import log
+
+    if run.epochs is not None:
+        return run
+    run = replace(run, epochs=budget_epochs(n_train, run.batch_size, steps, max_epochs))
+    log.info(f"{key} auto: {run.epochs} ({n_train} training images, batches of {run.batch_size})")
+    return run
