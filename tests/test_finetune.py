@@ -374,15 +374,23 @@ def test_auto_lr_is_a_fraction_of_the_start_rate_capped(start, lr):
     assert auto_lr(start) == pytest.approx(lr)
 
 
-def test_finetune_keeps_the_start_model_when_no_epoch_beats_it(cached_run):
+def test_finetune_keeps_the_start_model_when_no_epoch_beats_it(cached_run, caplog):
     """train.keep: best counts the start model as epoch 0: a rate that wrecks the model (every epoch's
     validation loss above the start's) saves the start model unchanged, best_epoch 0."""
+    import logging
+    import re
+
     tmp, p, split, images, _ = cached_run
     keras.backend.clear_session()
     start = load_model(tmp / "head_aug_a.keras")
-    result = fine(tmp, p, split, images, tmp / "head_aug_a.keras", tag="wreck", lr=1.0, epochs=2)
+    with caplog.at_level(logging.INFO, logger="tlpipe"):
+        result = fine(tmp, p, split, images, tmp / "head_aug_a.keras", tag="wreck", lr=1.0, epochs=2)
     assert all(r["val_loss"] > result["best"]["val_loss"] for r in result["history"]), result
     assert result["best_epoch"] == result["kept_epoch"] == 0
+    # The log says the start replaced the best epoch fit kept, not two kept models in a row unexplained.
+    best = min(range(2), key=lambda i: result["history"][i]["val_loss"]) + 1
+    assert re.search(rf"kept the start model instead of epoch {best} \([0-9.]+\): no epoch's val_loss below",
+                     caplog.text), caplog.text
     saved = load_model(tmp / "finetuned_wreck.keras")
     assert all(np.array_equal(a, b) for a, b in zip(saved.get_weights(), start.get_weights()))
     got = json.loads((tmp / "mf_wreck.json").read_text())["finetuned_wreck"]

@@ -77,12 +77,16 @@ def fit_and_save(full, model, data, run, *, live_dir, model_path, on_epoch_end=N
     t0 = time.perf_counter()
     result = fit(model, data, run, live_dir=live_dir, checkpoint_dir=checkpoint_dir_for(model_path), on_epoch_end=on_epoch_end)
     seconds = time.perf_counter() - t0
+    best = result.get("best") or {}
     if start is not None and math.isfinite(start["row"]["val_loss"]) \
-            and not (result.get("best") or {}).get("val_loss", math.inf) < start["row"]["val_loss"]:
+            and not best.get("val_loss", math.inf) < start["row"]["val_loss"]:
         for v, a in zip(model.variables, start["variables"]):
             v.assign(a)
+        # After fit's own "kept epoch N" line: say that the start replaces it, and why.
+        beaten = (f" instead of epoch {result['best_epoch']} ({best['val_loss']:.4f})"
+                  if result.get("best_epoch") and "val_loss" in best else "")
         result.update(best_epoch=0, best=start["row"], kept_epoch=0)
-        log.info(f"kept the start model: no epoch's val_loss below its {start['row']['val_loss']:.4f} "
+        log.info(f"kept the start model{beaten}: no epoch's val_loss below its {start['row']['val_loss']:.4f} "
                  f"(train.keep: best)")
     log.info(f"{Path(model_path).name}: {data.fingerprint['mode']} mode, "
              f"{seconds / max(1, len(result['history'])):.1f} s/epoch")
