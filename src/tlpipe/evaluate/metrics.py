@@ -14,8 +14,7 @@ from tlpipe.model.outputs import class_probabilities
 
 EPS = 1e-7  # Keras' epsilon: log loss clips probabilities the same way training did
 # What `dvc exp show` compares per model (metrics/evaluate.json); the rest of `scores` goes to the report.
-# tta (set by the evaluate stage, not by `scores`): whether the test outputs were averaged with the mirror images'.
-HEADLINE = ("accuracy", "roc_auc", "loss", "tta")
+HEADLINE = ("accuracy", "roc_auc", "loss")
 
 
 def log_loss(y_true, proba) -> float:
@@ -73,7 +72,7 @@ def scores(y_true, proba, class_names=None) -> dict:
 
 def headline(s: dict) -> dict:
     """The figures `dvc exp show` compares, from `scores`."""
-    return {k: s[k] for k in HEADLINE if k in s}
+    return {k: s[k] for k in HEADLINE}
 
 
 def roc_points(y_true, proba) -> tuple[np.ndarray, np.ndarray]:

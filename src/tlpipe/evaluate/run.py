@@ -116,9 +116,10 @@ def run_evaluate(features_dir, models_dir, split_dir, images_dir, metrics_out, p
                  model_names, tta: str = mirror.NONE) -> dict:
     """evaluate stage: every model of `model_names` (params.evaluate.models) present in `models_dir`.
 
-    tta: "mirror" or "none" (evaluate.tta resolved, model/tta.py). A missing `head` model is an error,
-    other missing models a warning. Writes the metrics JSON
-    {model: {accuracy, roc_auc, loss, tta}} (what `dvc exp show` compares), plots/confusion/<model>.csv,
+    tta: "mirror" or "none" (evaluate.tta resolved, model/tta.py; recorded per model in scores.json, not
+    in the metrics: params.yaml's evaluate.tta and augment.horizontal_flip already say it). A missing
+    `head` model is an error, other missing models a warning. Writes the metrics JSON
+    {model: {accuracy, roc_auc, loss}} (what `dvc exp show` compares), plots/confusion/<model>.csv,
     plots/roc/<model>.csv, and predictions/<model>.csv beside predictions/scores.json (every score
     of every model: also n, precision, recall, F1, and each per class); the three folders are
     rebuilt each run. Returns the scores.
