@@ -43,18 +43,20 @@ def _norm(v):
     return None if v == "" else v
 
 
-def _predict_images(model, files, image_size: int, flip: bool = False, desc: str = "test images") -> np.ndarray:
-    """The model's outputs for the image files (flip: for their mirror images)."""
+def _predict_images(model, files, image_size: int, flips=(False,), desc: str = "test images") -> list[np.ndarray]:
+    """The model's outputs for the image files, one array per entry of `flips` (True: for the mirror
+    images), each file read and resized once."""
     import tensorflow as tf
 
     from tlpipe.features.inputs import image_dataset
 
-    infer = tf.function(lambda x: model(mirror.mirrored(x) if flip else x, training=False), reduce_retracing=True)
-    out = []
+    infer = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    out = [[] for _ in flips]
     ds = image_dataset(files, image_size, BATCH_SIZE, None)
     for batch in progress(ds, total=-(-len(files) // BATCH_SIZE), desc=desc, unit="batch"):
-        out.append(infer(batch).numpy())
-    return np.concatenate(out) if out else np.zeros((0, 1))
+        for rows, flip in zip(out, flips):
+            rows.append(infer(mirror.mirrored(batch) if flip else batch).numpy())
+    return [np.concatenate(rows) if rows else np.zeros((0, 1)) for rows in out]
 
 
 def _feature_key(info: dict) -> tuple:
@@ -90,13 +92,14 @@ def predict_model(model_path, test_features, test_rows, classes, tta: str = mirr
                 import keras
 
                 pooled = keras.Model(model.inputs, model.get_layer("pool").output)
-                cache[key] = _predict_images(pooled, test_rows()[0], size, flip=True, desc="mirror images")
+                cache[key] = _predict_images(pooled, test_rows()[0], size, (True,), desc="mirror images")[0]
             raw = mirror.average(raw, head.predict(cache[key], batch_size=256, verbose=0))
         return y, paths, raw, "features"
     files, labels, paths = test_rows()
-    raw = _predict_images(model, files, size)
     if tta == mirror.MIRROR:
-        raw = mirror.average(raw, _predict_images(model, files, size, flip=True, desc="mirror images"))
+        raw = mirror.average(*_predict_images(model, files, size, (False, True)))
+    else:
+        raw = _predict_images(model, files, size)[0]
     return np.asarray(labels, dtype=np.int64), paths, raw, "images"
 
 
