@@ -82,7 +82,7 @@ def run_finetune(*, cache, split_dir, images_dir, model_in, model_out, metrics_o
         model, data = choose_data(full, augment, run.seed, cache=cache, split_dir=split_dir,
                                   images_dir=images_dir, expect=expect)
         with data:
-            run = with_budget_epochs(run, data.n_train, STEPS, MAX_EPOCHS, "finetune.epochs")
+            run = with_budget_epochs(run, data.n_train, auto_epochs, "finetune.epochs")
             result = fit_and_save(full, model, data, run, live_dir=live_dir, model_path=model_out,
                                   on_epoch_end=on_epoch_end, start_counts=True)
     write_json(metrics_out, metrics_of(result, model_out, run))

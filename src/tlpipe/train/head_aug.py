@@ -57,7 +57,7 @@ def run_head_aug(*, cache, split_dir, images_dir, model_out, metrics_out, live_d
         model, data = choose_data(full, augment, run.seed, cache=cache, split_dir=split_dir,
                                   images_dir=images_dir, expect=cache_expect(backbone, augment, compute, classes))
         with data:
-            run = with_budget_epochs(run, data.n_train, STEPS, MAX_EPOCHS, "head_aug.epochs")
+            run = with_budget_epochs(run, data.n_train, auto_epochs, "head_aug.epochs")
             if run.lr is None:
                 search, run, result = _sweep(full, data, run, fresh, len(classes), live_dir, model_out)
             else:

@@ -90,15 +90,16 @@ def budget_epochs(n_train: int, batch_size: int, steps: int, max_epochs: int) ->
     return max(1, min(int(max_epochs), math.ceil(int(steps) / steps_per_epoch)))
 
 
-def with_budget_epochs(run: TrainSettings, n_train: int, steps: int, max_epochs: int, key: str) -> TrainSettings:
-    """`run` with epochs: auto (None) resolved to budget_epochs, and the value logged under the param's
-    name `key` (head_aug.epochs, finetune.epochs); `run` itself when its epochs were given."""
+def with_budget_epochs(run: TrainSettings, n_train: int, auto_epochs, key: str) -> TrainSettings:
+    """`run` with epochs: auto (None) resolved by the stage's `auto_epochs(n_train, batch_size)` (its step
+    budget, budget_epochs), and the value logged under the param's name `key` (head_aug.epochs,
+    finetune.epochs); `run` itself when its epochs were given."""
     from dataclasses import replace
 
     from tlpipe.runtime.log import log
 
     if run.epochs is not None:
         return run
-    run = replace(run, epochs=budget_epochs(n_train, run.batch_size, steps, max_epochs))
+    run = replace(run, epochs=auto_epochs(n_train, run.batch_size))
     log.info(f"{key} auto: {run.epochs} ({n_train} training images, batches of {run.batch_size})")
     return run
