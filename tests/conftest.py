@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
+
+from helpers import RanProject, dvc, make_project
 
 from tlpipe.cli import start
 
@@ -13,16 +18,36 @@ start()  # as a stage does, first: Keras on TensorFlow, TensorFlow's thread pool
 # What starts Ray (the ray_session fixture, the ray engine through dvc, bench/scale.py): one xdist group.
 RAY_FILES = {"test_ray_engine.py", "test_thread_determinism.py"}
 RAY_TESTS = {"test_bench_smoke.py::test_scale"}
+# Files whose tests are independent runs of their own (no shared state but a cheap fixture): one group per test.
+PER_TEST_FILES = {"test_bench_smoke.py"}
+# The groups that take minutes, longest first (`pytest --durations=0`, .ci/run at 10b4f37). xdist hands out
+# groups in collection order (--no-loadscope-reorder, pyproject.toml): the long ones start first and the
+# short ones fill the end, instead of one long group running alone at the end.
+LONG_FIRST = ("ray", "test_pipeline.py", "test_every_cut.py", "test_sharing.py",
+              "test_bench_smoke.py::test_results_and_grid", "test_experiments.py", "test_bench_smoke.py::test_sharing",
+              "test_training.py", "test_training_gpus.py", "test_finetune_cut.py", "test_finetune.py",
+              "test_bench_smoke.py::test_probe_then_standardize", "test_bench_smoke.py::test_threads",
+              "test_faults.py")
+
+
+def group_of(item) -> str:
+    name = item.path.name
+    test = f"{name}::{item.originalname}"
+    if name in RAY_FILES or test in RAY_TESTS:
+        return "ray"
+    return test if name in PER_TEST_FILES else name
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups to schedule them
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (`-n 2 --dist loadgroup`, pyproject.toml): each file runs whole on one worker,
-    in order, with its module fixtures made once; everything that starts Ray runs on the same worker."""
+    in order, with its module fixtures made once; everything that starts Ray runs on the same worker;
+    the long groups come first."""
+    rank = {group: i for i, group in enumerate(LONG_FIRST)}
     for item in items:
-        name = item.path.name
-        ray = name in RAY_FILES or f"{name}::{item.originalname}" in RAY_TESTS
-        item.add_marker(pytest.mark.xdist_group("ray" if ray else name))
+        item.add_marker(pytest.mark.xdist_group(group_of(item)))
+    # A stable sort: each group keeps its tests' order; groups not listed keep collection order.
+    items.sort(key=lambda item: rank.get(group_of(item), len(LONG_FIRST)))
 
 
 def pytest_configure(config):
@@ -35,13 +60,42 @@ def pytest_configure(config):
                                 "tests (pytest-xdist#1386); install the test extra (pytest<9.2) or run with -n 0")
 
 @pytest.fixture(scope="session")
-def class_images(tmp_path_factory) -> Path:
-    """Three visually distinct classes of small generated images (a local `data.source`)."""
+def shared_tmp(tmp_path_factory) -> Path:
+    """A folder every xdist worker of this run sees (the parent of the workers' own base folders); what is
+    made in it is made under a FileLock, by the first worker to need it."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@pytest.fixture(scope="session")
+def class_images(shared_tmp) -> Path:
+    """Three visually distinct classes of small generated images (a local `data.source`); read-only."""
     from imagegen import make_class_folders
 
-    root = tmp_path_factory.mktemp("images")
-    make_class_folders(root, classes={"circle": 16, "square": 16, "stripes": 16}, size=48, seed=0)
+    root = shared_tmp / "class-images"
+    with FileLock(f"{root}.lock"):
+        if not (root / ".done").exists():
+            shutil.rmtree(root, ignore_errors=True)  # a worker stopped half-way
+            make_class_folders(root, classes={"circle": 16, "square": 16, "stripes": 16}, size=48, seed=0)
+            (root / ".done").touch()
     return root
+
+
+@pytest.fixture(scope="session")
+def ran_project(shared_tmp, class_images) -> RanProject:
+    """A project on class_images (FAST_PARAMS) after its first `dvc repro`, made once per run whatever the
+    worker (test_pipeline, test_experiments and test_sharing each start from a copy: RanProject.copy). The
+    repro records the params each stage reads (TLPIPE_RECORD_PARAMS) for test_pipeline."""
+    root = shared_tmp / "ran-project"
+    with FileLock(f"{root}.lock"):
+        if not (root / ".done").exists():
+            shutil.rmtree(root, ignore_errors=True)
+            repo = make_project(root / "repo", class_images)
+            proc = dvc(repo, "repro", env={"TLPIPE_RECORD_PARAMS": str(root / "params-read.txt")})
+            (root / "repro.stdout").write_text(proc.stdout)
+            (root / "repro.stderr").write_text(proc.stderr)
+            (root / ".done").touch()
+    return RanProject(root)
 
 
 @pytest.fixture(scope="session")

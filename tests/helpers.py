@@ -165,6 +165,21 @@ def make_project(dst: Path, source: Path, params: dict | None = None) -> Path:
     return init_repo(dst)
 
 
+class RanProject:
+    """A project after its first `dvc repro` (conftest's ran_project): the repro's output and params record."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.params_read = root / "params-read.txt"
+        self.first_repro = subprocess.CompletedProcess(["dvc", "repro"], 0, (root / "repro.stdout").read_text(),
+                                                       (root / "repro.stderr").read_text())
+
+    def copy(self, dst: Path) -> Path:
+        """The repo (git, DVC cache and outputs) copied to dst: a project of one's own to change."""
+        shutil.copytree(self.root / "repo", dst, symlinks=True)
+        return dst
+
+
 # ---------------------------------------------------------------- feature files
 
 FEATURE_SIZE = 32  # VGG16's smallest input; weights "none" keeps everything offline

@@ -12,7 +12,7 @@ from collections import Counter
 
 import pytest
 
-from helpers import REPO, dvc, experiments, make_project, sh
+from helpers import REPO, dvc, experiments, sh
 
 pytestmark = pytest.mark.slow
 
@@ -41,9 +41,8 @@ def md_header(md: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, class_images):
-    repo = make_project(tmp_path_factory.mktemp("exps"), class_images)
-    dvc(repo, "repro")
+def project(tmp_path_factory, ran_project):
+    repo = ran_project.copy(tmp_path_factory.mktemp("exps") / "project")  # after its first `dvc repro`
     # Commit the run: queued experiments start from dvc.lock and reuse the cached data and features.
     sh(["git", "add", "-A"], repo)
     sh(["git", "commit", "-q", "-m", "baseline run"], repo)

@@ -1,8 +1,9 @@
 """End to end: `dvc repro` of the whole pipeline in a throw-away repo, on generated images.
 
 One repo serves the tests in order (module-scoped): they check what a user sees, from a first
-`dvc repro` to a no-op second one, a parameter change, an experiment and a bad parameter. The
-first run records the params each stage reads (TLPIPE_RECORD_PARAMS), checked against dvc.yaml.
+`dvc repro` to a no-op second one, a parameter change and a bad parameter. The first run records
+the params each stage reads (TLPIPE_RECORD_PARAMS), checked against dvc.yaml. Experiments run in
+test_experiments.py (queued, and `dvc exp show`) and test_sharing.py (`dvc exp run`, push, pull, apply).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import re
 import h5py
 import pytest
 
-from helpers import dvc, dvc_stages, make_project, set_params, sh, stages_run
+from helpers import dvc, dvc_stages, set_params, sh, stages_run
 from tlpipe.config import HOW_KEYS, param_leaves
 
 pytestmark = pytest.mark.slow
@@ -25,11 +26,11 @@ TRAINING = ("train_head", "train_head_aug", "finetune")  # each logs to dvclive/
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory, class_images):
-    repo = make_project(tmp_path_factory.mktemp("project"), class_images)
-    reads = tmp_path_factory.mktemp("reads") / "params-read.txt"
-    first = dvc(repo, "repro", env={"TLPIPE_RECORD_PARAMS": str(reads)})
-    return repo, first, reads
+def repo(tmp_path_factory, ran_project):
+    """A copy of the project after its first repro (conftest's ran_project), that repro's output and its
+    record of the params each stage read."""
+    repo = ran_project.copy(tmp_path_factory.mktemp("pipeline") / "project")
+    return repo, ran_project.first_repro, ran_project.params_read
 
 
 def _paths(entries) -> list[str]:
@@ -199,17 +200,6 @@ def test_evaluating_fewer_models_reruns_evaluate_alone_and_writes_only_theirs(re
     sh(["git", "checkout", "params.yaml"], repo)
     dvc(repo, "repro")
     assert len(list((repo / "plots" / "confusion").iterdir())) == 3
-
-
-def test_experiment_is_listed_with_its_metrics(repo):
-    repo, _, _ = repo
-    sh(["git", "add", "-A"], repo)
-    sh(["git", "commit", "-q", "-m", "baseline", "--allow-empty"], repo)
-    dvc(repo, "exp", "run", "-n", "lr-high", "-S", "head.lr=1e-2")
-    shown = json.loads(dvc(repo, "exp", "show", "--json").stdout)
-    text = json.dumps(shown)
-    assert "lr-high" in text
-    assert "evaluate.json" in text and "accuracy" in text
 
 
 def test_mistyped_param_stops_the_stage_with_the_key_named(repo):

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import dvc, dvc_stages, make_project, set_params, sh, stages_run
+from helpers import dvc, dvc_stages, set_params, sh, stages_run
 
 pytestmark = pytest.mark.slow
 
@@ -73,13 +73,15 @@ def commit_all(repo: Path, message: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def team(tmp_path_factory, class_images):
+def team(tmp_path_factory, class_images, ran_project):
     """Alice's repo (run, committed, pushed), the remote, and the photo folder data.source names."""
     base = tmp_path_factory.mktemp("team")
     photos = base / "photos"  # our own copy: one test hides it to play a teammate without it
     shutil.copytree(class_images, photos)
     remote = base / "remote"
-    alice = make_project(base / "alice", photos)
+    # The project after its first repro, pointed at the copy: only the data stage reruns (same images).
+    alice = ran_project.copy(base / "alice")
+    set_params(alice, {"data": {"source": str(photos)}})
     dvc(alice, "remote", "add", "-d", "shared", str(remote))
     dvc(alice, "repro")
     commit_all(alice, "pipeline run")  # dvc.lock and .dvc/config go through git, outputs through DVC
