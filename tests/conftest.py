@@ -20,9 +20,9 @@ RAY_FILES = {"test_ray_engine.py", "test_thread_determinism.py"}
 RAY_TESTS = {"test_bench_smoke.py::test_scale"}
 # Files whose tests are independent runs of their own (no shared state but a cheap fixture): one group per test.
 PER_TEST_FILES = {"test_bench_smoke.py"}
-# The groups that take minutes, longest first (`pytest --durations=0`, .ci/run at 10b4f37). xdist hands out
-# groups in collection order (--no-loadscope-reorder, pyproject.toml): the long ones start first and the
-# short ones fill the end, instead of one long group running alone at the end.
+# The groups that take minutes, longest first (`pytest --durations=0` at 10b4f37; only the order matters).
+# xdist hands out groups in collection order (--no-loadscope-reorder, pyproject.toml): the long ones start
+# first and the short ones fill the end, instead of one long group running alone at the end.
 LONG_FIRST = ("ray", "test_pipeline.py", "test_every_cut.py", "test_sharing.py",
               "test_bench_smoke.py::test_results_and_grid", "test_experiments.py", "test_bench_smoke.py::test_sharing",
               "test_training.py", "test_training_gpus.py", "test_finetune_cut.py", "test_finetune.py",
