@@ -20,14 +20,13 @@ RAY_FILES = {"test_ray_engine.py", "test_thread_determinism.py"}
 RAY_TESTS = {"test_bench_smoke.py::test_scale"}
 # Files whose tests are independent runs of their own (no shared state but a cheap fixture): one group per test.
 PER_TEST_FILES = {"test_bench_smoke.py"}
-# The groups that take minutes, longest first (`pytest --durations=0` at 10b4f37; only the order matters).
-# xdist hands out groups in collection order (--no-loadscope-reorder, pyproject.toml): the long ones start
-# first and the short ones fill the end, instead of one long group running alone at the end.
-LONG_FIRST = ("ray", "test_pipeline.py", "test_every_cut.py", "test_sharing.py",
-              "test_bench_smoke.py::test_results_and_grid", "test_experiments.py", "test_bench_smoke.py::test_sharing",
-              "test_training.py", "test_training_gpus.py", "test_finetune_cut.py", "test_finetune.py",
-              "test_bench_smoke.py::test_probe_then_standardize", "test_bench_smoke.py::test_threads",
-              "test_faults.py")
+# The groups that take minutes, longest first (`pytest --durations=0` at f83f016, alone on the machine; only
+# the order matters). xdist hands out groups in collection order (--no-loadscope-reorder, pyproject.toml): the
+# long ones start first and the short ones fill the end, instead of one long group running alone at the end.
+LONG_FIRST = ("ray", "test_every_cut.py", "test_sharing.py", "test_pipeline.py",
+              "test_bench_smoke.py::test_results_and_grid", "test_finetune_cut.py", "test_experiments.py",
+              "test_finetune.py", "test_training_gpus.py", "test_training.py", "test_faults.py",
+              "test_stage_errors.py", "test_bench_smoke.py::test_threads", "test_keep_best.py", "test_bench_smoke.py::test_probe_then_standardize")
 
 
 def group_of(item) -> str:
@@ -59,6 +58,19 @@ def pytest_configure(config):
         raise pytest.UsageError(f"pytest {pytest.__version__}: pytest-xdist's --dist loadgroup no longer groups "
                                 "tests (pytest-xdist#1386); install the test extra (pytest<9.2) or run with -n 0")
 
+
+def made_once(root: Path, build) -> Path:
+    """`build(root)` once per run, by whichever worker asks first; the others wait on the lock. A `.done`
+    marker says it finished: a folder without one (a worker stopped half-way) is removed and built again."""
+    with FileLock(f"{root}.lock"):
+        if not (root / ".done").exists():
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir(parents=True)
+            build(root)
+            (root / ".done").touch()
+    return root
+
+
 @pytest.fixture(scope="session")
 def shared_tmp(tmp_path_factory) -> Path:
     """A folder every xdist worker of this run sees (the parent of the workers' own base folders); what is
@@ -72,13 +84,8 @@ def class_images(shared_tmp) -> Path:
     """Three visually distinct classes of small generated images (a local `data.source`); read-only."""
     from imagegen import make_class_folders
 
-    root = shared_tmp / "class-images"
-    with FileLock(f"{root}.lock"):
-        if not (root / ".done").exists():
-            shutil.rmtree(root, ignore_errors=True)  # a worker stopped half-way
-            make_class_folders(root, classes={"circle": 16, "square": 16, "stripes": 16}, size=48, seed=0)
-            (root / ".done").touch()
-    return root
+    return made_once(shared_tmp / "class-images", lambda root: make_class_folders(
+        root, classes={"circle": 16, "square": 16, "stripes": 16}, size=48, seed=0))
 
 
 @pytest.fixture(scope="session")
@@ -86,16 +93,13 @@ def ran_project(shared_tmp, class_images) -> RanProject:
     """A project on class_images (FAST_PARAMS) after its first `dvc repro`, made once per run whatever the
     worker (test_pipeline, test_experiments and test_sharing each start from a copy: RanProject.copy). The
     repro records the params each stage reads (TLPIPE_RECORD_PARAMS) for test_pipeline."""
-    root = shared_tmp / "ran-project"
-    with FileLock(f"{root}.lock"):
-        if not (root / ".done").exists():
-            shutil.rmtree(root, ignore_errors=True)
-            repo = make_project(root / "repo", class_images)
-            proc = dvc(repo, "repro", env={"TLPIPE_RECORD_PARAMS": str(root / "params-read.txt")})
-            (root / "repro.stdout").write_text(proc.stdout)
-            (root / "repro.stderr").write_text(proc.stderr)
-            (root / ".done").touch()
-    return RanProject(root)
+    def first_repro(root: Path) -> None:
+        repo = make_project(root / "repo", class_images)
+        proc = dvc(repo, "repro", env={"TLPIPE_RECORD_PARAMS": str(root / "params-read.txt")})
+        (root / "repro.stdout").write_text(proc.stdout)
+        (root / "repro.stderr").write_text(proc.stderr)
+
+    return RanProject(made_once(shared_tmp / "ran-project", first_repro))
 
 
 @pytest.fixture(scope="session")
