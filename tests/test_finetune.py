@@ -395,6 +395,16 @@ def test_finetune_keeps_the_start_model_when_no_epoch_beats_it(cached_run, caplo
     assert all(np.array_equal(a, b) for a, b in zip(saved.get_weights(), start.get_weights()))
     got = json.loads((tmp / "mf_wreck.json").read_text())["finetuned_wreck"]
     assert got["best_epoch"] == 0 and got["val_accuracy"] == pytest.approx(result["best"]["val_accuracy"])
+    # dvclive has the start at step 0 (validation only), so the report's curves dash the model saved.
+    from tlpipe.report.curves import save_curves
+
+    for key in ("loss", "accuracy"):
+        rows = [line.split("\t") for line in
+                (tmp / "livef_wreck" / "plots" / "metrics" / "val" / f"{key}.tsv").read_text().splitlines()[1:]]
+        assert [int(r[-2]) for r in rows] == [0, 1, 2]
+        assert float(rows[0][-1]) == pytest.approx(result["best"][f"val_{key}"], abs=1e-6)
+    assert (tmp / "livef_wreck" / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()[1].split("\t")[-2] == "1"
+    assert [(r["epochs"], r["best_epoch"]) for r in save_curves(tmp, tmp / "curves") if r["stage"] == "livef_wreck"] == [(2, 0)]
     # keep: last saves the wrecked model instead.
     fine(tmp, p, split, images, tmp / "head_aug_a.keras", tag="wreck_last", lr=1.0, epochs=2, keep="last")
     last = load_model(tmp / "finetuned_wreck_last.keras")

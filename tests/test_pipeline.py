@@ -116,11 +116,12 @@ def test_metrics_agree_with_the_predictions_and_the_curves(repo):
         curves = {}
         for key in ("loss", "accuracy"):
             with open(repo / "dvclive" / stage / "plots" / "metrics" / "val" / f"{key}.tsv", newline="") as fh:
-                curves[key] = [float(r[key]) for r in csv.DictReader(fh, delimiter="\t")]
-        epochs = len(curves["loss"])
-        assert 1 <= m["best_epoch"] <= epochs
-        best = min(range(epochs), key=lambda i: (curves["loss"][i], i))
-        assert m["best_epoch"] == best + 1
+                curves[key] = {int(r["step"]): float(r[key]) for r in csv.DictReader(fh, delimiter="\t")}
+        # Steps from 1, one per epoch; fine-tuning logs its start model (train.keep: best's epoch 0) at step 0.
+        first = 0 if stage == "finetune" else 1
+        assert list(curves["loss"]) == list(range(first, m["epochs_used"] + 1))
+        best = min(curves["loss"], key=lambda e: (curves["loss"][e], e))
+        assert m["best_epoch"] == best
         assert m["val_accuracy"] == pytest.approx(curves["accuracy"][best], abs=1e-6)
         assert 0.0 <= m["val_accuracy"] <= 1.0
 

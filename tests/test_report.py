@@ -398,6 +398,26 @@ def test_curves_mark_the_best_epoch_as_training_defines_it():
                    for l in ax.get_lines())
 
 
+
+def test_curves_show_a_start_model_logged_at_step_0_and_dash_it_where_kept(tmp_path):
+    """Fine-tuning logs its start model's validation figures at step 0 (train.keep: best counts it as
+    epoch 0): where no epoch beats it, the dashed best epoch is 0, the model saved; the epochs counted are
+    the trained ones."""
+    from tlpipe.report.curves import plot_stage, read_stage_metrics, save_curves
+
+    d = tmp_path / "live" / "finetune" / "plots" / "metrics"
+    for split, rows in (("train", {1: 0.5, 2: 0.4, 3: 0.3}), ("val", {0: 0.60, 1: 0.9, 2: 0.7, 3: 0.65})):
+        (d / split).mkdir(parents=True)
+        (d / split / "loss.tsv").write_text("step\tloss\n" + "".join(f"{e}\t{v}\n" for e, v in rows.items()))
+    recs = save_curves(tmp_path / "live", tmp_path / "out")
+    assert [(r["epochs"], r["best_epoch"]) for r in recs] == [(3, 0)]
+    ax = plot_stage(read_stage_metrics(d.parent.parent), "finetune").axes[0]
+    line = next(l for l in ax.get_lines() if l.get_label().startswith("best"))
+    assert list(line.get_xdata()) == [0, 0] and "the start model, epoch 0" in line.get_label()
+    # An epoch below the start: that epoch is dashed, as without a start row.
+    (d / "val" / "loss.tsv").write_text("step\tloss\n0\t0.6\n1\t0.9\n2\t0.5\n3\t0.65\n")
+    assert [r["best_epoch"] for r in save_curves(tmp_path / "live", tmp_path / "out")] == [2]
+
 def test_training_section_says_when_finetune_kept_its_start_model(tmp_path):
     from tlpipe.report.build import _curves_section
 

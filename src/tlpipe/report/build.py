@@ -115,7 +115,8 @@ def _curves_section(live_dir, train_metrics, img: Path) -> rpt.Section:
     recs = save_curves(live_dir, img, order=STAGE_ORDER)
     figs = [rpt.Figure(f"{IMG_DIR}/{r['file']}", f"{r['stage']}: {', '.join(r['metrics'])} over "
                                                  f"{r['epochs']} epochs, train vs validation"
-                       + (f"; dashed: the best epoch, {r['best_epoch']}." if r.get("best_epoch") else "."),
+                       + ("; dashed: the best epoch, 0: the start model, saved unchanged." if r.get("best_epoch") == 0
+                          else f"; dashed: the best epoch, {r['best_epoch']}." if r.get("best_epoch") else "."),
                        wide=True)
             for r in recs]
     table = rpt.metrics_table(read_training(train_metrics), first="stage",
@@ -129,8 +130,8 @@ def _curves_section(live_dir, train_metrics, img: Path) -> rpt.Section:
     if kept_start:
         # finetune under train.keep: best: no epoch beat its start model on validation loss.
         intro += (f" Best epoch 0 ({', '.join(kept_start)}): no epoch lowered the start model's validation "
-                  "loss, so the start model was saved unchanged (its curve's dashed line is the best epoch "
-                  "trained, not the model saved).")
+                  "loss, so the start model was saved unchanged (its validation curves start at epoch 0, the "
+                  "start model's figures).")
     for stage, rows in read_lr_searches(train_metrics).items():
         # head.lr: auto: the stage trained the head at each rate; the lowest validation loss won.
         intro += (f" {stage} chose its learning rate on validation (lr: auto): the rate whose best epoch had "

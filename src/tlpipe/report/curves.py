@@ -5,6 +5,8 @@ dvclive writes each logged metric to `<live>/<stage>/plots/metrics/<name>.tsv` w
 "val/loss", or Keras-style "loss", "val_loss"), so we read whatever exists and group by metric.
 Each panel marks the best epoch as training defines it (tlpipe.history.best_index: lowest validation
 loss, earliest on ties, never a NaN; the metrics files' best_epoch), the epoch `train.keep: best` saves.
+Fine-tuning also logs its start model's validation figures at step 0: where no epoch beats it, the
+best epoch is 0, the start model saved unchanged.
 """
 from __future__ import annotations
 
@@ -59,7 +61,8 @@ def metric_order(names) -> list[str]:
 
 
 def best_epoch(metrics: dict[str, dict[str, pd.Series]]) -> int | None:
-    """The epoch (from 1) of lowest validation loss, the earliest on ties; None without that curve."""
+    """The epoch of lowest validation loss (0: the start model, where logged), the earliest on ties;
+    None without that curve."""
     s = metrics.get("loss", {}).get("validation")
     if s is None or s.empty:
         return None
@@ -81,7 +84,8 @@ def plot_stage(metrics: dict[str, dict[str, pd.Series]], title: str):
                 ax.plot(s.index, s.to_numpy(), label=split, markersize=3, linewidth=1.5, **styles[split])
         if best is not None:
             ax.axvline(best, color="#2ca02c", linestyle="--", linewidth=1.2,
-                       label=f"best epoch {best} (lowest val loss)")
+                       label="best: the start model, epoch 0 (lowest val loss)" if best == 0
+                       else f"best epoch {best} (lowest val loss)")
         ax.set_title(f"{title}: {name}")
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
@@ -107,7 +111,7 @@ def save_curves(live_dir, out_dir, order=(), prefix: str = "curves") -> list[dic
             continue
         file = f"{prefix}_{stage_dir.name}.png"
         save_figure(plot_stage(metrics, stage_dir.name), Path(out_dir) / file)
-        epochs = max(len(s) for m in metrics.values() for s in m.values())
+        epochs = max(int(s.index.max()) for m in metrics.values() for s in m.values())  # trained: step 0 is the start
         records.append({"stage": stage_dir.name, "metrics": metric_order(metrics), "epochs": epochs,
                         "best_epoch": best_epoch(metrics), "file": file})
     return records

@@ -75,7 +75,8 @@ def fit_and_save(full, model, data, run, *, live_dir, model_path, on_epoch_end=N
     compile_classifier(model, len(model_info(full)["class_names"]), run.lr)
     start = _start(model, data, run) if start_counts and run.keep == "best" else None
     t0 = time.perf_counter()
-    result = fit(model, data, run, live_dir=live_dir, checkpoint_dir=checkpoint_dir_for(model_path), on_epoch_end=on_epoch_end)
+    result = fit(model, data, run, live_dir=live_dir, checkpoint_dir=checkpoint_dir_for(model_path), on_epoch_end=on_epoch_end,
+                 start=start["row"] if start is not None else None)
     seconds = time.perf_counter() - t0
     best = result.get("best") or {}
     if start is not None and math.isfinite(start["row"]["val_loss"]) \

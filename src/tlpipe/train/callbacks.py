@@ -145,12 +145,12 @@ class Checkpoint(keras.callbacks.Callback):
 
 class DvcLive(keras.callbacks.Callback):
     """Per-epoch train/ and val/ loss and accuracy to dvclive at `live_dir`, at step = the epoch
-    (1-based, as metrics' best_epoch). A resumed run first logs the restored epochs again, so the
-    files equal an uninterrupted run's."""
+    (1-based, as metrics' best_epoch); `start` (fine-tuning's start model, validation only) at step 0.
+    A resumed run first logs the restored epochs again, so the files equal an uninterrupted run's."""
 
-    def __init__(self, live_dir, history: list[dict]):
+    def __init__(self, live_dir, history: list[dict], start: dict | None = None):
         super().__init__()
-        self.live_dir, self.history, self.live = live_dir, history, None
+        self.live_dir, self.history, self.start, self.live = live_dir, history, start, None
 
     def _log(self, row: dict) -> None:
         self.live.step = int(row["epoch"])
@@ -165,6 +165,10 @@ class DvcLive(keras.callbacks.Callback):
         # No dvc.yaml, no report, no experiment commit, no git: the pipeline's dvc.yaml owns all that.
         self.live = Live(dir=str(self.live_dir), resume=False, report=None, save_dvc_exp=False, dvcyaml=None,
                          monitor_system=False)
+        if self.start is not None:  # no training metrics before the first epoch: validation only
+            self.live.step = 0
+            for key in ("loss", "accuracy"):
+                self.live.log_metric(f"val/{key}", self.start[f"val_{key}"])
         for row in self.history:
             self._log(row)
 

@@ -75,7 +75,7 @@ def summarize(history: list[dict]) -> dict:
 
 def fit(model, data, settings: TrainSettings | None = None, *, live_dir, checkpoint_dir=None,
         on_epoch_end: Callable[[int, dict], None] | None = None, keep_checkpoint: bool = False,
-        verbose: bool = True, **fields) -> dict:
+        verbose: bool = True, start: dict | None = None, **fields) -> dict:
     """Train a compiled model on `data` (a tlpipe.train.trainingdata.TrainingData) as `settings` say;
     log per-epoch metrics to dvclive at `live_dir` (None: not logged; head.lr: auto's trial runs).
 
@@ -85,6 +85,9 @@ def fit(model, data, settings: TrainSettings | None = None, *, live_dir, checkpo
     on_epoch_end(epoch, row): called after each epoch is logged and checkpointed (1-based epoch).
     keep_checkpoint: leave the checkpoint when done (tests).
     verbose: False shows no bars and prints no epoch lines (head.lr: auto's trial runs).
+    start: the start model's validation row (epoch 0, val_loss, val_accuracy; fine-tuning's, which
+    train.keep: best counts as a candidate), logged to dvclive at step 0, so the curves show where
+    training started and their lowest validation loss is the model saved.
     Returns `summarize(history)` plus "history" (a list of per-epoch dicts) and "kept_epoch" (the
     epoch whose variables the model holds).
     """
@@ -115,7 +118,7 @@ def fit(model, data, settings: TrainSettings | None = None, *, live_dir, checkpo
     if rates is not None:
         policies.append(cb.LearningRates(rates))
     if live_dir is not None:
-        policies.append(cb.DvcLive(live_dir, history))
+        policies.append(cb.DvcLive(live_dir, history, start))
     if verbose:
         policies.append(cb.EpochBar(settings.epochs, history))
     if on_epoch_end is not None:
