@@ -413,7 +413,7 @@ def test_curves_show_a_start_model_logged_at_step_0_and_dash_it_where_kept(tmp_p
     assert [(r["epochs"], r["best_epoch"]) for r in recs] == [(3, 0)]
     ax = plot_stage(read_stage_metrics(d.parent.parent), "finetune").axes[0]
     line = next(l for l in ax.get_lines() if l.get_label().startswith("best"))
-    assert list(line.get_xdata()) == [0, 0] and "the start model, epoch 0" in line.get_label()
+    assert list(line.get_xdata()) == [0, 0] and line.get_label().startswith("best: epoch 0, the start model")
     # An epoch below the start: that epoch is dashed, as without a start row.
     (d / "val" / "loss.tsv").write_text("step\tloss\n0\t0.6\n1\t0.9\n2\t0.5\n3\t0.65\n")
     assert [r["best_epoch"] for r in save_curves(tmp_path / "live", tmp_path / "out")] == [2]

@@ -71,10 +71,10 @@ def best_epoch(metrics: dict[str, dict[str, pd.Series]]) -> int | None:
 
 def plot_stage(metrics: dict[str, dict[str, pd.Series]], title: str):
     """A figure with one panel per metric, train and validation curves in each, and a dashed line at
-    the best epoch (best_epoch) with its legend entry."""
+    the best epoch (best_epoch); one legend under the panels (inside them it hid the curves)."""
     names = metric_order(metrics)
     best = best_epoch(metrics)
-    fig = new_figure(4.2 * len(names), 3.2)
+    fig = new_figure(4.2 * len(names), 3.5)
     axes = fig.subplots(1, len(names), squeeze=False)[0]
     styles = {"train": dict(color="#1f77b4", marker="o"), "validation": dict(color="#d62728", marker="s")}
     for ax, name in zip(axes, names):
@@ -84,13 +84,17 @@ def plot_stage(metrics: dict[str, dict[str, pd.Series]], title: str):
                 ax.plot(s.index, s.to_numpy(), label=split, markersize=3, linewidth=1.5, **styles[split])
         if best is not None:
             ax.axvline(best, color="#2ca02c", linestyle="--", linewidth=1.2,
-                       label="best: the start model, epoch 0 (lowest val loss)" if best == 0
+                       label="best: epoch 0, the start model (lowest val loss)" if best == 0
                        else f"best epoch {best} (lowest val loss)")
         ax.set_title(f"{title}: {name}")
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-        ax.legend(frameon=False)
         ax.xaxis.get_major_locator().set_params(integer=True)
+    entries = {}  # label -> handle, in the panels' order (a panel may lack the train curve)
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    fig.legend(list(entries.values()), list(entries), loc="outside lower center", ncol=len(entries), frameon=False)
     return fig
 
 
