@@ -107,8 +107,9 @@ def main(argv=None) -> None:
         }
         alice, bob = work / "alice", work / "bob"
         make_project(alice, params)
-        upto = ["--with-deps", args.target] if args.target else []  # that stage and the ones before it
-        repro = ["dvc", "repro", *upto[1:]]
+        target = [args.target] if args.target else []
+        repro = ["dvc", "repro", *target]  # a target's repro runs the stages before it too
+        upto = ["--with-deps", *target] if target else []  # push and pull: the same stages' outputs
         print(f"{n} photos, {args.weights} weights, {args.image_size} px, {args.epochs} epochs, "
               f"{args.views} views, `{' '.join(repro)}`; work dir {work}", flush=True)
 

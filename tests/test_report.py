@@ -398,7 +398,6 @@ def test_curves_mark_the_best_epoch_as_training_defines_it():
                    for l in ax.get_lines())
 
 
-
 def test_curves_show_a_start_model_logged_at_step_0_and_dash_it_where_kept(tmp_path):
     """Fine-tuning logs its start model's validation figures at step 0 (train.keep: best counts it as
     epoch 0): where no epoch beats it, the dashed best epoch is 0, the model saved; the epochs counted are

@@ -113,10 +113,13 @@ def _curves_section(live_dir, train_metrics, img: Path) -> rpt.Section:
     from tlpipe.report.curves import save_curves
 
     recs = save_curves(live_dir, img, order=STAGE_ORDER)
+    def dashed(best: int | None) -> str:
+        if best is None:
+            return "."
+        return f"; dashed: the best epoch, {best}" + (": the start model, saved unchanged." if best == 0 else ".")
+
     figs = [rpt.Figure(f"{IMG_DIR}/{r['file']}", f"{r['stage']}: {', '.join(r['metrics'])} over "
-                                                 f"{r['epochs']} epochs, train vs validation"
-                       + ("; dashed: the best epoch, 0: the start model, saved unchanged." if r.get("best_epoch") == 0
-                          else f"; dashed: the best epoch, {r['best_epoch']}." if r.get("best_epoch") else "."),
+                                                 f"{r['epochs']} epochs, train vs validation{dashed(r['best_epoch'])}",
                        wide=True)
             for r in recs]
     table = rpt.metrics_table(read_training(train_metrics), first="stage",

@@ -154,9 +154,10 @@ class DvcLive(keras.callbacks.Callback):
 
     def _log(self, row: dict) -> None:
         self.live.step = int(row["epoch"])
-        for key in ("loss", "accuracy"):
-            self.live.log_metric(f"train/{key}", row[f"train_{key}"])
-            self.live.log_metric(f"val/{key}", row[f"val_{key}"])
+        for split in ("train", "val"):
+            for key in ("loss", "accuracy"):
+                if f"{split}_{key}" in row:  # the start row has no training figures
+                    self.live.log_metric(f"{split}/{key}", row[f"{split}_{key}"])
         self.live.make_summary()
 
     def on_train_begin(self, logs=None):
@@ -165,11 +166,7 @@ class DvcLive(keras.callbacks.Callback):
         # No dvc.yaml, no report, no experiment commit, no git: the pipeline's dvc.yaml owns all that.
         self.live = Live(dir=str(self.live_dir), resume=False, report=None, save_dvc_exp=False, dvcyaml=None,
                          monitor_system=False)
-        if self.start is not None:  # no training metrics before the first epoch: validation only
-            self.live.step = 0
-            for key in ("loss", "accuracy"):
-                self.live.log_metric(f"val/{key}", self.start[f"val_{key}"])
-        for row in self.history:
+        for row in ([self.start] if self.start is not None else []) + self.history:
             self._log(row)
 
     def on_epoch_end(self, epoch, logs=None):
